@@ -1,5 +1,17 @@
-"""Logical axis names used by the modules; the config maps them to mesh axes."""
+"""Logical axis names, the device mesh, and logical rules -> NamedSharding trees.
+
+Modules name their parameter axes with the logical names below; a config maps them to the
+mesh axes ("data", "fsdp", "model") with `logical_axis_rules`. The same config runs on one
+CPU, 8 simulated CPU devices, one GPU or a multi-host TPU slice: only the mesh shape changes.
+"""
+import math
+import os
+from typing import Any, Mapping, Sequence
+
 import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # Every parameter names its axes with these; configs map them to ("data", "fsdp", "model").
 EMBED = "embed"      # model width (d_model) of a transformer
@@ -11,8 +23,214 @@ VOCAB = "vocab"
 NORM = "norm"        # LayerNorm scale/bias
 POS = "pos"          # position tables (absolute / relative)
 NONE = None
+BATCH = "batch"      # leading axis of activations and input batches
+
+MESH_AXES = ("data", "fsdp", "model")
+
+# FSDP over "fsdp" for every weight matrix, tensor parallelism over "model" for MLP / heads.
+# Rules are tried in order; a later rule for the same logical name is a fallback used when
+# the earlier mesh axis is already taken by another dimension of the same array
+# (flax's priority semantics), so e.g. an [mlp, embed] kernel still gets FSDP on "embed".
+DEFAULT_RULES = (
+    (BATCH, ("data", "fsdp")),
+    (EMBED, "fsdp"),
+    (MLP, "model"),
+    (HEADS, "model"),
+    (CONV_OUT, "fsdp"),
+    (CONV_IN, "fsdp"),
+    (VOCAB, "model"),
+    (MLP, "fsdp"),
+    (HEADS, "fsdp"),
+    (VOCAB, "fsdp"),
+    (NORM, None),
+    (POS, None),
+)
 
 
 def param_with_axes(init, *names):
   """Wraps an initializer so the parameter carries logical axis names."""
   return nn.with_logical_partitioning(init, names)
+
+
+# ---------------------------------------------------------------- mesh
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes of ("data", "fsdp", "model"); one -1 fills the devices left. Raises if they don't fit."""
+  unknown = set(mesh_config) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; expected {MESH_AXES}")
+  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh {dict(mesh_config)}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh {dict(mesh_config)}: sizes must be positive or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(mesh_config)}: the fixed axes ({known} devices) do not "
+                       f"divide the {num_devices} available devices")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh {dict(mesh_config)} needs {math.prod(sizes)} devices, "
+                     f"but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+  """A ("data", "fsdp", "model") mesh over all (or the given) devices.
+
+  Axis types are Auto on purpose: shardings come from logical annotations, jit in/out
+  shardings and with_sharding_constraint, and the compiler propagates the rest. Explicit
+  axes (sharding in types) would demand a sharding rule at every op of linen modules that
+  carry none (reshapes of sharded dims in window partitioning, einsums), for no gain here.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def axis_size(mesh: Mesh, axes) -> int:
+  """Number of devices along a mesh axis name, a tuple of names, or None (1)."""
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_axes(rules: Sequence[tuple[str, Any]]):
+  """Mesh axes the batch dimension is split over, read from the rules."""
+  for name, axes in rules:
+    if name == BATCH:
+      return tuple(axes) if isinstance(axes, (list, tuple)) else axes
+  return ("data", "fsdp")
+
+
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways a global batch is split."""
+  return axis_size(mesh, batch_axes(rules))
+
+
+# ---------------------------------------------------------------- logical -> mesh
+def normalize_rules(rules) -> tuple:
+  """Rules from a config (lists from JSON / ConfigDict) -> tuple of (name, axes) pairs."""
+  out = []
+  for rule in rules:
+    name, axes = rule
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None and a not in MESH_AXES:
+        raise ValueError(f"logical rule {rule}: unknown mesh axis {a!r}; expected {MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide evenly (small/odd dims replicate)."""
+  dims = list(spec) + [None] * (len(shape) - len(spec))
+  fitted = [axes if (axes is None or shape[i] % axis_size(mesh, axes) == 0) else None
+            for i, axes in enumerate(dims)]
+  while fitted and fitted[-1] is None:
+    fitted.pop()
+  return P(*fitted)
+
+
+def logical_to_mesh_spec(names, shape, mesh: Mesh, rules) -> P:
+  """One array: logical axis names -> PartitionSpec over the mesh, respecting divisibility."""
+  if not names:
+    return P()
+  spec = nn.logical_to_mesh_axes(tuple(names), normalize_rules(rules))
+  return _fit_spec(spec, shape, mesh)
+
+
+def _is_spec(x):
+  return isinstance(x, P)
+
+
+def tree_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedSharding tree (unboxed structure) for a tree of (possibly) logically boxed leaves.
+
+  `abstract_boxed` is typically `jax.eval_shape(model.init, ...)`: leaves wrapped in
+  nn.LogicallyPartitioned carry their axis names; plain leaves are replicated.
+  """
+  logical = nn.get_partition_spec(abstract_boxed)
+  shapes = nn.unbox(abstract_boxed)
+  return jax.tree.map(
+      lambda names, x: NamedSharding(mesh, logical_to_mesh_spec(tuple(names), x.shape, mesh, rules)),
+      logical, shapes, is_leaf=_is_spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  """Leading (batch) axis split over the data-parallel mesh axes, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(normalize_rules(rules))))
+
+
+def put_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
+  """Host-local numpy batch (this process's share) -> global jax.Arrays sharded on batch.
+
+  Works unchanged on one process and many: each process hands over its local rows and
+  `make_array_from_process_local_data` assembles the global array.
+  """
+  sharding = batch_sharding(mesh, rules)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
+
+
+def check_batch_divisible(name: str, global_batch: int, mesh: Mesh, rules=DEFAULT_RULES,
+                          micro_steps: int = 1) -> None:
+  """Clear error when a global batch cannot be split over data-parallel devices / micro-batches."""
+  dp = data_parallel_size(mesh, normalize_rules(rules))
+  if global_batch % micro_steps:
+    raise ValueError(f"{name}={global_batch} is not divisible by grad_accum_steps={micro_steps}")
+  micro = global_batch // micro_steps
+  if micro % dp:
+    raise ValueError(f"{name}={global_batch} (micro-batch {micro} with grad_accum_steps="
+                     f"{micro_steps}) is not divisible by the data-parallel size {dp} "
+                     f"(mesh {dict(mesh.shape)})")
+  if global_batch % jax.process_count():
+    raise ValueError(f"{name}={global_batch} is not divisible by the {jax.process_count()} processes")
+
+
+# ---------------------------------------------------------------- memory
+def per_device_bytes(tree, device=None) -> int:
+  """Bytes of `tree` held by one device (the first local one by default)."""
+  device = device or jax.local_devices()[0]
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      if shard.device == device:
+        total += shard.data.nbytes
+  return total
+
+
+# ---------------------------------------------------------------- multi-host
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def multiprocess_env_detected() -> bool:
+  """True where the environment describes a multi-process job (coordinator, SLURM, TPU pod)."""
+  if any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  # A TPU VM slice with more than one host lists them comma-separated.
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed(mode="auto") -> bool:
+  """jax.distributed.initialize() when asked (True) or when the environment says so ("auto").
+
+  Must run before anything touches jax devices. Returns whether it initialized.
+  """
+  if mode is False or mode == "never":
+    return False
+  if mode is True or mode == "always" or (mode == "auto" and multiprocess_env_detected()):
+    jax.distributed.initialize()
+    return True
+  return False

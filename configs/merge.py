@@ -1,0 +1,177 @@
+"""Merging CLIP into SAM (SAM-CLIP, arXiv 2310.15308): the paper's recipe as configs.
+
+  python -m samclip_jax.main --config=configs/merge.py --workdir=DIR          # stage 2
+  python -m samclip_jax.main --config=configs/merge.py:probe --workdir=DIR    # stage 1
+  python -m samclip_jax.main --config=configs/merge.py:resolution --workdir=DIR  # stage 3
+  python -m samclip_jax.main --config=configs/merge.py:local --workdir=DIR    # CPU, minutes
+
+`arg` is a comma-separated list: one stage ("" / "distill" = stage 2, "probe" = stage 1,
+"resolution" = stage 3) and optionally "local" (tiny random teachers, the embedded sample,
+one CPU). Stages chain through `init_from`: stage 2 starts from stage 1's export, stage 3
+from stage 2's. Steps are derived from the paper's epochs over Merged-41M where it says so.
+"""
+import ml_collections
+
+# Paper: D_CLIP has 40.6M images; D_SAM is 5.7% of SA-1B (~11M images x ~100 masks).
+CLIP_IMAGES = 40_600_000
+PAPER_CLIP_BATCH = 2048
+
+STAGES = ("distill", "probe", "resolution")
+
+
+def _base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "distill"  # which stage this is ("probe" | "distill" | "resolution"); informative
+  c.seed = 0  # init of the CLIP head MLP / random teachers and the data order; all randomness
+  #             is a function of (seed, step): no other randomness exists on device
+
+  # ---- loop
+  c.total_steps = 16 * CLIP_IMAGES // PAPER_CLIP_BATCH  # optimizer updates (stage 2: 16 epochs)
+  c.log_every_steps = 50  # console + TensorBoard scalars every this many steps
+  c.eval_every_steps = 5000  # validation (cosine to CLIP teacher, mask IoU to SAM teacher)
+  c.eval_batches = 8  # validation batches per evaluation (each of clip and sam)
+  c.checkpoint_every_steps = 1000  # Orbax checkpoint (state + both data iterators)
+  c.max_checkpoints_to_keep = 3  # older checkpoints are deleted
+  c.async_checkpointing = True  # write checkpoints in the background (atomic either way)
+  c.export = True  # write the merged model dir (model_type "samclip") to workdir/export at the end
+  c.nan_policy = "stop"  # non-finite loss/grad: "stop" raises with the step; "skip" drops the update
+
+  # ---- devices
+  # Mesh axis sizes; -1 fills the devices left. Same config on 1 CPU, 8 fake CPUs, a GPU or
+  # a TPU slice: ("data", "fsdp", "model").
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  # Logical axis name -> mesh axes; earlier rules win, later ones for the same name are
+  # fallbacks when that mesh axis is already used by another dim (flax priority rules).
+  c.logical_axis_rules = [
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("conv_out", "fsdp"),
+      ("conv_in", "fsdp"),
+      ("vocab", "model"),
+      ("mlp", "fsdp"),
+      ("heads", "fsdp"),
+      ("norm", None),
+      ("pos", None),
+  ]
+  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (when env says multi-process) | "always" | "never"
+  c.compute_dtype = "bfloat16"  # activations / matmuls; parameters and optimizer stay float32
+  c.remat = False  # rematerialise each transformer block in the backward pass (less memory)
+
+  # ---- batches (global, over all processes)
+  c.clip_batch_size = PAPER_CLIP_BATCH  # CLIP-set images per step (L_CLIP); 0 disables
+  c.sam_batch_size = 32  # SA-1B images per step (L_SAM); 0 disables
+  c.masks_per_image = 32  # prompts sampled per SAM image
+  c.points_per_prompt = 3  # points per prompt slot (a box uses two of them)
+  c.clip_resolutions = (224, 448)  # student's CLIP-batch resolutions, one per batch
+  c.clip_teacher_image_size = 224  # teacher sees the view resized to this (0: same as student)
+  c.sam_image_size = 1024  # SAM input side (student and teacher); pipeline frame is rescaled
+  c.sam_multimask = False  # distil the single-mask output (False) or all 3 multimask slots
+  c.grad_accum_steps = 1  # micro-batches per step (lax.scan); batches must divide by it
+
+  # ---- loss and optimizer
+  c.lambda_sam = 10.0  # L = L_CLIP + lambda_sam * L_SAM (paper: 10)
+  c.learning_rate = 4e-5  # peak LR (stage 2: 4e-5)
+  c.warmup_steps = 2000  # linear warmup (paper silent; our choice), then cosine to end_lr_factor
+  c.grad_clip_norm = 1.0  # global-norm clipping of the summed gradient (<= 0 disables)
+  c.optim = ml_collections.ConfigDict()
+  # (regex over "/"-joined param paths, LR multiplier); first match wins, unmatched -> 1.0.
+  c.optim.groups = [("clip_head/.*", 1.0), ("image_encoder/.*|mask_decoder/.*", 0.1)]
+  c.optim.frozen = ["prompt_encoder/.*"]  # no gradient, no optimizer state
+  c.optim.no_decay = [".*pos_embed", ".*rel_pos_.*"]  # besides biases/norms (1-D), no decay here
+  c.optim.weight_decay = 0.1  # AdamW decoupled weight decay (paper silent)
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.end_lr_factor = 0.0  # cosine ends at learning_rate * this
+
+  # ---- models
+  c.sam_checkpoint = ""  # converted SAM dir (convert/sam.py); "" = random tiny SAM (model.sam_*)
+  c.clip_checkpoint = ""  # converted OpenCLIP dir (convert/open_clip.py); "" = random tiny CLIP
+  c.init_from = ""  # a samclip model dir (earlier stage's export) to start the student from
+  c.model = ml_collections.ConfigDict()
+  c.model.head_depth = 3  # CLIP-head blocks, each initialised from the backbone's last block
+  c.model.head_mlp_hidden = ()  # hidden widths of the head MLP; () = two of 2 x embed_dim
+  # Random teachers when no checkpoint is given (tests, ':local'): SAM encoder and CLIP sizes.
+  c.model.sam_variant = "vit_b"  # random SAM of this size; "tiny" = the CPU-sized one below
+  c.model.tiny_embed_dim = 64
+  c.model.tiny_depth = 2
+  c.model.tiny_num_heads = 2
+  c.model.tiny_window_size = 4
+  c.model.tiny_prompt_embed_dim = 32
+  c.model.clip_variant = "ViT-L-14"  # random CLIP of this open_clip name; "tiny" = below
+  c.model.tiny_clip_width = 64
+  c.model.tiny_clip_layers = 2
+  c.model.tiny_clip_patch = 32
+  c.model.tiny_clip_embed_dim = 64
+
+  # ---- data
+  c.data = ml_collections.ConfigDict()
+  c.data.sample_dir = ""  # embedded sample location when the split paths below are empty; "" = WORKDIR/sample
+  c.data.clip_train = ""  # split manifest / ArrayRecord glob of D_CLIP train ("" = embedded sample)
+  c.data.clip_val = ""
+  c.data.sam_train = ""  # D_SAM train
+  c.data.sam_val = ""
+  c.data.teacher_embeddings = ""  # offline teacher embeddings (samclip_jax.extract) for clip_train
+  c.data.worker_count = 0  # grain worker processes per loader (0 = in-process)
+  return c
+
+
+def _apply_stage(c, stage):
+  c.stage = stage
+  if stage == "probe":  # stage 1: CLIP head only, CLIP data only, AdamW 8e-4, 20 epochs
+    c.total_steps = 20 * CLIP_IMAGES // PAPER_CLIP_BATCH
+    c.learning_rate = 8e-4
+    c.sam_batch_size = 0
+    c.lambda_sam = 0.0
+    c.optim.groups = [("clip_head/.*", 1.0)]
+    c.optim.frozen = ["image_encoder/.*", "prompt_encoder/.*", "mask_decoder/.*"]
+  elif stage == "resolution":  # stage 3: CLIP head only at 224/448/1024, 3 epochs, as stage 1
+    c.total_steps = 3 * CLIP_IMAGES // PAPER_CLIP_BATCH
+    c.learning_rate = 8e-4
+    c.sam_batch_size = 0
+    c.lambda_sam = 0.0
+    c.clip_resolutions = (224, 448, 1024)
+    c.optim.groups = [("clip_head/.*", 1.0)]
+    c.optim.frozen = ["image_encoder/.*", "prompt_encoder/.*", "mask_decoder/.*"]
+  elif stage != "distill":
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+
+def _apply_local(c):
+  """Tiny random teachers, the embedded sample, one CPU device: the whole merge in minutes."""
+  c.total_steps = 60
+  c.log_every_steps = 10
+  c.eval_every_steps = 30
+  c.eval_batches = 2
+  c.checkpoint_every_steps = 20
+  c.compute_dtype = "float32"  # CPUs have no fast bf16
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  c.clip_batch_size = 8
+  c.masks_per_image = 4
+  c.clip_resolutions = (224,) if c.stage == "distill" else (224, 448)
+  c.clip_teacher_image_size = 224
+  c.sam_image_size = 256
+  if c.stage == "distill":
+    c.sam_batch_size = 2
+  c.learning_rate = 1e-3 if c.stage == "distill" else 2e-3
+  c.warmup_steps = 5
+  c.model.sam_variant = "tiny"
+  c.model.clip_variant = "tiny"
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  unknown = set(parts) - set(STAGES) - {"local"}
+  if unknown:
+    raise ValueError(f"unknown config arg(s) {sorted(unknown)}; use a stage {STAGES} and/or 'local'")
+  stages = [p for p in parts if p in STAGES]
+  if len(stages) > 1:
+    raise ValueError(f"pick one stage, got {stages}")
+  c = _base()
+  _apply_stage(c, stages[0] if stages else "distill")
+  if "local" in parts:
+    _apply_local(c)
+  c.lock()  # unknown keys (typos in --config.x=...) fail loudly
+  return c

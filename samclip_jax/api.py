@@ -1,0 +1,378 @@
+"""SamClip: the merged model for users (zero-shot classification, semantic segmentation, SAM).
+
+    model = SamClip.from_checkpoint("workdir/export")      # or a training workdir
+    model.classify(image, ["cat", "dog"])                  # [("cat", 0.93), ("dog", 0.07)]
+    labels = model.segment_semantic(image, ["grass", "cat"], mode="clip+sam")   # [H,W]
+    predictor = model.predictor()                          # SamPredictor, segment_anything's API
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(point_coords=np.array([[500, 375]]), point_labels=np.array([1]))
+    records = model.mask_generator(points_per_side=16).generate(image)
+
+The CLIP text encoder stays the frozen teacher's: a merged model directory carries it as a
+`text_model/` sub-directory (an open_clip model directory with its tokenizer), or names
+one in config.json under "text_model" (a path, relative to the model directory or absolute);
+`from_checkpoint(..., text_model=DIR)` overrides both.
+"""
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from samclip_jax import checkpoint
+from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, build_sparse_prompt
+from samclip_jax.models.samclip import (MODEL_TYPE, SamClipConfig, SamClipNet, load_samclip,
+                                        sam_params_from_samclip)
+
+TEXT_MODEL_DIR = "text_model"       # sub-directory of a merged model holding the text tower
+TEXT_MODEL_KEY = "text_model"       # or config.json key naming an open_clip model directory
+CLIP_RESOLUTION = 448               # CLIP-head-only segmentation (paper: 448 -> 28x28 patches)
+CLASSIFY_RESOLUTION = 336           # paper's ImageNet number is at 336 px
+NEG_LOGIT = -1e4                    # "no mask" logit: finite so bilinear resizing stays finite
+
+
+class CheckpointNotFound(FileNotFoundError):
+  """A path that is neither a merged model directory nor a training workdir with one."""
+
+
+def load_image(path: str) -> np.ndarray:
+  """Reads an image file as uint8 RGB [H,W,3]; a clear error for missing / unreadable files."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"image not found: {path}")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot read {path} as an image: {e}") from e
+
+
+def as_rgb_uint8(image) -> np.ndarray:
+  """PIL image or array (HxW, HxWx1/3/4 uint8) -> uint8 [H,W,3]."""
+  if isinstance(image, Image.Image):
+    return np.asarray(image.convert("RGB"))
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 RGB, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape[:2]:
+    raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return np.ascontiguousarray(image[..., :3])
+
+
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Shorter side -> size (PIL bicubic, as open_clip's eval transform), center crop: uint8."""
+  img = Image.fromarray(image)
+  w, h = img.size
+  if w <= h:
+    nw, nh = size, int(size * h / w)
+  else:
+    nw, nh = int(size * w / h), size
+  if (nw, nh) != (w, h):
+    img = img.resize((nw, nh), Image.BICUBIC)
+  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+  return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+  """Whole image squashed to size x size (PIL bilinear): every pixel keeps a patch."""
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def sam_input(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """SAM's preprocessing: longest side -> image_size (PIL bilinear), normalise, zero pad."""
+  from samclip_jax.predictor import get_preprocess_shape
+  h, w = image.shape[:2]
+  nh, nw = get_preprocess_shape(h, w, image_size)
+  resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  x = (resized.astype(np.float32) - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
+  out = np.zeros((1, image_size, image_size, 3), np.float32)  # pad after normalising, as SAM
+  out[0, :nh, :nw] = x
+  return out, (nh, nw)
+
+
+def normalize_sam(images):
+  """uint8 [..., 3] -> float32 with SAM's pixel mean / std (the student's normalisation)."""
+  x = jnp.asarray(images, jnp.float32)
+  return (x - jnp.asarray(PIXEL_MEAN, jnp.float32)) / jnp.asarray(PIXEL_STD, jnp.float32)
+
+
+def _l2(x, axis=-1):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+# ----------------------------------------------------------------------------- locating checkpoints
+def find_model_dir(path: str) -> str:
+  """A merged model directory: `path` itself, or in a training workdir its newest export.
+
+  Training workdirs (train.py) hold `export/` (the merged model directory written at the
+  end of a run) and `checkpoints/` (Orbax steps); `latest_workdir_params` reads the latter.
+  """
+  if not os.path.exists(path):
+    raise CheckpointNotFound(f"checkpoint not found: {path}")
+  if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+    return path
+  export = os.path.join(path, "export")
+  if os.path.isfile(os.path.join(export, checkpoint.CONFIG_FILE)):
+    return export
+  raise CheckpointNotFound(
+      f"{path} is neither a model directory (no {checkpoint.CONFIG_FILE}) nor a training workdir "
+      f"with an export/ model directory")
+
+
+def model_type(path: str) -> str:
+  """model_type of a model directory (or of a training workdir's export)."""
+  return checkpoint.load_config(find_model_dir(path))["model_type"]
+
+
+def _text_model_path(model_dir: str, meta: dict) -> str | None:
+  sub = os.path.join(model_dir, TEXT_MODEL_DIR)
+  if os.path.isfile(os.path.join(sub, checkpoint.CONFIG_FILE)):
+    return sub
+  ref = meta.get(TEXT_MODEL_KEY)
+  if ref:
+    ref = ref if os.path.isabs(ref) else os.path.normpath(os.path.join(model_dir, ref))
+    if not os.path.isfile(os.path.join(ref, checkpoint.CONFIG_FILE)):
+      raise CheckpointNotFound(f"{model_dir}: config.json names text model {ref}, which is not a model directory")
+    return ref
+  return None
+
+
+# ----------------------------------------------------------------------------- the model
+class SamClip:
+  """Merged SAM-CLIP model: CLIP head (classification, semantic segmentation) + SAM head."""
+
+  def __init__(self, config: SamClipConfig, params, text_model=None, dtype=jnp.float32):
+    self.config = config
+    self.params = jax.device_put(nn.unbox(params))
+    self.text_model = text_model       # a ClipModel (frozen teacher) or None
+    self.module = SamClipNet(config, dtype=dtype)
+    self._classifiers: dict = {}
+    module = self.module
+
+    def pooled(params, images_uint8):
+      p, _ = module.apply({"params": params}, normalize_sam(images_uint8), method=SamClipNet.clip_features)
+      return _l2(p)
+
+    def patches(params, images_uint8):
+      _, patch = module.apply({"params": params}, normalize_sam(images_uint8), method=SamClipNet.clip_features)
+      return _l2(patch)
+
+    def encode_both(params, x):
+      emb, aux = module.apply({"params": params}, x, method=SamClipNet.encode_image)
+      _, patch = module.apply({"params": params}, aux["tokens"], method=SamClipNet.clip_features_from_tokens)
+      return emb, _l2(patch)
+
+    def decode(params, emb, coords, labels, mask_input):
+      low, _ = module.apply({"params": params}, emb, coords, labels, mask_input, False,
+                            method=SamClipNet.predict_masks)
+      return low
+
+    self._pooled = jax.jit(pooled)
+    self._patches = jax.jit(patches)
+    self._encode_both = jax.jit(encode_both)
+    self._decode = jax.jit(decode)
+
+  # -------------------------------------------------------------- loading
+  @classmethod
+  def from_checkpoint(cls, path: str, text_model=None, dtype=jnp.float32) -> "SamClip":
+    """A merged model directory (config.json model_type "samclip") or a training workdir.
+
+    `text_model`: a ClipModel or an open_clip model directory (the teacher); default: the
+    one the model directory carries or names (see the module docstring).
+    """
+    from samclip_jax.clip_model import ClipModel
+    model_dir = find_model_dir(path)
+    meta = checkpoint.load_config(model_dir)
+    if meta.get("model_type") != MODEL_TYPE:
+      raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
+    config, params = load_samclip(model_dir)
+    if text_model is None:
+      text_model = _text_model_path(model_dir, meta)
+    if isinstance(text_model, str):
+      text_model = ClipModel.from_checkpoint(text_model)
+    return cls(config, params, text_model, dtype=dtype)
+
+  # -------------------------------------------------------------- text side
+  def _require_text(self):
+    if self.text_model is None:
+      raise ValueError(
+          "this SamClip model has no CLIP text encoder: its directory has no text_model/ and its "
+          "config.json names none; pass text_model=<open_clip model directory> (the CLIP teacher)")
+    return self.text_model
+
+  @property
+  def logit_scale(self) -> float:
+    """The teacher's exp(logit_scale) (100 for released CLIPs): the softmax temperature."""
+    return float(self._require_text().logit_scale)
+
+  def text_classifier(self, class_names: Sequence[str], templates="imagenet80") -> jax.Array:
+    """[C, D] unit class embeddings: prompt templates averaged (OpenAI's zero-shot recipe)."""
+    from samclip_jax.templates import get_templates
+    if not class_names:
+      raise ValueError("give at least one class name")
+    tpl = tuple(get_templates(templates) if isinstance(templates, str) else templates)
+    key = (tuple(class_names), tpl)
+    if key not in self._classifiers:
+      self._classifiers[key] = self._require_text().zero_shot_classifier(list(class_names), tpl)
+    return self._classifiers[key]
+
+  # -------------------------------------------------------------- image side
+  def image_embeddings(self, images_uint8) -> jax.Array:
+    """uint8 [B,R,R,3] (R a multiple of 16) -> unit pooled CLIP-head embeddings [B,D]."""
+    return self._pooled(self.params, images_uint8)
+
+  def patch_embeddings(self, images_uint8) -> jax.Array:
+    """uint8 [B,R,R,3] -> unit per-patch CLIP-head embeddings [B,R/16,R/16,D]."""
+    return self._patches(self.params, images_uint8)
+
+  def classify(self, image, class_names: Sequence[str], templates="imagenet80",
+               resolution: int = CLASSIFY_RESOLUTION) -> list[tuple[str, float]]:
+    """[(class name, probability)], most likely first (softmax over the given classes)."""
+    image = as_rgb_uint8(image)
+    classifier = self.text_classifier(class_names, templates)
+    emb = self.image_embeddings(resize_center_crop(image, resolution)[None])
+    probs = np.asarray(jax.nn.softmax(self.logit_scale * emb @ classifier.T, axis=-1))[0]
+    order = np.argsort(-probs, kind="stable")
+    return [(class_names[i], float(probs[i])) for i in order]
+
+  def semantic_logits(self, image, class_names: Sequence[str], templates="imagenet80",
+                      resolution: int = CLIP_RESOLUTION) -> np.ndarray:
+    """CLIP head alone: per-class logits [C,H,W] at the image size (bilinear from the patches)."""
+    image = as_rgb_uint8(image)
+    h, w = image.shape[:2]
+    classifier = self.text_classifier(class_names, templates)
+    patch = self.patch_embeddings(resize_square(image, resolution)[None])[0]
+    logits = self.logit_scale * jnp.einsum("hwd,cd->chw", patch, classifier, precision="highest")
+    return resize_bilinear(np.asarray(logits), (h, w))
+
+  def segment_semantic(self, image, class_names: Sequence[str], mode: str = "clip",
+                       templates="imagenet80", threshold: float = 0.5, points_per_class: int = 3,
+                       prompt_grid: int | None = 32, seed: int = 0) -> np.ndarray:
+    """Label map [H,W] (int32 indices into class_names).
+
+    mode="clip": the image squashed to 448x448, 28x28 patch embeddings vs the class text
+    embeddings, logits upsampled bilinearly to the image, argmax.
+    mode="clip+sam": see `segment_clip_sam` (1024 px, CLIP logits prompt the SAM head).
+    """
+    if mode == "clip":
+      return np.argmax(self.semantic_logits(image, class_names, templates), axis=0).astype(np.int32)
+    if mode == "clip+sam":
+      return self.segment_clip_sam(image, class_names, templates, threshold, points_per_class,
+                                   prompt_grid, seed)[0]
+    raise ValueError(f"mode must be 'clip' or 'clip+sam', got {mode!r}")
+
+  def segment_clip_sam(self, image, class_names: Sequence[str], templates="imagenet80",
+                       threshold: float = 0.5, points_per_class: int = 3, prompt_grid: int | None = 32,
+                       seed: int = 0) -> tuple[np.ndarray, dict]:
+    """CLIP+SAM composition (paper section 5): -> (label map [H,W], details).
+
+    One 1024-px backbone pass feeds both heads. The CLIP head's per-patch class
+    probabilities (softmax over classes of logit_scale * cosine; 64x64 patches average-pooled
+    to `prompt_grid`^2, 32 as in the paper, None keeps 64) make, for each class, a mask
+    prompt (the probability map as logits log(p/(1-p)), bilinearly upsampled to SAM's 256x256
+    mask-input frame) and up to `points_per_class` positive points drawn (seeded) among the
+    cells with p > threshold inside the image. Classes without such a cell are not prompted.
+    The SAM head returns one 256x256 logit map per prompted class; they are upscaled to the
+    image as SAM's masks are, and each pixel takes the class of the largest logit.
+    Background rule: a pixel that no class's SAM mask covers (every logit <= 0) takes the
+    CLIP head's own label there (so a "background" class, when listed, fills the rest).
+    """
+    from samclip_jax.predictor import postprocess_masks
+    image = as_rgb_uint8(image)
+    h, w = image.shape[:2]
+    size = self.config.sam.image_size
+    x, (nh, nw) = sam_input(image, size)
+    classifier = self.text_classifier(class_names, templates)
+    emb, patch = self._encode_both(self.params, x)
+    grid = patch.shape[1]
+    logits = self.logit_scale * jnp.einsum("hwd,cd->chw", patch[0], classifier, precision="highest")
+    # CLIP-only labels at the image size, from the native grid (the fallback of the rule above).
+    clip_full = postprocess_masks(logits, size, (nh, nw), (h, w))
+    pooled = logits
+    if prompt_grid is not None and prompt_grid != grid:
+      if grid % prompt_grid:
+        raise ValueError(f"prompt_grid {prompt_grid} does not divide the {grid}x{grid} patch grid")
+      f = grid // prompt_grid
+      pooled = logits.reshape(len(class_names), prompt_grid, f, prompt_grid, f).mean(axis=(2, 4))
+    g = pooled.shape[-1]
+    probs = np.asarray(jax.nn.softmax(pooled, axis=0))                # [C,g,g]
+    cell = size / g
+    centres = (np.arange(g) + 0.5) * cell
+    inside = (centres[:, None] < nh) & (centres[None, :] < nw)       # cells of real pixels
+    rng = np.random.default_rng(seed)
+    num_classes = len(class_names)
+    coords = np.zeros((num_classes, points_per_class, 2), np.float32)
+    labels = np.full((num_classes, points_per_class), -1, np.int32)
+    prompted = np.zeros(num_classes, bool)
+    for c in range(num_classes):
+      ys, xs = np.nonzero((probs[c] > threshold) & inside)
+      if len(ys) == 0:
+        continue
+      pick = rng.choice(len(ys), size=min(points_per_class, len(ys)), replace=False)
+      coords[c, :len(pick)] = np.stack([centres[xs[pick]], centres[ys[pick]]], axis=-1)
+      labels[c, :len(pick)] = 1
+      prompted[c] = True
+    p = np.clip(probs, 1e-6, 1 - 1e-6)
+    mask_logits = np.where(inside[None], np.log(p) - np.log1p(-p), -20.0).astype(np.float32)
+    mh, mw = self.config.sam.mask_input_size
+    mask_input = jax.image.resize(jnp.asarray(mask_logits), (num_classes, mh, mw), "bilinear")
+    sp_coords, sp_labels = build_sparse_prompt(coords, labels)
+    low = self._decode(self.params, emb, sp_coords[None], sp_labels[None], mask_input[None, ..., None])
+    low = jnp.where(jnp.asarray(prompted)[:, None, None], low[0, :, 0], NEG_LOGIT)
+    full = postprocess_masks(low, size, (nh, nw), (h, w))            # [C,H,W]
+    sam_label = jnp.argmax(full, axis=0)
+    covered = jnp.max(full, axis=0) > 0
+    label = jnp.where(covered, sam_label, jnp.argmax(clip_full, axis=0))
+    details = {"prompted": prompted, "points": coords, "point_labels": labels,
+               "covered_fraction": float(jnp.mean(covered))}
+    return np.asarray(label, np.int32), details
+
+  def label_masks(self, image, masks: Sequence[np.ndarray], class_names: Sequence[str],
+                  templates="imagenet80") -> list[tuple[str, float]]:
+    """For each binary mask, the class whose CLIP-head logits are highest on average inside it."""
+    if len(masks) == 0:
+      return []
+    logits = self.semantic_logits(image, class_names, templates)            # [C,H,W]
+    m = np.stack([np.asarray(x, np.float32) for x in masks])                  # [N,H,W]
+    area = np.maximum(m.sum(axis=(1, 2)), 1.0)
+    mean = np.einsum("nhw,chw->nc", m, logits) / area[:, None]
+    probs = np.asarray(jax.nn.softmax(mean, axis=-1))
+    best = probs.argmax(axis=-1)
+    return [(class_names[i], float(probs[n, i])) for n, i in enumerate(best)]
+
+  # -------------------------------------------------------------- SAM head
+  def predictor(self):
+    """A SamPredictor over the merged backbone + SAM head (segment_anything's API)."""
+    from samclip_jax.predictor import SamPredictor
+    return SamPredictor(self.config.sam, sam_params_from_samclip(self.params))
+
+  def mask_generator(self, **kwargs):
+    """SamAutomaticMaskGenerator over `predictor()`; kwargs as segment_anything's."""
+    from samclip_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+    return SamAutomaticMaskGenerator(self.predictor(), **kwargs)
+
+
+def _taps(in_size: int, out_size: int):
+  """Source indices / weights of a bilinear resize with half-pixel centres (F.interpolate,
+  align_corners=False; the same as jax.image.resize "bilinear" when upsampling)."""
+  src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  w1 = (src - i0).astype(np.float32)
+  return i0, i1, 1.0 - w1, w1
+
+
+def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """[..., h, w] -> [..., H, W] float32 on the host (no compile per image size)."""
+  x = np.asarray(x, np.float32)
+  i0, i1, w0, w1 = _taps(x.shape[-1], out_hw[1])
+  x = x[..., i0] * w0 + x[..., i1] * w1
+  i0, i1, w0, w1 = _taps(x.shape[-2], out_hw[0])
+  return x[..., i0, :] * w0[:, None] + x[..., i1, :] * w1[:, None]

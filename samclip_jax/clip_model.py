@@ -1,0 +1,131 @@
+"""ClipModel: inference API of a converted OpenCLIP model (embeddings, preprocessing, zero-shot)."""
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samclip_jax.models.clip import CLIP, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig, load_clip
+from samclip_jax.templates import IMAGENET_TEMPLATES
+from samclip_jax.tokenizer import Tokenizer
+
+
+def _l2_normalize(x, axis=-1):
+  return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def _bucket(n: int, batch_size: int) -> int:
+  """Padded batch for n items: powers of two up to batch_size, so few shapes get compiled."""
+  return min(batch_size, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _batched(fn: Callable, x: np.ndarray, batch_size: int) -> jax.Array:
+  """fn over x in fixed-size chunks (the last one padded), concatenated."""
+  outs = []
+  for start in range(0, len(x), batch_size):
+    chunk = x[start:start + batch_size]
+    size = _bucket(len(chunk), batch_size)
+    pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
+    outs.append(fn(np.concatenate([chunk, pad]) if len(pad) else chunk)[:len(chunk)])
+  return jnp.concatenate(outs) if outs else None
+
+
+class ClipModel:
+  """OpenCLIP model in JAX: encode_image / encode_text / preprocess / zero_shot_classifier / classify."""
+
+  def __init__(self, config: ClipConfig, params, tokenizer: Tokenizer | None = None,
+               dtype: Any = jnp.float32, batch_size: int = 32, text_batch_size: int = 256):
+    self.config = config
+    self.params = jax.device_put(params)
+    self.tokenizer = tokenizer
+    self.batch_size = batch_size
+    self.text_batch_size = text_batch_size
+    self.module = CLIP(config, dtype=dtype)
+    apply = lambda method: jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=method).astype(jnp.float32))
+    self._image_fn = apply(CLIP.encode_image)
+    self._text_fn = apply(CLIP.encode_text)
+
+  @classmethod
+  def from_checkpoint(cls, directory: str, dtype: Any = jnp.float32, **kwargs) -> "ClipModel":
+    """A model directory written by `python -m convert.open_clip`."""
+    config, params = load_clip(directory)
+    tokenizer = Tokenizer.from_directory(directory, config.text.context_length)
+    return cls(config, params, tokenizer, dtype=dtype, **kwargs)
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    return self.config.vision.image_hw
+
+  @property
+  def logit_scale(self) -> jax.Array:
+    """exp(logit_scale): the temperature open_clip multiplies cosine similarities by."""
+    return jnp.exp(self.params["logit_scale"])
+
+  def encode_image(self, pixels, normalize: bool = False) -> jax.Array:
+    """float32 [N, H, W, 3], already normalised (see preprocess) -> [N, D]."""
+    pixels = np.asarray(pixels, np.float32)
+    out = _batched(lambda x: self._image_fn(self.params, x), pixels, self.batch_size)
+    return _l2_normalize(out) if normalize else out
+
+  def encode_text(self, texts: Sequence[str], normalize: bool = False) -> jax.Array:
+    """Strings -> [N, D] (tokenized as open_clip.tokenize)."""
+    if self.tokenizer is None:
+      raise ValueError("this ClipModel has no tokenizer; build it with from_checkpoint or pass one")
+    ids = self.tokenizer.tokenize(list(texts), self.config.text.context_length)
+    out = _batched(lambda x: self._text_fn(self.params, x), ids, self.text_batch_size)
+    return _l2_normalize(out) if normalize else out
+
+  def preprocess(self, images) -> np.ndarray:
+    """PIL images or uint8 HWC arrays -> float32 [N, S, S, 3], as open_clip's eval transform.
+
+    Resize the shorter side to S with PIL's bicubic (what torchvision's Resize does for PIL
+    input: antialiased, a=-0.5), center crop S x S, convert to RGB, /255, OPENAI mean/std.
+    Identical to open_clip's preprocess on PIL images; torchvision on tensors would use torch's
+    antialiased bicubic instead (differences of about one grey level).
+    """
+    from PIL import Image  # Only needed here.
+    if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+      images = [images]
+    th, tw = self.image_size
+    out = np.empty((len(images), th, tw, 3), np.float32)
+    for i, img in enumerate(images):
+      if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8:
+          raise ValueError(f"preprocess takes uint8 arrays or PIL images, got {img.dtype}")
+        img = Image.fromarray(img)
+      w, h = img.size
+      if th == tw:  # torchvision Resize(int): shorter side -> S, longer side truncated.
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = th, int(th * long / short)
+        nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+      else:  # Non-square target: cover it, keeping the aspect ratio.
+        s = max(th / h, tw / w)
+        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+      if (nh, nw) != (h, w):
+        img = img.resize((nw, nh), Image.BICUBIC)
+      top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
+      img = img.crop((left, top, left + tw, top + th)).convert("RGB")
+      x = np.asarray(img, np.float32) / np.float32(255.0)
+      out[i] = (x - np.asarray(OPENAI_DATASET_MEAN, np.float32)) / np.asarray(OPENAI_DATASET_STD, np.float32)
+    return out
+
+  def zero_shot_classifier(self, class_names: Sequence[str],
+                           templates: Sequence[str | Callable[[str], str]] = IMAGENET_TEMPLATES,
+                           classes_per_batch: int = 16) -> jax.Array:
+    """[C, D] unit rows: per class, the mean of its normalised prompt embeddings, renormalised."""
+    if not class_names or not templates:
+      raise ValueError("zero_shot_classifier needs at least one class name and one template")
+    fmt = lambda t, c: t.format(c) if isinstance(t, str) else t(c)
+    rows = []
+    for start in range(0, len(class_names), classes_per_batch):
+      names = class_names[start:start + classes_per_batch]
+      emb = self.encode_text([fmt(t, c) for c in names for t in templates], normalize=True)
+      rows.append(_l2_normalize(emb.reshape(len(names), len(templates), -1).mean(axis=1)))
+    return jnp.concatenate(rows)
+
+  def classify(self, pixels, classifier) -> tuple[jax.Array, jax.Array]:
+    """(logits, probabilities) [N, C]: exp(logit_scale) * cos(image, class) and its softmax."""
+    image = self.encode_image(pixels, normalize=True)
+    logits = self.logit_scale * jnp.einsum("nd,cd->nc", image, classifier, precision="highest")
+    return logits, jax.nn.softmax(logits, axis=-1)

@@ -1,0 +1,1 @@
+"""Data: embedded sample, record format, grain pipelines, prompt sampling, preparation."""

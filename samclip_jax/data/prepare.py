@@ -1,0 +1,461 @@
+"""Converts raw datasets to ArrayRecord shards (records.py format) + manifests.
+
+  python -m samclip_jax.data.prepare --source {folder,coco,sa1b,wds} --input PATH \
+      [--annotations FILE] --output DIR [--shard-size N] [--val-fraction 0.01] [--workers N]
+
+Sources (inputs are listed in sorted order, so the shard of every input is fixed):
+  folder  a directory tree of images; key.txt beside key.jpg is its caption; if every image
+          sits in a first-level class folder, "label" is the class index (classes in manifest)
+  coco    --input image directory, --annotations COCO instances JSON (polygons or RLE)
+  sa1b    an extracted SA-1B tar (sa_*.jpg + sa_*.json per image), a .tar or a folder of .tar
+  wds     webdataset shards (.tar files, a folder of them or a glob): key.jpg|png [+ key.txt]
+          [+ key.json with "caption"]
+Output: DIR/{train,val}-XXXXX-of-YYYYY.array_record, DIR/{train,val}.json (split manifests
+the loaders take), DIR/manifest.json (counts, sizes, skipped inputs with reasons).
+A bad input (corrupt or truncated image, unsupported file, malformed or mismatched
+annotation, missing image) is skipped, counted and listed; it never stops the run.
+Resumable: each shard is written to a temporary file and renamed, then committed by a
+progress file (DIR/progress/<shard>.json); a rerun skips committed shards and rewrites any
+other, so a killed run neither duplicates nor loses records. Splits: an input goes to val
+when crc32(key) / 2**32 < val_fraction (stable under reruns and input growth).
+"""
+import argparse
+import concurrent.futures
+import glob
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from samclip_jax.data import records
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SIDECAR_EXTS = {".txt", ".json"}
+PROGRESS = "progress"
+# Test hook: exit (as a kill would) after this many shard files were renamed into place,
+# before their progress file is written, i.e. at the worst moment.
+STOP_ENV = "SAMCLIP_PREPARE_STOP_AFTER_SHARDS"
+
+
+class Skip(Exception):
+  """An input that cannot become a record; the message is the reason."""
+
+
+# ----------------------------------------------------------------------------- blobs
+def read_blob(ref) -> bytes:
+  """ref = (path, offset, size): a whole file (offset None) or a member inside a tar."""
+  path, offset, size = ref
+  with open(path, "rb") as f:
+    if offset is None:
+      return f.read()
+    f.seek(offset)
+    data = f.read(size)
+  if len(data) != size:
+    raise Skip(f"truncated tar member in {path}")
+  return data
+
+
+def _tar_members(tar_path):
+  """(member name, blob ref) of the regular files of an uncompressed tar, sorted."""
+  out = []
+  with tarfile.open(tar_path, "r:") as tf:
+    for m in tf:
+      if m.isfile():
+        out.append((m.name, (tar_path, m.offset_data, m.size)))
+  return sorted(out)
+
+
+def _tar_files(path):
+  if os.path.isdir(path):
+    return sorted(glob.glob(os.path.join(path, "*.tar")))
+  if any(c in path for c in "*?["):
+    return sorted(glob.glob(path))
+  return [path]
+
+
+def _split_ext(name):
+  base = os.path.basename(name)
+  stem, ext = os.path.splitext(base)
+  return os.path.join(os.path.dirname(name), stem), ext.lower()
+
+
+# ----------------------------------------------------------------------------- validation
+def checked_image(data: bytes) -> tuple[bytes, int, int]:
+  """Fully decodes the image (catches corrupt/truncated files); non JPEG/PNG -> PNG."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      fmt = im.format
+      im.load()
+      rgb = im.convert("RGB")
+  except Image.UnidentifiedImageError:
+    raise Skip("corrupt image: not a recognised image format") from None
+  except Exception as e:  # PIL raises many types on bad data
+    raise Skip(f"corrupt image: {type(e).__name__}: {e}") from None
+  w, h = rgb.size
+  if w < 1 or h < 1:
+    raise Skip("empty image")
+  if fmt not in ("JPEG", "PNG"):
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    data = buf.getvalue()
+  return data, h, w
+
+
+def _decode_text(data: bytes) -> str:
+  try:
+    return data.decode("utf-8").strip()
+  except UnicodeDecodeError:
+    return data.decode("latin-1").strip()
+
+
+def _segmentation_to_rle(seg, h, w):
+  """COCO segmentation (polygons, uncompressed or compressed RLE) -> JSON RLE of size h, w."""
+  from pycocotools import mask as mask_utils
+  if isinstance(seg, list):
+    polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    if not polys or len(polys) != len(seg):
+      raise Skip("invalid polygon")
+    try:
+      rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in polys], h, w))
+    except (TypeError, ValueError) as e:
+      raise Skip(f"invalid polygon: {e}") from None
+    return records.rle_to_json(rle)
+  if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+    size = list(seg["size"]) if isinstance(seg["size"], (list, tuple)) else None
+    if size is None or len(size) != 2 or [int(size[0]), int(size[1])] != [h, w]:
+      raise Skip(f"RLE size {seg['size']} does not match image size {[h, w]}")
+    try:
+      records.check_rle(seg)
+      rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else (
+          records.rle_from_json(seg))
+    except (ValueError, TypeError) as e:
+      raise Skip(f"invalid RLE: {e}") from None
+    return records.rle_to_json(rle)
+  raise Skip("segmentation is neither polygons nor RLE")
+
+
+def _masks_from_annotations(anns, h, w, where):
+  """(masks, classes, skipped) keeping the valid annotations of one image."""
+  masks, classes, skipped = [], [], []
+  for i, a in enumerate(anns):
+    aid = a.get("id", i) if isinstance(a, dict) else i
+    try:
+      if not isinstance(a, dict) or "segmentation" not in a:
+        raise Skip("annotation without segmentation")
+      rle = _segmentation_to_rle(a["segmentation"], h, w)
+    except Skip as e:
+      skipped.append({"item": f"{where}#ann{aid}", "kind": "annotation", "reason": str(e)})
+      continue
+    masks.append(rle)
+    classes.append(int(a.get("category_id", 0) or 0))
+  return masks, classes, skipped
+
+
+# ----------------------------------------------------------------------------- sources
+def list_folder(root):
+  """Items of an image folder, sorted by relative path."""
+  files = sorted(os.path.relpath(os.path.join(d, f), root)
+                 for d, _, fs in os.walk(root) for f in fs)
+  fileset = set(files)
+  subdirs = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
+  labelled = bool(subdirs) and all(os.sep in f for f in files if _split_ext(f)[1] in IMAGE_EXTS)
+  items = []
+  for f in files:
+    stem, ext = _split_ext(f)
+    if ext in SIDECAR_EXTS and any(stem + e in fileset for e in IMAGE_EXTS):
+      continue  # caption/metadata of an image
+    item = {"key": f, "image": (os.path.join(root, f), None, None), "ext": ext}
+    if stem + ".txt" in fileset:
+      item["caption"] = (os.path.join(root, stem + ".txt"), None, None)
+    if labelled and os.sep in f:
+      item["label"] = subdirs.index(f.split(os.sep)[0])
+    items.append(item)
+  return items, {"classes": subdirs} if labelled else {}
+
+
+def build_folder(item):
+  if item["ext"] not in IMAGE_EXTS:
+    raise Skip(f"unsupported file type {item['ext'] or '(none)'}")
+  img, h, w = checked_image(read_blob(item["image"]))
+  rec = {"key": item["key"], "image": img, "height": h, "width": w}
+  if "caption" in item:
+    rec["caption"] = _decode_text(read_blob(item["caption"]))
+  if "label" in item:
+    rec["label"] = item["label"]
+  return rec, []
+
+
+def list_coco(image_dir, annotations):
+  try:
+    with open(annotations) as f:
+      coco = json.load(f)
+    images = coco["images"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise SystemExit(f"prepare: cannot read COCO annotations {annotations}: {e}")
+  anns = {}
+  for a in coco.get("annotations", []):
+    if isinstance(a, dict):
+      anns.setdefault(a.get("image_id"), []).append(a)
+  items = []
+  for im in sorted(images, key=lambda m: (str(m.get("file_name")), str(m.get("id")))):
+    items.append({"key": str(im.get("id")), "file_name": im.get("file_name"),
+                  "height": im.get("height"), "width": im.get("width"),
+                  "image": (os.path.join(image_dir, str(im.get("file_name"))), None, None),
+                  "anns": [a for a in anns.get(im.get("id"), []) if not a.get("iscrowd", 0)]})
+  cats = sorted(coco.get("categories", []), key=lambda c: c.get("id", 0))
+  return items, {"categories": cats}
+
+
+def build_coco(item):
+  if not os.path.isfile(item["image"][0]):
+    raise Skip(f"missing image {item['file_name']}")
+  img, h, w = checked_image(read_blob(item["image"]))
+  if item.get("height") not in (None, h) or item.get("width") not in (None, w):
+    raise Skip(f"image is {h}x{w}, annotations say {item.get('height')}x{item.get('width')}")
+  masks, classes, skipped = _masks_from_annotations(item["anns"], h, w, item["key"])
+  return {"key": item["key"], "image": img, "height": h, "width": w,
+          "masks": masks, "classes": classes}, skipped
+
+
+def _grouped_members(input_path, from_tar):
+  """{key: {ext: blob ref}} of a folder or of tar files, keys in sorted order."""
+  groups = {}
+  if from_tar:
+    for tar in _tar_files(input_path):
+      prefix = os.path.splitext(os.path.basename(tar))[0]
+      try:
+        members = _tar_members(tar)
+      except (tarfile.TarError, OSError) as e:
+        groups.setdefault(f"{prefix}/", {})["__error__"] = f"unreadable tar: {e}"
+        continue
+      for name, ref in members:
+        stem, ext = _split_ext(name)
+        groups.setdefault(f"{prefix}/{stem}", {})[ext] = ref
+  else:
+    for d, _, fs in os.walk(input_path):
+      for f in fs:
+        p = os.path.join(d, f)
+        stem, ext = _split_ext(os.path.relpath(p, input_path))
+        groups.setdefault(stem, {})[ext] = (p, None, None)
+  return [dict(key=k, files=groups[k]) for k in sorted(groups)]
+
+
+def _is_tar_input(path):
+  return (os.path.isfile(path) and path.endswith(".tar")) or any(c in path for c in "*?[") or (
+      os.path.isdir(path) and bool(glob.glob(os.path.join(path, "*.tar"))))
+
+
+def list_sa1b(path):
+  return _grouped_members(path, _is_tar_input(path)), {}
+
+
+def _image_ref(files):
+  for ext in (".jpg", ".jpeg", ".png", ".webp"):
+    if ext in files:
+      return files[ext]
+  return None
+
+
+def build_sa1b(item):
+  files = item["files"]
+  if "__error__" in files:
+    raise Skip(files["__error__"])
+  ref = _image_ref(files)
+  if ref is None:
+    raise Skip("missing image" if ".json" in files else
+               f"unsupported file(s) {sorted(files)}")
+  if ".json" not in files:
+    raise Skip("missing annotation JSON")
+  try:
+    meta = json.loads(read_blob(files[".json"]))
+    anns = meta["annotations"]
+    if not isinstance(anns, list):
+      raise TypeError("annotations is not a list")
+  except (ValueError, KeyError, TypeError) as e:
+    raise Skip(f"malformed annotation JSON: {type(e).__name__}: {e}") from None
+  img, h, w = checked_image(read_blob(ref))
+  info = meta.get("image") or {}
+  if info.get("height") not in (None, h) or info.get("width") not in (None, w):
+    raise Skip(f"image is {h}x{w}, annotation JSON says {info.get('height')}x{info.get('width')}")
+  masks, classes, skipped = _masks_from_annotations(anns, h, w, item["key"])
+  return {"key": os.path.basename(item["key"]), "image": img, "height": h, "width": w,
+          "masks": masks}, skipped
+
+
+def list_wds(path):
+  return _grouped_members(path, True), {}
+
+
+def build_wds(item):
+  files = item["files"]
+  if "__error__" in files:
+    raise Skip(files["__error__"])
+  ref = _image_ref(files)
+  if ref is None:
+    raise Skip(f"no supported image in sample (files {sorted(files)})")
+  img, h, w = checked_image(read_blob(ref))
+  rec = {"key": item["key"], "image": img, "height": h, "width": w}
+  if ".txt" in files:
+    rec["caption"] = _decode_text(read_blob(files[".txt"]))
+  elif ".json" in files:
+    try:
+      meta = json.loads(read_blob(files[".json"]))
+      if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+        rec["caption"] = meta["caption"]
+    except ValueError:
+      return rec, [{"item": item["key"], "kind": "caption", "reason": "malformed sidecar JSON"}]
+  return rec, []
+
+
+SOURCES = {
+    "folder": (lambda a: list_folder(a.input), build_folder),
+    "coco": (lambda a: list_coco(a.input, a.annotations), build_coco),
+    "sa1b": (lambda a: list_sa1b(a.input), build_sa1b),
+    "wds": (lambda a: list_wds(a.input), build_wds),
+}
+
+
+# ----------------------------------------------------------------------------- shards
+def split_of(key: str, val_fraction: float) -> str:
+  return "val" if zlib.crc32(key.encode("utf-8")) / 2**32 < val_fraction else "train"
+
+
+def write_one_shard(source: str, items, path: str, progress_path: str):
+  """Builds the records of one shard's inputs, writes it atomically, commits progress."""
+  build = SOURCES[source][1]
+  encoded, skipped = [], []
+  for item in items:
+    try:
+      rec, skips = build(item)
+      encoded.append(records.encode(rec))
+      skipped.extend(skips)
+    except Skip as e:
+      skipped.append({"item": item["key"], "kind": "input", "reason": str(e)})
+    except Exception as e:  # never die on one input
+      skipped.append({"item": item["key"], "kind": "input",
+                      "reason": f"unexpected {type(e).__name__}: {e}"})
+  n = records.write_shard(path, encoded)
+  return {"file": os.path.basename(path), "records": n, "inputs": len(items),
+          "skipped": skipped, "bytes": os.path.getsize(path)}, progress_path
+
+
+def _commit(progress_path, info):
+  tmp = progress_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(info, f)
+  os.replace(tmp, progress_path)
+
+
+def prepare(source: str, input_path: str, output: str, annotations: str | None = None,
+            shard_size: int = 1000, val_fraction: float = 0.01, workers: int = 0,
+            log=print) -> dict:
+  """Converts a dataset (see module doc); returns the final manifest."""
+  if source not in SOURCES:
+    raise ValueError(f"unknown source {source!r}; choose from {sorted(SOURCES)}")
+  args = argparse.Namespace(input=input_path, annotations=annotations)
+  if source == "coco" and not annotations:
+    raise SystemExit("prepare: --source coco needs --annotations")
+  if not os.path.exists(input_path) and not any(c in input_path for c in "*?["):
+    raise SystemExit(f"prepare: input {input_path} does not exist")
+  items, extra = SOURCES[source][0](args)
+  os.makedirs(os.path.join(output, PROGRESS), exist_ok=True)
+  jobs = []
+  split_files = {}
+  for split in ("train", "val"):
+    sitems = [it for it in items if split_of(it["key"], val_fraction) == split]
+    n_shards = -(-len(sitems) // shard_size)
+    split_files[split] = []
+    for j in range(n_shards):
+      name = records.shard_name(split, j, n_shards)
+      path = os.path.join(output, name)
+      split_files[split].append(path)
+      prog = os.path.join(output, PROGRESS, name + ".json")
+      if not os.path.exists(prog):
+        jobs.append((split, sitems[j * shard_size:(j + 1) * shard_size], path, prog))
+  total = sum(len(j[1]) for j in jobs)
+  log(f"[prepare] {source}: {len(items)} inputs, "
+      f"{sum(len(v) for v in split_files.values()) - len(jobs)} shards already done, "
+      f"{len(jobs)} to write ({total} inputs)")
+  stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+  t0, done, written = time.time(), 0, 0
+
+  def finish(info, prog):
+    nonlocal done, written
+    written += 1
+    if stop_after and written >= stop_after:
+      log(f"[prepare] {STOP_ENV}={stop_after}: exiting before committing {info['file']}")
+      os._exit(3)
+    _commit(prog, info)
+    done += info["inputs"]
+    rate = done / max(time.time() - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    log(f"[prepare] {info['file']}: {info['records']} records, {len(info['skipped'])} skipped; "
+        f"{done}/{total} inputs, {rate:.1f} inputs/s, ETA {eta:.0f}s")
+
+  if workers > 0:
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+      futures = [pool.submit(write_one_shard, source, it, p, g) for _, it, p, g in jobs]
+      for fut in concurrent.futures.as_completed(futures):
+        finish(*fut.result())
+  else:
+    for _, it, p, g in jobs:
+      finish(*write_one_shard(source, it, p, g))
+  return _finalize(output, source, split_files, extra, val_fraction, shard_size, log)
+
+
+def _finalize(output, source, split_files, extra, val_fraction, shard_size, log):
+  manifest = {"source": source, "val_fraction": val_fraction, "shard_size": shard_size,
+              "splits": {}, "skipped": [], **extra}
+  for split, files in split_files.items():
+    infos = []
+    for path in files:
+      with open(os.path.join(output, PROGRESS, os.path.basename(path) + ".json")) as f:
+        infos.append(json.load(f))
+    for info in infos:
+      manifest["skipped"].extend(dict(s, split=split) for s in info["skipped"])
+    if files:
+      records.write_split_manifest(os.path.join(output, split + ".json"), files,
+                                   {"split": split, "source": source})
+    manifest["splits"][split] = {
+        "records": sum(i["records"] for i in infos), "inputs": sum(i["inputs"] for i in infos),
+        "files": len(files), "bytes": sum(i["bytes"] for i in infos)}
+  manifest["num_skipped_inputs"] = sum(1 for s in manifest["skipped"] if s["kind"] == "input")
+  manifest["num_skipped_annotations"] = sum(1 for s in manifest["skipped"] if s["kind"] == "annotation")
+  reasons = {}
+  for s in manifest["skipped"]:
+    r = s["reason"].split(":")[0]
+    reasons[r] = reasons.get(r, 0) + 1
+  manifest["skip_reasons"] = reasons
+  tmp = os.path.join(output, "manifest.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, os.path.join(output, "manifest.json"))
+  log(f"[prepare] done: " + ", ".join(f"{k} {v['records']} records in {v['files']} files"
+                                       for k, v in manifest["splits"].items())
+      + f"; skipped {manifest['num_skipped_inputs']} inputs, "
+      f"{manifest['num_skipped_annotations']} annotations {reasons}")
+  return manifest
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--source", required=True, choices=sorted(SOURCES))
+  p.add_argument("--input", required=True)
+  p.add_argument("--annotations")
+  p.add_argument("--output", required=True)
+  p.add_argument("--shard-size", type=int, default=1000)
+  p.add_argument("--val-fraction", type=float, default=0.01)
+  p.add_argument("--workers", type=int, default=0, help="processes writing shards in parallel")
+  a = p.parse_args(argv)
+  prepare(a.source, a.input, a.output, a.annotations, a.shard_size, a.val_fraction, a.workers,
+          log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,95 @@
+"""Image transforms shared by the pipelines and the extraction job (numpy + PIL, uint8).
+
+The CLIP view rendering lives here once so that the offline teacher-embedding job and the
+training loader produce bit-identical pixels for a stored view (box, flip, resolution).
+"""
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+# Documented choice: RandomResizedCrop scale (0.4, 1.0) instead of the classification
+# default (0.08, 1.0): distillation targets come from the same view, but tiny crops of
+# web images carry little of the caption's content and waste teacher compute.
+CROP_SCALE = (0.4, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def decode_image(data) -> np.ndarray:
+  """Encoded JPEG/PNG bytes (or an array) -> uint8 [H,W,3] RGB; raises on corrupt data."""
+  if isinstance(data, np.ndarray):
+    img = data
+    if img.ndim == 2:
+      img = np.repeat(img[..., None], 3, -1)
+    if img.shape[-1] == 4:
+      img = img[..., :3]
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+      raise ValueError(f"unsupported image array {img.dtype} {img.shape}")
+    return img
+  with Image.open(io.BytesIO(data)) as im:
+    im.load()
+    return np.asarray(im.convert("RGB"))
+
+
+def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+  """Output size of SAM's ResizeLongestSide.get_preprocess_shape."""
+  scale = long_side / max(h, w)
+  return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_longest_pad(image: np.ndarray, long_side: int = 1024) -> tuple[np.ndarray, tuple[int, int]]:
+  """Resizes the longest side to long_side (PIL bilinear, as SAM) and zero-pads bottom/right."""
+  h, w = image.shape[:2]
+  nh, nw = preprocess_shape(h, w, long_side)
+  if (nh, nw) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  out = np.zeros((long_side, long_side, 3), np.uint8)
+  out[:nh, :nw] = image
+  return out, (nh, nw)
+
+
+def nearest_indices(old: int, new: int) -> np.ndarray:
+  """Source index of each output pixel for a nearest resize old -> new (pixel centres)."""
+  return np.minimum(((np.arange(new) + 0.5) * (old / new)).astype(np.int64), old - 1)
+
+
+def sample_crop(rng: np.random.Generator, h: int, w: int, scale=CROP_SCALE,
+                ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+  """RandomResizedCrop box (x0, y0, cw, ch) in pixels, torchvision's algorithm."""
+  area = h * w
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw = int(round(math.sqrt(target * aspect)))
+    ch = int(round(math.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      y0 = int(rng.integers(0, h - ch + 1))
+      x0 = int(rng.integers(0, w - cw + 1))
+      return x0, y0, cw, ch
+  # Fallback: central crop at the clamped aspect ratio.
+  in_ratio = w / h
+  if in_ratio < ratio[0]:
+    cw, ch = w, int(round(w / ratio[0]))
+  elif in_ratio > ratio[1]:
+    ch, cw = h, int(round(h * ratio[1]))
+  else:
+    cw, ch = w, h
+  return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def render_view(image: np.ndarray, box, flip: bool, resolution: int) -> np.ndarray:
+  """Crops box (x0, y0, cw, ch), resizes to resolution^2 (PIL bilinear), flips: uint8."""
+  x0, y0, cw, ch = (int(v) for v in box)
+  out = np.asarray(Image.fromarray(image).resize(
+      (resolution, resolution), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)))
+  if flip:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def sample_view(rng: np.random.Generator, h: int, w: int) -> tuple[tuple[int, int, int, int], bool]:
+  """One random CLIP view: crop box and horizontal flip."""
+  box = sample_crop(rng, h, w)
+  return box, bool(rng.integers(2))

@@ -1,0 +1,506 @@
+"""Zero-shot evaluation of SAM-CLIP (or its teachers): classification, retrieval, instance and
+semantic segmentation.
+
+  python -m samclip_jax.evaluate --config=configs/eval/classification.py \
+      --config.model=workdir/export --workdir=eval_out
+  python -m samclip_jax.evaluate --config=configs/eval/semantic_segmentation.py:local \
+      --config.model=DIR --workdir=/tmp/ev        # the embedded sample
+
+Writes WORKDIR/<task>.json (metrics, counts, config) and WORKDIR/<task>.md (a short table,
+also printed). The model is picked by its directory's config.json model_type: "samclip"
+(merged), "open_clip" (the CLIP teacher; classification, retrieval) or "sam" (the SAM
+teacher; instance segmentation). Images are decoded on host threads and evaluated in
+global batches split over all devices along a 1-D "data" mesh (NamedSharding), under jit.
+"""
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from samclip_jax import api, checkpoint, metrics
+
+TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segmentation")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- devices
+def data_mesh() -> jax.sharding.Mesh:
+  """All devices on one "data" axis (Auto: jit propagates the batch sharding)."""
+  n = len(jax.devices())
+  return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicate(tree, mesh):
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def shard_batch(x: np.ndarray, mesh):
+  """Leading axis split over the mesh's data axis (size must divide)."""
+  spec = jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def global_batch_size(batch_size: int, mesh) -> int:
+  n = mesh.devices.size
+  return max(n, int(math.ceil(batch_size / n)) * n)
+
+
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+  if len(x) == size:
+    return x
+  return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
+
+
+# ----------------------------------------------------------------------------- host input
+class Progress:
+  """One line per ~10% (and at the end) on stderr: items done, rate."""
+
+  def __init__(self, task: str, total: int):
+    self.task, self.total, self.done = task, total, 0
+    self.t0 = time.time()
+    self.next = 0
+
+  def update(self, n: int):
+    self.done += n
+    if self.done >= self.next or self.done >= self.total:
+      rate = self.done / max(time.time() - self.t0, 1e-9)
+      print(f"[{self.task}] {self.done}/{self.total} images ({rate:.1f}/s)", file=sys.stderr, flush=True)
+      self.next = self.done + max(1, self.total // 10)
+
+
+def prefetched_batches(items: Sequence[Any], load: Callable[[Any], Any], batch_size: int,
+                       num_workers: int) -> Iterable[tuple[list, list]]:
+  """(items, loaded) in chunks of batch_size; loading runs on threads, one chunk ahead."""
+  chunks = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    pending = [pool.submit(lambda c=c: [load(i) for i in c]) for c in chunks[:2]]
+    for k, chunk in enumerate(chunks):
+      loaded = pending[k].result()
+      if k + 2 < len(chunks):
+        pending.append(pool.submit(lambda c=chunks[k + 2]: [load(i) for i in c]))
+      pending[k] = None
+      yield chunk, loaded
+
+
+def _limit(items: list, config) -> list:
+  return items[:config.max_images] if config.max_images else items
+
+
+def list_images(directory: str) -> list[str]:
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"image directory not found: {directory}")
+  return sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTS))
+
+
+# ----------------------------------------------------------------------------- models
+@dataclasses.dataclass
+class Loaded:
+  """The model under evaluation, whichever kind its directory holds."""
+  kind: str                     # "samclip" | "open_clip" | "sam"
+  path: str
+  samclip: Any = None           # api.SamClip
+  clip: Any = None              # ClipModel (the teacher)
+  sam: Any = None               # (SamConfig, params)
+
+
+def load(config) -> Loaded:
+  if not config.model:
+    raise ValueError("set --config.model to a model directory or a training workdir")
+  model_dir = api.find_model_dir(config.model)
+  kind = checkpoint.load_config(model_dir).get("model_type")
+  if kind == "samclip":
+    return Loaded(kind, model_dir, samclip=api.SamClip.from_checkpoint(model_dir, text_model=config.text_model or None))
+  if kind == "open_clip":
+    from samclip_jax.clip_model import ClipModel
+    return Loaded(kind, model_dir, clip=ClipModel.from_checkpoint(model_dir))
+  if kind == "sam":
+    from samclip_jax.models.sam import load_sam
+    return Loaded(kind, model_dir, sam=load_sam(model_dir))
+  raise ValueError(f"{model_dir}: model_type {kind!r} is not one evaluate knows (samclip, open_clip, sam)")
+
+
+def _need(model: Loaded, kinds: Sequence[str], task: str):
+  if model.kind not in kinds:
+    raise ValueError(f"{task} evaluates {' or '.join(kinds)} models; {model.path} holds a {model.kind!r} model")
+
+
+def image_tower(model: Loaded, mesh, resolution: int) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+  """(embed: uint8 [B,R,R,3] host batch -> unit embeddings [B,D] numpy, R)."""
+  if model.kind == "samclip":
+    sc = model.samclip
+    sc.params = replicate(sc.params, mesh)
+    return (lambda x: np.asarray(sc.image_embeddings(shard_batch(x, mesh)))), resolution
+  from samclip_jax.models.clip import CLIP, normalize_images
+  clip = model.clip
+  module = CLIP(clip.config)
+  params = replicate(clip.params, mesh)
+  h, w = clip.image_size
+  if h != w:
+    raise ValueError(f"non-square CLIP input {h}x{w} is not supported here")
+
+  @jax.jit
+  def embed(p, x):
+    e = module.apply({"params": p}, normalize_images(x), method=CLIP.encode_image)
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+
+  return (lambda x: np.asarray(embed(params, shard_batch(x, mesh)))), h
+
+
+def text_side(model: Loaded):
+  """(text model (ClipModel), logit scale)."""
+  tm = model.samclip._require_text() if model.kind == "samclip" else model.clip
+  return tm, float(tm.logit_scale)
+
+
+def embed_images(model, mesh, config, paths: Sequence[str], task: str) -> np.ndarray:
+  """Unit embeddings [N,D] of image files (shorter side resized, center crop)."""
+  embed, res = image_tower(model, mesh, config.resolution)
+  gb = global_batch_size(config.batch_size, mesh)
+  load_fn = lambda p: api.resize_center_crop(api.load_image(p), res)
+  out, progress = [], Progress(task, len(paths))
+  for chunk, imgs in prefetched_batches(paths, load_fn, gb, config.num_workers):
+    out.append(embed(pad_batch(np.stack(imgs), gb))[:len(chunk)])
+    progress.update(len(chunk))
+  return np.concatenate(out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- tasks
+def _sample(config, workdir) -> tuple[dict, list[str]] | tuple[None, None]:
+  if not config.data.get("sample_dir"):
+    return None, None
+  from samclip_jax.data.sample import ensure_sample
+  root = config.data.sample_dir
+  root = root if os.path.isabs(root) else os.path.join(workdir, root)
+  paths = ensure_sample(root)
+  with open(paths["classes"]) as f:
+    return paths, list(json.load(f)["classes"])
+
+
+def classification_items(config, workdir) -> tuple[list[tuple[str, int]], list[str]]:
+  sample, classes = _sample(config, workdir)
+  d = config.data
+  image_dir, labels_file, names = d.image_dir, d.labels_file, list(d.class_names)
+  if sample:
+    image_dir, labels_file, names = sample["classification_images"], sample["classification_labels"], classes
+  if not image_dir:
+    raise ValueError("set --config.data.image_dir (class sub-folders, or with data.labels_file)")
+  if labels_file:
+    if not names:
+      raise ValueError("data.labels_file needs data.class_names")
+    with open(labels_file) as f:
+      entries = json.load(f)
+    items = [(os.path.join(image_dir, e["file_name"]), int(e["label"])) for e in entries if int(e["label"]) >= 0]
+    bad = [lab for _, lab in items if lab >= len(names)]
+    if bad:
+      raise ValueError(f"{labels_file}: labels {sorted(set(bad))} outside the {len(names)} class names")
+    return items, names
+  folders = sorted(f for f in os.listdir(image_dir) if os.path.isdir(os.path.join(image_dir, f)))
+  if not folders:
+    raise ValueError(f"{image_dir}: no class sub-folders (or give data.labels_file)")
+  if names and len(names) != len(folders):
+    raise ValueError(f"{len(names)} class names for {len(folders)} class folders")
+  names = names or [f.replace("_", " ") for f in folders]
+  items = [(os.path.join(image_dir, f, n), k) for k, f in enumerate(folders) for n in list_images(os.path.join(image_dir, f))]
+  return items, names
+
+
+def run_classification(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
+  from samclip_jax.templates import get_templates
+  _need(model, ("samclip", "open_clip"), "classification")
+  items, names = classification_items(config, workdir)
+  items = _limit(items, config)
+  text, scale = text_side(model)
+  classifier = np.asarray(text.zero_shot_classifier(names, get_templates(config.templates)))
+  emb = embed_images(model, mesh, config, [p for p, _ in items], "classification")
+  logits = scale * emb @ classifier.T
+  labels = np.array([lab for _, lab in items])
+  out = metrics.topk_accuracy(logits, labels, ks=(1, 5))
+  out["num_classes"] = len(names)
+  return out, len(items)
+
+
+def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
+  sample, _ = _sample(config, workdir)
+  image_dir, captions_file = config.data.image_dir, config.data.captions_file
+  if sample:
+    image_dir, captions_file = sample["classification_images"], sample["classification_labels"]
+  if not image_dir or not captions_file:
+    raise ValueError("set --config.data.image_dir and --config.data.captions_file")
+  with open(captions_file) as f:
+    entries = json.load(f)
+  paths, captions, t2i = [], [], []
+  for e in entries:
+    caps = e.get("captions") or ([e["caption"]] if "caption" in e else [])
+    if not caps:
+      raise ValueError(f"{captions_file}: {e.get('file_name')} has no caption")
+    paths.append(os.path.join(image_dir, e["file_name"]))
+  paths = _limit(paths, config)
+  for i, e in enumerate(entries[:len(paths)]):
+    caps = e.get("captions") or [e["caption"]]
+    captions += list(caps)
+    t2i += [i] * len(caps)
+  return paths, captions, t2i
+
+
+def run_retrieval(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
+  _need(model, ("samclip", "open_clip"), "retrieval")
+  paths, captions, t2i = retrieval_items(config, workdir)
+  text, _ = text_side(model)
+  txt = np.asarray(text.encode_text(captions, normalize=True), np.float32)
+  img = embed_images(model, mesh, config, paths, "retrieval")
+  out = metrics.retrieval_recall(img @ txt.T, t2i, ks=(1, 5, 10))
+  out["num_captions"] = len(captions)
+  return out, len(paths)
+
+
+# -- instance segmentation ---------------------------------------------------------------
+def _sam_parts(model: Loaded):
+  if model.kind == "samclip":
+    from samclip_jax.models.samclip import sam_params_from_samclip
+    return model.samclip.config.sam, sam_params_from_samclip(model.samclip.params)
+  import flax.linen as nn
+  cfg, params = model.sam
+  return cfg, nn.unbox(params)
+
+
+def _box_prompts(coco, config) -> dict[int, list[tuple[list[float], int, float | None]]]:
+  """image id -> [(XYWH box, category id, score or None for ground truth)]."""
+  out: dict[int, list] = {i: [] for i in coco.getImgIds()}
+  if config.data.detections:
+    with open(config.data.detections) as f:
+      dets = json.load(f)
+    for d in dets:
+      if d["score"] >= config.data.min_score and d["image_id"] in out:
+        out[d["image_id"]].append((d["bbox"], d["category_id"], float(d["score"])))
+    for k in out:
+      out[k] = sorted(out[k], key=lambda t: -t[2])[:config.data.max_detections]
+  else:
+    for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+      out[ann["image_id"]].append((ann["bbox"], ann["category_id"], None))
+  return out
+
+
+def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
+  import contextlib
+  import io
+  from pycocotools.coco import COCO
+  from samclip_jax.models.sam import Sam, build_sparse_prompt
+  from samclip_jax.predictor import apply_coords, get_preprocess_shape, postprocess_masks
+  _need(model, ("samclip", "sam"), "instance_segmentation")
+  sample, _ = _sample(config, workdir)
+  image_dir, ann_file = config.data.image_dir, config.data.annotations
+  if sample:
+    image_dir, ann_file = sample["coco_images"], sample["coco_instances"]
+  if not image_dir or not ann_file:
+    raise ValueError("set --config.data.image_dir and --config.data.annotations")
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco = COCO(ann_file)
+  prompts = _box_prompts(coco, config)
+  image_ids = _limit(sorted(coco.getImgIds()), config)
+  work = [i for i in image_ids if prompts[i]]   # images without boxes give no predictions
+  sam_cfg, params = _sam_parts(model)
+  size = sam_cfg.image_size
+  module = Sam(sam_cfg)
+  params = replicate(params, mesh)
+
+  @jax.jit
+  def segment(p, images, input_hw, coords, labels):
+    x = api.normalize_sam(images)
+    rows, cols = jnp.arange(size)[None, :, None], jnp.arange(size)[None, None, :]
+    valid = (rows < input_hw[:, 0, None, None]) & (cols < input_hw[:, 1, None, None])
+    x = jnp.where(valid[..., None], x, 0.0)     # SAM pads with zeros after normalising
+    emb, _ = module.apply({"params": p}, x, method=Sam.encode_image)
+    low, iou = module.apply({"params": p}, emb, coords, labels, None, False, method=Sam.predict_masks)
+    return low[:, :, 0], iou[:, :, 0]
+
+  def load_fn(image_id):
+    info = coco.loadImgs(image_id)[0]
+    img = api.load_image(os.path.join(image_dir, info["file_name"]))
+    h, w = img.shape[:2]
+    nh, nw = get_preprocess_shape(h, w, size)
+    out = np.zeros((size, size, 3), np.uint8)
+    out[:nh, :nw] = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+    return out, (nh, nw), (h, w)
+
+  gb = global_batch_size(config.batch_size, mesh)
+  preds, progress = [], Progress("instance_segmentation", len(work))
+  for chunk, loaded in prefetched_batches(work, load_fn, gb, config.num_workers):
+    k = max(8, 1 << math.ceil(math.log2(max(len(prompts[i]) for i in chunk))))  # few compiled shapes
+    boxes = np.zeros((gb, k, 4), np.float64)
+    for b, (image_id, (_, _, orig)) in enumerate(zip(chunk, loaded)):
+      xywh = np.array([p[0] for p in prompts[image_id]], np.float64).reshape(-1, 4)
+      xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+      boxes[b, :len(xyxy)] = apply_coords(xyxy.reshape(-1, 2, 2), orig, size).reshape(-1, 4)
+    coords, labels = build_sparse_prompt(box=boxes)
+    images = pad_batch(np.stack([l[0] for l in loaded]), gb)
+    input_hw = pad_batch(np.array([l[1] for l in loaded], np.int32), gb)
+    low, iou = segment(params, shard_batch(images, mesh), shard_batch(input_hw, mesh),
+                       shard_batch(coords, mesh), shard_batch(labels, mesh))
+    low, iou = np.asarray(low), np.asarray(iou)
+    for b, (image_id, (_, input_size, orig)) in enumerate(zip(chunk, loaded)):
+      n = len(prompts[image_id])
+      masks = np.asarray(postprocess_masks(jnp.asarray(low[b, :n]), size, input_size, orig) > 0)
+      for j, (_, cat, score) in enumerate(prompts[image_id]):
+        preds.append({"image_id": image_id, "category_id": cat, "segmentation": metrics.encode_mask(masks[j]),
+                      "score": float(iou[b, j]) if score is None else score})
+    progress.update(len(chunk))
+  out = metrics.coco_mask_ap(coco, preds, image_ids=image_ids)
+  out["num_prompts"] = len(preds)
+  out["boxes"] = "detections" if config.data.detections else "ground truth"
+  return out, len(image_ids)
+
+
+# -- semantic segmentation ---------------------------------------------------------------
+def semantic_items(config, workdir) -> tuple[list[tuple[str, str]], list[str]]:
+  sample, classes = _sample(config, workdir)
+  d = config.data
+  image_dir, label_dir = d.image_dir, d.label_dir
+  names = list(d.class_names)
+  if sample:
+    image_dir, label_dir = sample["coco_images"], sample["semantic_labels"]
+    names = ["background"] + classes     # label value = category id, 0 = background
+  elif not names and d.classes_file:
+    with open(d.classes_file) as f:
+      names = [line.strip() for line in f if line.strip()]
+  if not image_dir or not label_dir:
+    raise ValueError("set --config.data.image_dir and --config.data.label_dir")
+  if not names:
+    raise ValueError("set --config.data.class_names or --config.data.classes_file")
+  items = []
+  for fname in list_images(image_dir):
+    label = os.path.join(label_dir, os.path.splitext(fname)[0] + ".png")
+    if os.path.isfile(label):
+      items.append((os.path.join(image_dir, fname), label))
+  if not items:
+    raise ValueError(f"no image in {image_dir} has a label map <stem>.png in {label_dir}")
+  return items, names
+
+
+def _load_label(path: str) -> np.ndarray:
+  with Image.open(path) as im:
+    if im.mode not in ("L", "P", "I", "I;16"):
+      raise ValueError(f"{path}: label maps must be single-channel (mode {im.mode})")
+    return np.asarray(im).astype(np.int64)
+
+
+def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
+  _need(model, ("samclip",), "semantic_segmentation")
+  items, names = semantic_items(config, workdir)
+  items = _limit(items, config)
+  sc = model.samclip
+  cm = metrics.ConfusionMatrix(len(names), config.data.ignore_index)
+  progress = Progress("semantic_segmentation", len(items))
+  if config.mode == "clip":
+    classifier = replicate(sc.text_classifier(names, config.templates), mesh)
+    sc.params = replicate(sc.params, mesh)
+    scale = sc.logit_scale
+
+    @jax.jit
+    def patch_logits(p, x):
+      patch = sc.module.apply({"params": p}, api.normalize_sam(x), method=api.SamClipNet.clip_features)[1]
+      patch = patch / jnp.linalg.norm(patch, axis=-1, keepdims=True)
+      return scale * jnp.einsum("bhwd,cd->bchw", patch, classifier, precision="highest")
+
+    def load_fn(item):
+      img = api.load_image(item[0])
+      return api.resize_square(img, config.resolution), _load_label(item[1]), img.shape[:2]
+
+    gb = global_batch_size(config.batch_size, mesh)
+    for chunk, loaded in prefetched_batches(items, load_fn, gb, config.num_workers):
+      logits = np.asarray(patch_logits(sc.params, shard_batch(pad_batch(np.stack([l[0] for l in loaded]), gb), mesh)))
+      for b, (_, gt, hw) in enumerate(loaded):
+        _check_label(gt, hw, chunk[b][1])
+        cm.update(np.argmax(api.resize_bilinear(logits[b], hw), axis=0), gt)
+      progress.update(len(chunk))
+  elif config.mode == "clip+sam":
+    # Prompts depend on each image's CLIP output: one image at a time (the jitted parts
+    # have fixed shapes, so they compile once).
+    def load_fn(item):
+      return api.load_image(item[0]), _load_label(item[1])
+    for chunk, loaded in prefetched_batches(items, load_fn, 1, config.num_workers):
+      img, gt = loaded[0]
+      _check_label(gt, img.shape[:2], chunk[0][1])
+      pred, _ = sc.segment_clip_sam(img, names, config.templates, config.threshold,
+                                    config.points_per_class, config.prompt_grid or None)
+      cm.update(pred, gt)
+      progress.update(1)
+  else:
+    raise ValueError(f"mode must be 'clip' or 'clip+sam', got {config.mode!r}")
+  res = cm.compute()
+  out = {"mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"], "mode": config.mode,
+         "per_class_IoU": dict(zip(names, res["per_class_IoU"]))}
+  return out, len(items)
+
+
+def _check_label(gt, hw, path):
+  if gt.shape != tuple(hw):
+    raise ValueError(f"{path}: label map {gt.shape} does not match its image {tuple(hw)}")
+
+
+RUNNERS = {"classification": run_classification, "retrieval": run_retrieval,
+           "instance_segmentation": run_instance_segmentation,
+           "semantic_segmentation": run_semantic_segmentation}
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(result: dict) -> str:
+  lines = [f"### {result['task']}: {result['model_type']} `{result['model']}` ({result['num_images']} images)",
+           "", "| metric | value |", "|---|---|"]
+  for k, v in result["metrics"].items():
+    if isinstance(v, dict):
+      continue
+    lines.append(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str):
+  d = os.path.dirname(path)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Runs config.task; writes WORKDIR/<task>.json and .md; returns the result dict."""
+  if config.task not in RUNNERS:
+    raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
+  os.makedirs(workdir, exist_ok=True)
+  mesh = data_mesh()
+  t0 = time.time()
+  model = load(config)
+  metrics_, n = RUNNERS[config.task](config, workdir, model, mesh)
+  result = {"task": config.task, "model": model.path, "model_type": model.kind, "num_images": n,
+            "metrics": metrics_, "seconds": round(time.time() - t0, 2),
+            "devices": mesh.devices.size, "config": config.to_dict()}
+  _write_atomic(os.path.join(workdir, f"{config.task}.json"), json.dumps(result, indent=2, default=str))
+  md = markdown(result)
+  _write_atomic(os.path.join(workdir, f"{config.task}.md"), md)
+  print(md, flush=True)
+  return result
+
+
+def main(argv):
+  from absl import flags
+  del argv
+  evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "evaluation config (configs/eval/TASK.py[:local])",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "directory for TASK.json / TASK.md (and the sample)")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,338 @@
+"""SAM's ViT-Det image encoder (segment_anything/modeling/image_encoder.py) in Flax linen.
+
+Parameter names mirror the PyTorch module (`blocks_3/attn/qkv/kernel`, `neck_1/weight`) so
+the converter's table reads like a rename. Any input size that is a multiple of the patch
+size works: the absolute position embedding is resampled bicubically to the token grid (as
+detectron2's ViTDet `get_abs_pos`) and relative-position tables linearly (as SAM's
+`get_rel_pos`), both with PyTorch's exact `F.interpolate` weights.
+"""
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samclip_jax.sharding import (CONV_IN, CONV_OUT, EMBED, HEADS, MLP, NONE, NORM, POS,
+                                  param_with_axes)
+
+Dtype = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# Size variants exactly as segment_anything/build_sam.py builds them.
+_VARIANTS = {
+  "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+  "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+  "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+  """Hyper-parameters of ImageEncoderViT; defaults are SAM ViT-B."""
+  img_size: int = 1024
+  patch_size: int = 16
+  in_chans: int = 3
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  out_chans: int = 256
+  window_size: int = 14
+  global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+  use_rel_pos: bool = True
+  use_abs_pos: bool = True
+  qkv_bias: bool = True
+
+  def __post_init__(self):
+    # JSON round trips give lists; keep the dataclass hashable.
+    object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+    if self.img_size % self.patch_size:
+      raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+  @classmethod
+  def from_name(cls, name: str, **overrides) -> "ImageEncoderConfig":
+    """"vit_b" | "vit_l" | "vit_h", as Meta's build_sam.py."""
+    if name not in _VARIANTS:
+      raise ValueError(f"unknown SAM encoder {name!r}; expected one of {sorted(_VARIANTS)}")
+    return cls(**{**_VARIANTS[name], **overrides})
+
+  @property
+  def grid_size(self) -> int:
+    """Token grid side at img_size (the stored size of pos_embed)."""
+    return self.img_size // self.patch_size
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["global_attn_indexes"] = list(self.global_attn_indexes)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ImageEncoderConfig":
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown ImageEncoderConfig keys: {sorted(unknown)}")
+    return cls(**d)
+
+
+# ---------------------------------------------------------------- resampling (PyTorch exact)
+def _source_index(in_size, out_size):
+  """Output indices and their source coordinates, in float32 as ATen computes them."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  dst = np.arange(out_size)
+  src = scale * (dst.astype(np.float32) + np.float32(0.5)) - np.float32(0.5)
+  return dst, src.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] weights of torch F.interpolate(mode="linear", align_corners=False)."""
+  dst, src = _source_index(in_size, out_size)
+  src = np.maximum(src, np.float32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  l1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+  m = np.zeros((out_size, in_size), np.float32)
+  np.add.at(m, (dst, i0), np.float32(1) - l1)
+  np.add.at(m, (dst, i1), l1)
+  return m
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] weights of torch F.interpolate(mode="bicubic", align_corners=False), A=-0.75."""
+  a = np.float32(-0.75)
+  dst, src = _source_index(in_size, out_size)  # cubic: no clamp at 0, indices are clamped
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  t = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  one = np.float32(1)
+  coeffs = np.stack([far(t + one), near(t), near(one - t), far(one - t + one)], axis=1)
+  m = np.zeros((out_size, in_size), np.float32)
+  for j in range(4):
+    np.add.at(m, (dst, np.clip(i0 - 1 + j, 0, in_size - 1)), coeffs[:, j])
+  return m
+
+
+def resize_abs_pos(pos_embed: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """Bicubic resample of a [1, gh, gw, C] position table to [1, h, w, C] (ViTDet get_abs_pos)."""
+  gh, gw = pos_embed.shape[1:3]
+  h, w = hw
+  if (gh, gw) == (h, w):
+    return pos_embed
+  mh = jnp.asarray(bicubic_resize_matrix(gh, h), pos_embed.dtype)
+  mw = jnp.asarray(bicubic_resize_matrix(gw, w), pos_embed.dtype)
+  pos = jnp.einsum("yi,bijc->byjc", mh, pos_embed, precision=_HIGHEST)
+  return jnp.einsum("xj,byjc->byxc", mw, pos, precision=_HIGHEST)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+  """Relative-position embeddings [q_size, k_size, C] from a table [L, C] (SAM get_rel_pos)."""
+  max_rel_dist = int(2 * max(q_size, k_size) - 1)
+  if rel_pos.shape[0] != max_rel_dist:
+    m = jnp.asarray(linear_resize_matrix(rel_pos.shape[0], max_rel_dist), rel_pos.dtype)
+    rel_pos = jnp.dot(m, rel_pos, precision=_HIGHEST)
+  # Static indices: shorter side's coordinates are scaled when q and k sizes differ.
+  q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+  k_coords = np.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+  rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+  return rel_pos[rel.astype(np.int64)]
+
+
+# ---------------------------------------------------------------- windows
+def window_partition(x: jax.Array, window_size: int) -> tuple[jax.Array, tuple[int, int]]:
+  """[B, H, W, C] -> ([B * nW, ws, ws, C], (Hp, Wp)), zero padding bottom/right."""
+  b, h, w, c = x.shape
+  pad_h = (window_size - h % window_size) % window_size
+  pad_w = (window_size - w % window_size) % window_size
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+  return x, (hp, wp)
+
+
+def window_unpartition(windows: jax.Array, window_size: int, pad_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> jax.Array:
+  """Inverse of window_partition: [B * nW, ws, ws, C] -> [B, H, W, C], padding dropped."""
+  hp, wp = pad_hw
+  h, w = hw
+  b = windows.shape[0] // ((hp // window_size) * (wp // window_size))
+  x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+  return x[:, :h, :w, :]
+
+
+# ---------------------------------------------------------------- modules
+_dense_init = nn.initializers.lecun_normal()
+_zeros = nn.initializers.zeros
+_ones = nn.initializers.ones
+
+
+def _dense(features, axes, dtype, name, use_bias=True):
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=param_with_axes(_dense_init, *axes),
+                  bias_init=param_with_axes(_zeros, axes[-1]))
+
+
+def _layer_norm(dtype, name):
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name,
+                      scale_init=param_with_axes(_ones, NORM),
+                      bias_init=param_with_axes(_zeros, NORM))
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch projection: [B, H, W, 3] -> [B, H/p, W/p, D]."""
+  patch_size: int = 16
+  embed_dim: int = 768
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    return nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                   kernel_init=param_with_axes(_dense_init, NONE, NONE, CONV_IN, CONV_OUT),
+                   bias_init=param_with_axes(_zeros, CONV_OUT), name="proj")(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention over a [B, H, W, C] grid with decomposed relative position bias."""
+  dim: int
+  num_heads: int = 8
+  qkv_bias: bool = True
+  use_rel_pos: bool = False
+  input_size: tuple[int, int] | None = None  # sizes the rel-pos tables; runtime H, W may differ
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, _ = x.shape
+    n, heads = h * w, self.num_heads
+    head_dim = self.dim // heads
+    qkv = _dense(3 * self.dim, (EMBED, HEADS), self.dtype, "qkv", self.qkv_bias)(x)
+    # Torch layout of the fused output: (3, heads, head_dim).
+    qkv = qkv.reshape(b, n, 3, heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
+    if self.use_rel_pos:
+      if self.input_size is None:
+        raise ValueError("Attention with use_rel_pos needs input_size")
+      rel_pos_h = self.param("rel_pos_h", param_with_axes(_zeros, POS, NONE),
+                             (2 * self.input_size[0] - 1, head_dim))
+      rel_pos_w = self.param("rel_pos_w", param_with_axes(_zeros, POS, NONE),
+                             (2 * self.input_size[1] - 1, head_dim))
+      rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)
+      rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)
+      qg = q.reshape(b, h, w, heads, head_dim)  # bias uses the unscaled q, as in SAM
+      rel_h = jnp.einsum("byxhc,ykc->bhyxk", qg, rh)
+      rel_w = jnp.einsum("byxhc,xkc->bhyxk", qg, rw)
+      logits = logits.reshape(b, heads, h, w, h, w)
+      logits = logits + rel_h[..., :, None] + rel_w[..., None, :]
+      logits = logits.reshape(b, heads, n, n)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, self.dim)
+    return _dense(self.dim, (HEADS, EMBED), self.dtype, "proj")(out)
+
+
+class MLPBlock(nn.Module):
+  """lin1 -> exact GELU -> lin2."""
+  embedding_dim: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = _dense(self.mlp_dim, (EMBED, MLP), self.dtype, "lin1")(x)
+    x = nn.gelu(x, approximate=False)
+    return _dense(self.embedding_dim, (MLP, EMBED), self.dtype, "lin2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; window attention when window_size > 0, else global."""
+  dim: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  use_rel_pos: bool = False
+  window_size: int = 0
+  input_size: tuple[int, int] | None = None  # token grid the global rel-pos tables are sized for
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shortcut = x
+    x = _layer_norm(self.dtype, "norm1")(x)
+    ws = self.window_size
+    if ws > 0:
+      hw = x.shape[1:3]
+      x, pad_hw = window_partition(x, ws)
+    x = Attention(self.dim, self.num_heads, self.qkv_bias, self.use_rel_pos,
+                  self.input_size if ws == 0 else (ws, ws), self.dtype, name="attn")(x)
+    if ws > 0:
+      x = window_unpartition(x, ws, pad_hw, hw)
+    x = shortcut + x
+    y = _layer_norm(self.dtype, "norm2")(x)
+    return x + MLPBlock(self.dim, int(self.dim * self.mlp_ratio), self.dtype, name="mlp")(y)
+
+
+class LayerNorm2d(nn.Module):
+  """Channel LayerNorm of NHWC maps (eps 1e-6); params keep torch's names weight/bias."""
+  num_channels: int
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", param_with_axes(_ones, NORM), (self.num_channels,))
+    bias = self.param("bias", param_with_axes(_zeros, NORM), (self.num_channels,))
+    x32 = x.astype(jnp.float32)
+    u = x32.mean(-1, keepdims=True)
+    s = jnp.square(x32 - u).mean(-1, keepdims=True)
+    y = (x32 - u) * jax.lax.rsqrt(s + self.eps)
+    return (weight * y + bias).astype(self.dtype)
+
+
+class ImageEncoderViT(nn.Module):
+  """SAM image encoder: x [B, H, W, 3] -> (embeddings [B, H/p, W/p, out_chans], aux)."""
+  config: ImageEncoderConfig
+  dtype: Dtype = jnp.float32  # compute dtype; params stay float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    if x.shape[1] % c.patch_size or x.shape[2] % c.patch_size:
+      raise ValueError(f"input {x.shape[1:3]} is not a multiple of patch_size {c.patch_size}")
+    x = PatchEmbed(c.patch_size, c.embed_dim, self.dtype, name="patch_embed")(x.astype(self.dtype))
+    if c.use_abs_pos:
+      g = c.grid_size
+      pos_embed = self.param("pos_embed", param_with_axes(_zeros, NONE, POS, NONE, EMBED),
+                             (1, g, g, c.embed_dim))
+      x = x + resize_abs_pos(pos_embed, x.shape[1:3]).astype(self.dtype)
+    block = nn.remat(Block) if self.remat else Block
+    aux = {}
+    for i in range(c.depth):
+      x = block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos,
+                0 if i in c.global_attn_indexes else c.window_size,
+                (c.grid_size, c.grid_size), self.dtype, name=f"blocks_{i}")(x)
+      aux[f"block_{i}"] = x
+    aux["tokens"] = x
+    conv_axes = (NONE, NONE, CONV_IN, CONV_OUT)
+    x = nn.Conv(c.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0",
+                kernel_init=param_with_axes(_dense_init, *conv_axes))(x)
+    x = LayerNorm2d(c.out_chans, dtype=self.dtype, name="neck_1")(x)
+    x = nn.Conv(c.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                name="neck_2", kernel_init=param_with_axes(_dense_init, *conv_axes))(x)
+    x = LayerNorm2d(c.out_chans, dtype=self.dtype, name="neck_3")(x)
+    return x, aux

@@ -1,0 +1,180 @@
+"""grain pipelines: batch shapes, prompts inside masks, box jitter, sharding, exact resume."""
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from samclip_jax.data import pipeline, prompts, records, sample, transforms
+
+SMALL = dict(num_clip_train=20, num_clip_val=4, num_sam_train=12, num_sam_val=4)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+  return sample.ensure_sample(str(tmp_path_factory.mktemp("p") / "sample"), **SMALL)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_clip_batches(paths):
+  loader = pipeline.clip_loader(paths["clip_train"], batch_size=4, seed=7)
+  batches = _take(iter(loader), 8)
+  sizes = set()
+  for b in batches:
+    assert set(b) == {"image"}
+    assert b["image"].dtype == np.uint8 and b["image"].shape[0] == 4
+    r = b["image"].shape[1]
+    assert b["image"].shape == (4, r, r, 3) and r in (224, 448)
+    sizes.add(r)
+  assert sizes == {224, 448}
+  _assert_same(batches, _take(iter(pipeline.clip_loader(paths["clip_train"], batch_size=4, seed=7)), 8))
+  other = next(iter(pipeline.clip_loader(paths["clip_train"], batch_size=4, seed=8)))
+  assert not np.array_equal(other["image"], batches[0]["image"])
+
+
+def test_clip_view_matches_record(paths):
+  # One resolution, no shuffle: the batch is the rendered crop of the record at "index".
+  loader = pipeline.clip_loader(paths["clip_val"], batch_size=2, seed=1, resolutions=(224,),
+                                shuffle=False, num_epochs=1, return_index=True)
+  recs = records.read_all(paths["clip_val"])
+  b = next(iter(loader))
+  np.testing.assert_array_equal(b["index"], [0, 1])
+  img = transforms.decode_image(recs[0]["image"])
+  # Record 0 draws from Philox(seed + 0), as grain's IndexSampler hands it out.
+  rng = np.random.Generator(np.random.Philox(key=1))
+  box, flip = transforms.sample_view(rng, *img.shape[:2])
+  np.testing.assert_array_equal(b["image"][0], transforms.render_view(img, box, flip, 224))
+  x0, y0, cw, ch = box
+  assert 0.4 * img.size / 3 * 0.9 <= cw * ch <= img.shape[0] * img.shape[1]
+
+
+def test_sam_batches(paths):
+  K, P = 6, 4
+  loader = pipeline.sam_loader(paths["sam_train"], batch_size=3, masks_per_image=K,
+                               points_per_prompt=P, seed=0, return_index=True)
+  recs = records.read_all(paths["sam_train"])
+  for b in _take(iter(loader), 4):
+    assert b["image"].shape == (3, 1024, 1024, 3) and b["image"].dtype == np.uint8
+    assert b["point_coords"].shape == (3, K, P, 2) and b["point_coords"].dtype == np.float32
+    assert b["point_labels"].shape == (3, K, P) and b["point_labels"].dtype == np.int32
+    assert b["prompt_valid"].shape == (3, K) and b["prompt_valid"].dtype == bool
+    for i, idx in enumerate(b["index"]):
+      rec = recs[idx]
+      nh, nw = b["image_size"][i]
+      assert max(nh, nw) == 1024
+      assert (b["image"][i, nh:] == 0).all() and (b["image"][i, :, nw:] == 0).all()
+      assert b["prompt_valid"][i].sum() == min(K, len(rec["masks"]))
+      lab = b["point_labels"][i][~b["prompt_valid"][i]]
+      assert (lab == -1).all()
+
+
+def test_prompts_inside_masks_and_box_jitter(paths):
+  recs = records.read_all(paths["sam_train"])
+  rng = np.random.default_rng(0)
+  box_err, n_points, n_neg = [], 0, 0
+  for rec in recs:
+    h, w = rec["height"], rec["width"]
+    nh, nw = transforms.preprocess_shape(h, w, 1024)
+    full = [prompts.full_resized_mask(records.decode_mask(m), nh, nw) for m in rec["masks"]]
+    for _ in range(4):
+      coords, labels, valid, idx = prompts.sample_prompts(rng, rec["masks"], (h, w), (nh, nw), 8, 3)
+      assert valid.sum() == min(8, len(rec["masks"]))
+      assert len(set(idx[valid].tolist())) == valid.sum()  # distinct masks
+      for k in np.nonzero(valid)[0]:
+        m = full[idx[k]]
+        lab = labels[k]
+        assert lab[0] in (1, 2)
+        if lab[0] == 1:
+          xy = coords[k][lab == 1].astype(int)
+          assert m[xy[:, 1], xy[:, 0]].all()
+          n_points += len(xy)
+          for x, y in coords[k][lab == 0].astype(int):
+            assert not m[y, x] and 0 <= x < nw and 0 <= y < nh
+            n_neg += 1
+        else:
+          assert list(lab) == [2, 3, -1]
+          ys, xs = np.nonzero(m)
+          tight = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+          box = np.concatenate([coords[k][0], coords[k][1]])
+          side = np.array([xs.max() - xs.min() + 1, ys.max() - ys.min() + 1] * 2, np.float32)
+          err = box - tight
+          clipped = (box == 0) | (box[[0, 1, 0, 1]] == [nw - 1, nh - 1, nw - 1, nh - 1])
+          assert (np.abs(err) <= np.minimum(20, 6 * 0.1 * side) + 1e-3).all()
+          assert box[0] <= box[2] and box[1] <= box[3]
+          box_err.extend((err / side)[~clipped & (side * 0.1 < 20)].tolist())
+  assert n_points > 20 and n_neg > 0
+  # Jitter is noise of std 10% of the side: check the spread, loosely.
+  assert len(box_err) > 20 and 0.05 < np.std(box_err) < 0.15
+
+
+def test_sharding_partitions_data(paths):
+  n = SMALL["num_clip_train"]
+  seen = []
+  for shard in range(2):
+    loader = pipeline.clip_loader(paths["clip_train"], batch_size=1, seed=3, resolutions=(224,),
+                                  shard_index=shard, shard_count=2, num_epochs=1,
+                                  return_index=True)
+    seen.append(sorted(int(b["index"][0]) for b in loader))
+  assert len(seen[0]) == len(seen[1]) == n // 2
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == list(range(n))
+
+
+def test_epochs_and_repeat(paths):
+  one = [int(i) for b in pipeline.clip_loader(paths["clip_val"], batch_size=1, seed=0,
+                                               num_epochs=1, return_index=True) for i in b["index"]]
+  assert sorted(one) == list(range(SMALL["num_clip_val"]))
+  it = iter(pipeline.clip_loader(paths["clip_val"], batch_size=3, seed=0, resolutions=(224,)))
+  assert len(_take(it, 5)) == 5  # num_epochs=None repeats forever
+
+
+def test_state_roundtrip(paths):
+  loader = pipeline.sam_loader(paths["sam_train"], batch_size=2, masks_per_image=4,
+                               points_per_prompt=3, seed=5)
+  it = iter(loader)
+  _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 3)
+  fresh = iter(loader)
+  fresh.set_state(state)
+  _assert_same(_take(fresh, 3), expected)
+
+
+def test_orbax_composite_roundtrip(paths, tmp_path):
+  def make():
+    return pipeline.clip_loader(paths["clip_train"], batch_size=3, seed=11)
+  it = iter(make())
+  _take(it, 2)
+  state = {"step": np.array(2, np.int32), "w": np.arange(4.0)}
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
+    mgr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        data=pipeline.save_args(it)))
+    mgr.wait_until_finished()
+  expected = _take(it, 4)
+  fresh = iter(make())
+  with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mgr:
+    out = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), data=pipeline.restore_args(fresh)))
+  np.testing.assert_array_equal(out["state"]["w"], state["w"])
+  _assert_same(_take(fresh, 4), expected)
+
+
+def test_multiprocess_workers_and_resume(paths):
+  loader = pipeline.clip_loader(paths["clip_train"], batch_size=2, seed=2, worker_count=2)
+  it = iter(loader)
+  first = _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 3)
+  fresh = iter(loader)
+  fresh.set_state(state)
+  _assert_same(_take(fresh, 3), expected)
+  assert all(b["image"].shape[0] == 2 for b in first)

@@ -1,0 +1,251 @@
+"""Dataset preparation: every source, every bad-input path, kill-and-rerun resume."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samclip_jax.data import pipeline, prepare, records
+
+
+def _img(h=48, w=64, fmt="JPEG", seed=0):
+  rng = np.random.default_rng(seed)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _rle(mask):
+  from pycocotools import mask as mask_utils
+  return records.rle_to_json(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
+
+
+def _write(path, data):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data if isinstance(data, bytes) else data.encode())
+
+
+def _quiet(*_):
+  pass
+
+
+def _reasons(manifest):
+  return {s["item"]: s["reason"] for s in manifest["skipped"]}
+
+
+def _all_records(out):
+  recs = []
+  for split in ("train", "val"):
+    p = os.path.join(out, split + ".json")
+    if os.path.exists(p):
+      recs += records.read_all(p)
+  return recs
+
+
+def test_folder_bad_inputs(tmp_path):
+  src = tmp_path / "in"
+  _write(str(src / "a.jpg"), _img(seed=1))
+  _write(str(src / "b.png"), _img(fmt="PNG", seed=2))
+  _write(str(src / "b.txt"), "a caption for b")
+  _write(str(src / "c.webp"), _img(fmt="WEBP", seed=3))
+  _write(str(src / "corrupt.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg")
+  _write(str(src / "trunc.png"), _img(fmt="PNG", seed=4)[:300])
+  _write(str(src / "notes.xyz"), b"hello")
+  out = str(tmp_path / "out")
+  m = prepare.prepare("folder", str(src), out, shard_size=2, val_fraction=0.0, log=_quiet)
+  assert m["splits"]["train"]["records"] == 3 and m["splits"]["train"]["inputs"] == 6
+  r = _reasons(m)
+  assert set(r) == {"corrupt.jpg", "trunc.png", "notes.xyz"}
+  assert r["corrupt.jpg"].startswith("corrupt image")
+  assert r["trunc.png"].startswith("corrupt image")
+  assert r["notes.xyz"].startswith("unsupported file type .xyz")
+  assert m["num_skipped_inputs"] == 3
+  recs = {x["key"]: x for x in _all_records(out)}
+  assert set(recs) == {"a.jpg", "b.png", "c.webp"}
+  assert recs["b.png"]["caption"] == "a caption for b"
+  assert Image.open(io.BytesIO(recs["c.webp"]["image"])).format == "PNG"  # re-encoded
+  assert (recs["a.jpg"]["height"], recs["a.jpg"]["width"]) == (48, 64)
+  # The output feeds the CLIP loader directly.
+  b = next(iter(pipeline.clip_loader(os.path.join(out, "train.json"), batch_size=2, seed=0,
+                                     resolutions=(224,))))
+  assert b["image"].shape == (2, 224, 224, 3)
+
+
+def test_folder_class_labels(tmp_path):
+  for cls, n in (("cat", 2), ("dog", 1)):
+    for i in range(n):
+      _write(str(tmp_path / "in" / cls / f"{i}.jpg"), _img(seed=i))
+  m = prepare.prepare("folder", str(tmp_path / "in"), str(tmp_path / "out"), val_fraction=0.0,
+                      log=_quiet)
+  assert m["classes"] == ["cat", "dog"]
+  assert sorted((r["key"], r["label"]) for r in _all_records(str(tmp_path / "out"))) == [
+      ("cat/0.jpg", 0), ("cat/1.jpg", 0), ("dog/0.jpg", 1)]
+
+
+def _coco_fixture(tmp_path):
+  h, w = 40, 50
+  mask = np.zeros((h, w), bool)
+  mask[5:20, 10:30] = True
+  imgs = tmp_path / "images"
+  for name in ("1.jpg", "2.jpg", "4.jpg"):
+    _write(str(imgs / name), _img(h, w, seed=len(name)))
+  _write(str(imgs / "4.jpg"), b"garbage")
+  coco = {
+      "images": [{"id": 1, "file_name": "1.jpg", "height": h, "width": w},
+                 {"id": 2, "file_name": "2.jpg", "height": h, "width": w},
+                 {"id": 3, "file_name": "missing.jpg", "height": h, "width": w},
+                 {"id": 4, "file_name": "4.jpg", "height": h, "width": w}],
+      "annotations": [
+          {"id": 10, "image_id": 1, "category_id": 1, "segmentation": [[10, 5, 30, 5, 30, 20, 10, 20]]},
+          {"id": 11, "image_id": 1, "category_id": 2, "segmentation": _rle(mask)},
+          {"id": 12, "image_id": 1, "category_id": 2, "segmentation": _rle(np.zeros((10, 10), bool))},
+          {"id": 13, "image_id": 2, "category_id": 1, "segmentation": [[1, 2, 3]]},
+          {"id": 14, "image_id": 2, "category_id": 1},
+          {"id": 15, "image_id": 2, "category_id": 1, "segmentation": {"size": [h, w], "counts": "@@@#garbage"}},
+          {"id": 16, "image_id": 2, "category_id": 3, "iscrowd": 1, "segmentation": _rle(mask)},
+          {"id": 17, "image_id": 2, "category_id": 1,
+           "segmentation": {"size": [h, w], "counts": [100, 50, h * w - 150]}},
+      ],
+      "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}],
+  }
+  _write(str(tmp_path / "ann.json"), json.dumps(coco))
+  return str(imgs), str(tmp_path / "ann.json"), mask
+
+
+def test_coco_bad_inputs(tmp_path):
+  imgs, ann, mask = _coco_fixture(tmp_path)
+  out = str(tmp_path / "out")
+  m = prepare.prepare("coco", imgs, out, annotations=ann, val_fraction=0.0, log=_quiet)
+  r = _reasons(m)
+  assert r["3"].startswith("missing image")
+  assert r["4"].startswith("corrupt image")
+  assert r["1#ann12"].startswith("RLE size [10, 10] does not match")
+  assert r["2#ann13"].startswith("invalid polygon")
+  assert r["2#ann14"] == "annotation without segmentation"
+  assert r["2#ann15"].startswith("invalid RLE")
+  assert m["num_skipped_inputs"] == 2 and m["num_skipped_annotations"] == 4
+  recs = {x["key"]: x for x in _all_records(out)}
+  assert set(recs) == {"1", "2"}
+  assert recs["1"]["classes"] == [1, 2]
+  poly = records.decode_mask(recs["1"]["masks"][0])
+  assert abs(int(poly.sum()) - int(mask.sum())) < 60  # polygon rasterisation of the same box
+  np.testing.assert_array_equal(records.decode_mask(recs["1"]["masks"][1]), mask)
+  assert recs["2"]["classes"] == [1] and records.decode_mask(recs["2"]["masks"][0]).sum() == 50
+
+
+def test_coco_malformed_annotation_file(tmp_path):
+  _write(str(tmp_path / "ann.json"), "{not json")
+  with pytest.raises(SystemExit, match="cannot read COCO annotations"):
+    prepare.prepare("coco", str(tmp_path), str(tmp_path / "out"),
+                    annotations=str(tmp_path / "ann.json"), log=_quiet)
+
+
+def _sa1b_files(h=32, w=40):
+  mask = np.zeros((h, w), bool)
+  mask[3:9, 4:20] = True
+  good = {"image": {"image_id": 1, "height": h, "width": w, "file_name": "sa_1.jpg"},
+          "annotations": [{"id": 1, "segmentation": _rle(mask), "bbox": [4, 3, 16, 6], "area": 96},
+                          {"id": 2, "segmentation": _rle(np.ones((h + 1, w), bool))}]}
+  return {
+      "sa_1.jpg": _img(h, w), "sa_1.json": json.dumps(good).encode(),
+      "sa_2.jpg": _img(h, w, seed=2), "sa_2.json": b'{"image": {}, "annotations": [',
+      "sa_3.json": json.dumps(good).encode(),  # its image is missing
+      "sa_4.jpg": _img(h, w, seed=4)[:200], "sa_4.json": json.dumps(good).encode(),
+      "sa_5.jpg": _img(h, w, seed=5),  # no annotation file
+  }, mask
+
+
+def _check_sa1b(m, out, mask):
+  r = _reasons(m)
+  key = lambda s: [k for k in r if k.endswith(s)][0]  # noqa: E731
+  assert r[key("sa_2")].startswith("malformed annotation JSON")
+  assert r[key("sa_3")] == "missing image"
+  assert r[key("sa_4")].startswith("corrupt image")
+  assert r[key("sa_5")] == "missing annotation JSON"
+  assert r[key("sa_1#ann2")].startswith("RLE size [33, 40] does not match")
+  recs = _all_records(out)
+  assert [x["key"] for x in recs] == ["sa_1"]
+  assert len(recs[0]["masks"]) == 1
+  np.testing.assert_array_equal(records.decode_mask(recs[0]["masks"][0]), mask)
+
+
+def test_sa1b_folder_and_tar(tmp_path):
+  files, mask = _sa1b_files()
+  for name, data in files.items():
+    _write(str(tmp_path / "dir" / name), data)
+  m = prepare.prepare("sa1b", str(tmp_path / "dir"), str(tmp_path / "out1"), val_fraction=0.0,
+                      log=_quiet)
+  _check_sa1b(m, str(tmp_path / "out1"), mask)
+  with tarfile.open(str(tmp_path / "sa_000000.tar"), "w") as tf:
+    for name, data in sorted(files.items()):
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tf.addfile(info, io.BytesIO(data))
+  m = prepare.prepare("sa1b", str(tmp_path / "sa_000000.tar"), str(tmp_path / "out2"),
+                      val_fraction=0.0, log=_quiet)
+  _check_sa1b(m, str(tmp_path / "out2"), mask)
+  # SAM loader reads it.
+  b = next(iter(pipeline.sam_loader(os.path.join(str(tmp_path / "out2"), "train.json"),
+                                    batch_size=1, masks_per_image=2, points_per_prompt=2, seed=0)))
+  assert b["prompt_valid"][0].tolist() == [True, False]
+
+
+def test_wds_tars(tmp_path):
+  d = tmp_path / "shards"
+  os.makedirs(d)
+  samples = [
+      {"000.jpg": _img(seed=1), "000.txt": b"first caption"},
+      {"001.png": _img(fmt="PNG", seed=2), "001.json": json.dumps({"caption": "from json"}).encode()},
+      {"002.txt": b"caption without image"},
+      {"003.jpg": b"\xff\xd8 broken"},
+  ]
+  for t, group in enumerate((samples[:2], samples[2:])):
+    with tarfile.open(str(d / f"part-{t:03d}.tar"), "w") as tf:
+      for s in group:
+        for name, data in s.items():
+          info = tarfile.TarInfo(name)
+          info.size = len(data)
+          tf.addfile(info, io.BytesIO(data))
+  _write(str(d / "part-999.tar"), b"not a tar at all" * 100)
+  out = str(tmp_path / "out")
+  m = prepare.prepare("wds", str(d), out, val_fraction=0.0, log=_quiet)
+  r = _reasons(m)
+  assert r["part-001/002"].startswith("no supported image")
+  assert r["part-001/003"].startswith("corrupt image")
+  assert r["part-999/"].startswith("unreadable tar")
+  recs = {x["key"]: x for x in _all_records(out)}
+  assert recs["part-000/000"]["caption"] == "first caption"
+  assert recs["part-000/001"]["caption"] == "from json"
+  assert len(recs) == 2 and m["num_skipped_inputs"] == 3
+
+
+def test_kill_and_rerun_no_duplicates_or_losses(tmp_path):
+  src = tmp_path / "in"
+  for i in range(23):
+    _write(str(src / f"{i:03d}.jpg"), _img(16, 16, seed=i))
+  _write(str(src / "bad.jpg"), b"broken")
+  args = [sys.executable, "-m", "samclip_jax.data.prepare", "--source", "folder",
+          "--input", str(src), "--shard-size", "5", "--val-fraction", "0.2"]
+  ref = str(tmp_path / "ref")
+  subprocess.run(args + ["--output", ref], check=True, capture_output=True)
+  out = str(tmp_path / "out")
+  env = dict(os.environ, **{prepare.STOP_ENV: "2"})
+  # Killed after the 2nd shard file is in place but before it is committed.
+  killed = subprocess.run(args + ["--output", out], env=env, capture_output=True, text=True)
+  assert killed.returncode == 3, killed.stderr
+  assert len(os.listdir(os.path.join(out, "progress"))) == 1
+  rerun = subprocess.run(args + ["--output", out], capture_output=True, text=True, check=True)
+  assert "1 shards already done" in rerun.stdout
+  got, want = _all_records(out), _all_records(ref)
+  keys = [x["key"] for x in got]
+  assert len(keys) == len(set(keys)) == 23
+  assert sorted(keys) == sorted(x["key"] for x in want)
+  assert json.load(open(os.path.join(out, "manifest.json")))["skipped"] == \
+      json.load(open(os.path.join(ref, "manifest.json")))["skipped"]
+  assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
