@@ -7,7 +7,7 @@
 
 `arg` is a comma-separated list: one stage ("" / "distill" = stage 2, "probe" = stage 1,
 "resolution" = stage 3) and optionally "local" (tiny random teachers, the embedded sample,
-one CPU). Stages chain through `init_from`: stage 2 starts from stage 1's export, stage 3
+one CPU; "tiny" is smaller still, for tests). Stages chain through `init_from`: stage 2 starts from stage 1's export, stage 3
 from stage 2's. Steps are derived from the paper's epochs over Merged-41M where it says so.
 """
 import ml_collections
@@ -161,17 +161,43 @@ def _apply_local(c):
   c.model.clip_variant = "tiny"
 
 
+def _apply_tiny(c):
+  """Smaller still (64 px, 2 blocks of width 32): tests and CI smoke runs, seconds per step."""
+  c.total_steps = 8
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.eval_batches = 1
+  c.checkpoint_every_steps = 4
+  c.clip_batch_size = 8
+  c.sam_batch_size = 2 if c.stage == "distill" else 0
+  c.masks_per_image = 2
+  c.clip_resolutions = (64,)
+  c.clip_teacher_image_size = 64
+  c.sam_image_size = 64
+  c.learning_rate = 2e-3
+  c.warmup_steps = 1
+  c.model.tiny_embed_dim = 32
+  c.model.tiny_window_size = 2
+  c.model.tiny_prompt_embed_dim = 16
+  c.model.tiny_clip_width = 32
+  c.model.tiny_clip_layers = 1
+  c.model.tiny_clip_embed_dim = 16
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
-  unknown = set(parts) - set(STAGES) - {"local"}
+  unknown = set(parts) - set(STAGES) - {"local", "tiny"}
   if unknown:
-    raise ValueError(f"unknown config arg(s) {sorted(unknown)}; use a stage {STAGES} and/or 'local'")
+    raise ValueError(f"unknown config arg(s) {sorted(unknown)}; use a stage {STAGES} and/or "
+                     "'local' (or 'tiny': local, smaller still, for tests)")
   stages = [p for p in parts if p in STAGES]
   if len(stages) > 1:
     raise ValueError(f"pick one stage, got {stages}")
   c = _base()
   _apply_stage(c, stages[0] if stages else "distill")
-  if "local" in parts:
+  if "local" in parts or "tiny" in parts:
     _apply_local(c)
+  if "tiny" in parts:
+    _apply_tiny(c)
   c.lock()  # unknown keys (typos in --config.x=...) fail loudly
   return c

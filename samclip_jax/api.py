@@ -10,9 +10,12 @@
 
 The CLIP text encoder stays the frozen teacher's: a merged model directory carries it as a
 `text_model/` sub-directory (an open_clip model directory with its tokenizer), or names
-one in config.json under "text_model" (a path, relative to the model directory or absolute);
-`from_checkpoint(..., text_model=DIR)` overrides both.
+one in config.json under "text_model" or "clip_checkpoint" (train.py's export records the
+converted teacher there; a path relative to the model directory or absolute);
+`from_checkpoint(..., text_model=DIR)` overrides them.
 """
+import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -108,38 +111,99 @@ def _l2(x, axis=-1):
 
 
 # ----------------------------------------------------------------------------- locating checkpoints
-def find_model_dir(path: str) -> str:
-  """A merged model directory: `path` itself, or in a training workdir its newest export.
+WORKDIR_MODEL_CONFIG = "model_config.json"   # a training workdir's model description
 
-  Training workdirs (train.py) hold `export/` (the merged model directory written at the
-  end of a run) and `checkpoints/` (Orbax steps); `latest_workdir_params` reads the latter.
+
+def _latest_step(workdir: str) -> int | None:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return None
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def resolve_checkpoint(path: str) -> dict:
+  """Where a model's config and params live.
+
+  -> {"meta": config.json contents (model_type, sizes, teacher paths), "model_dir": a model
+  directory to load or None, "workdir_step": Orbax step to restore or None, "base": the
+  directory relative text-model paths start from}. A merged model directory is read as it
+  is. A training workdir (train.py) gives its latest Orbax checkpoint under checkpoints/
+  when it is newer than its export/ (the merged model written at the end of a run); the
+  model's sizes then come from export/config.json or WORKDIR/model_config.json.
   """
   if not os.path.exists(path):
     raise CheckpointNotFound(f"checkpoint not found: {path}")
   if os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
-    return path
+    return {"meta": checkpoint.load_config(path), "model_dir": path, "workdir_step": None, "base": path}
   export = os.path.join(path, "export")
-  if os.path.isfile(os.path.join(export, checkpoint.CONFIG_FILE)):
-    return export
-  raise CheckpointNotFound(
-      f"{path} is neither a model directory (no {checkpoint.CONFIG_FILE}) nor a training workdir "
-      f"with an export/ model directory")
+  has_export = os.path.isfile(os.path.join(export, checkpoint.CONFIG_FILE))
+  step = _latest_step(path)
+  if step is None and has_export:
+    return {"meta": checkpoint.load_config(export), "model_dir": export, "workdir_step": None, "base": export}
+  if step is None:
+    raise CheckpointNotFound(
+        f"{path} is neither a model directory (no {checkpoint.CONFIG_FILE}) nor a training workdir "
+        f"(no export/ model directory, no checkpoints/ steps)")
+  if has_export:
+    meta = checkpoint.load_config(export)
+    if int(meta.get("step", -1)) >= step:
+      return {"meta": meta, "model_dir": export, "workdir_step": None, "base": export}
+    return {"meta": meta, "model_dir": None, "workdir_step": step, "base": export}
+  cfg_path = os.path.join(path, WORKDIR_MODEL_CONFIG)
+  if not os.path.isfile(cfg_path):
+    raise CheckpointNotFound(
+        f"{path} has checkpoints (latest step {step}) but no model description: neither export/ "
+        f"nor {WORKDIR_MODEL_CONFIG} (SamClipConfig.to_dict() of the run)")
+  with open(cfg_path) as f:
+    meta = json.load(f)
+  meta.setdefault("model_type", MODEL_TYPE)
+  return {"meta": meta, "model_dir": None, "workdir_step": step, "base": path}
+
+
+def restore_workdir_params(workdir: str, step: int) -> dict:
+  """Student params (trainable + frozen merged) of a train.py Orbax step, on one device.
+
+  Reads only state.params / state.frozen (partial restore: no optimizer state in memory).
+  """
+  import orbax.checkpoint as ocp
+  from flax import traverse_util
+  item = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  meta = dict(ocp.StandardCheckpointer().metadata(item).item_metadata)
+  missing = {"params", "frozen"} - set(meta)
+  if missing:
+    raise CheckpointNotFound(f"{item}: not a train.py state (missing {sorted(missing)})")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                        {k: meta[k] for k in ("params", "frozen")})
+  restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  flat = dict(traverse_util.flatten_dict(restored["frozen"] or {}))
+  flat.update(traverse_util.flatten_dict(restored["params"]))
+  return traverse_util.unflatten_dict(flat)
 
 
 def model_type(path: str) -> str:
-  """model_type of a model directory (or of a training workdir's export)."""
-  return checkpoint.load_config(find_model_dir(path))["model_type"]
+  """model_type of a model directory or of a training workdir's model."""
+  return resolve_checkpoint(path)["meta"].get("model_type")
 
 
-def _text_model_path(model_dir: str, meta: dict) -> str | None:
-  sub = os.path.join(model_dir, TEXT_MODEL_DIR)
+def _text_model_path(base: str, meta: dict) -> str | None:
+  """The CLIP text tower of a merged model: text_model/ sub-directory, then config keys."""
+  sub = os.path.join(base, TEXT_MODEL_DIR)
   if os.path.isfile(os.path.join(sub, checkpoint.CONFIG_FILE)):
     return sub
-  ref = meta.get(TEXT_MODEL_KEY)
-  if ref:
-    ref = ref if os.path.isabs(ref) else os.path.normpath(os.path.join(model_dir, ref))
+  for key in (TEXT_MODEL_KEY, "clip_checkpoint"):   # clip_checkpoint: train.py's export
+    ref = meta.get(key)
+    if not ref:
+      continue
+    ref = ref if os.path.isabs(ref) else os.path.normpath(os.path.join(base, ref))
     if not os.path.isfile(os.path.join(ref, checkpoint.CONFIG_FILE)):
-      raise CheckpointNotFound(f"{model_dir}: config.json names text model {ref}, which is not a model directory")
+      raise CheckpointNotFound(f"{base}: config.json's {key} names {ref}, which is not a model directory")
     return ref
   return None
 
@@ -188,13 +252,18 @@ class SamClip:
     one the model directory carries or names (see the module docstring).
     """
     from samclip_jax.clip_model import ClipModel
-    model_dir = find_model_dir(path)
-    meta = checkpoint.load_config(model_dir)
+    where = resolve_checkpoint(path)
+    meta = where["meta"]
     if meta.get("model_type") != MODEL_TYPE:
-      raise ValueError(f"{model_dir} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
-    config, params = load_samclip(model_dir)
+      raise ValueError(f"{path} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
+    if where["model_dir"] is not None:
+      config, params = load_samclip(where["model_dir"])
+    else:
+      known = {f.name for f in dataclasses.fields(SamClipConfig)}
+      config = SamClipConfig.from_dict({k: v for k, v in meta.items() if k in known})
+      params = restore_workdir_params(path, where["workdir_step"])
     if text_model is None:
-      text_model = _text_model_path(model_dir, meta)
+      text_model = _text_model_path(where["base"], meta)
     if isinstance(text_model, str):
       text_model = ClipModel.from_checkpoint(text_model)
     return cls(config, params, text_model, dtype=dtype)
@@ -254,15 +323,16 @@ class SamClip:
 
   def segment_semantic(self, image, class_names: Sequence[str], mode: str = "clip",
                        templates="imagenet80", threshold: float = 0.5, points_per_class: int = 3,
-                       prompt_grid: int | None = 32, seed: int = 0) -> np.ndarray:
+                       prompt_grid: int | None = 32, seed: int = 0,
+                       resolution: int = CLIP_RESOLUTION) -> np.ndarray:
     """Label map [H,W] (int32 indices into class_names).
 
-    mode="clip": the image squashed to 448x448, 28x28 patch embeddings vs the class text
+    mode="clip": the image squashed to 448x448 (`resolution`), 28x28 patch embeddings vs the class text
     embeddings, logits upsampled bilinearly to the image, argmax.
     mode="clip+sam": see `segment_clip_sam` (1024 px, CLIP logits prompt the SAM head).
     """
     if mode == "clip":
-      return np.argmax(self.semantic_logits(image, class_names, templates), axis=0).astype(np.int32)
+      return np.argmax(self.semantic_logits(image, class_names, templates, resolution), axis=0).astype(np.int32)
     if mode == "clip+sam":
       return self.segment_clip_sam(image, class_names, templates, threshold, points_per_class,
                                    prompt_grid, seed)[0]
@@ -274,8 +344,9 @@ class SamClip:
     """CLIP+SAM composition (paper section 5): -> (label map [H,W], details).
 
     One 1024-px backbone pass feeds both heads. The CLIP head's per-patch class
-    probabilities (softmax over classes of logit_scale * cosine; 64x64 patches average-pooled
-    to `prompt_grid`^2, 32 as in the paper, None keeps 64) make, for each class, a mask
+    probabilities (softmax over classes of logit_scale * cosine; the 64x64 patches of a
+    1024 input average-pooled to `prompt_grid`^2, 32 as in the paper; None or a grid at
+    least the patch grid keeps the patches) make, for each class, a mask
     prompt (the probability map as logits log(p/(1-p)), bilinearly upsampled to SAM's 256x256
     mask-input frame) and up to `points_per_class` positive points drawn (seeded) among the
     cells with p > threshold inside the image. Classes without such a cell are not prompted.
@@ -284,7 +355,6 @@ class SamClip:
     Background rule: a pixel that no class's SAM mask covers (every logit <= 0) takes the
     CLIP head's own label there (so a "background" class, when listed, fills the rest).
     """
-    from samclip_jax.predictor import postprocess_masks
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]
     size = self.config.sam.image_size
@@ -294,9 +364,9 @@ class SamClip:
     grid = patch.shape[1]
     logits = self.logit_scale * jnp.einsum("hwd,cd->chw", patch[0], classifier, precision="highest")
     # CLIP-only labels at the image size, from the native grid (the fallback of the rule above).
-    clip_full = postprocess_masks(logits, size, (nh, nw), (h, w))
+    clip_full = upscale_low_res(np.asarray(logits), size, (nh, nw), (h, w))
     pooled = logits
-    if prompt_grid is not None and prompt_grid != grid:
+    if prompt_grid is not None and prompt_grid < grid:
       if grid % prompt_grid:
         raise ValueError(f"prompt_grid {prompt_grid} does not divide the {grid}x{grid} patch grid")
       f = grid // prompt_grid
@@ -325,13 +395,12 @@ class SamClip:
     mask_input = jax.image.resize(jnp.asarray(mask_logits), (num_classes, mh, mw), "bilinear")
     sp_coords, sp_labels = build_sparse_prompt(coords, labels)
     low = self._decode(self.params, emb, sp_coords[None], sp_labels[None], mask_input[None, ..., None])
-    low = jnp.where(jnp.asarray(prompted)[:, None, None], low[0, :, 0], NEG_LOGIT)
-    full = postprocess_masks(low, size, (nh, nw), (h, w))            # [C,H,W]
-    sam_label = jnp.argmax(full, axis=0)
-    covered = jnp.max(full, axis=0) > 0
-    label = jnp.where(covered, sam_label, jnp.argmax(clip_full, axis=0))
+    low = np.where(prompted[:, None, None], np.asarray(low[0, :, 0]), NEG_LOGIT)
+    full = upscale_low_res(low, size, (nh, nw), (h, w))               # [C,H,W]
+    covered = full.max(axis=0) > 0
+    label = np.where(covered, full.argmax(axis=0), clip_full.argmax(axis=0))
     details = {"prompted": prompted, "points": coords, "point_labels": labels,
-               "covered_fraction": float(jnp.mean(covered))}
+               "covered_fraction": float(covered.mean())}
     return np.asarray(label, np.int32), details
 
   def label_masks(self, image, masks: Sequence[np.ndarray], class_names: Sequence[str],
@@ -360,13 +429,15 @@ class SamClip:
 
 
 def _taps(in_size: int, out_size: int):
-  """Source indices / weights of a bilinear resize with half-pixel centres (F.interpolate,
-  align_corners=False; the same as jax.image.resize "bilinear" when upsampling)."""
-  src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  """Source indices / weights of torch's bilinear resize (align_corners=False), float32 as
+  torch computes them; the same as jax.image.resize "bilinear" when upsampling."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                   np.float32(0.0))
+  i0 = np.minimum(src.astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
-  w1 = (src - i0).astype(np.float32)
-  return i0, i1, 1.0 - w1, w1
+  w1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+  return i0, i1, np.float32(1.0) - w1, w1
 
 
 def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -376,3 +447,27 @@ def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   x = x[..., i0] * w0 + x[..., i1] * w1
   i0, i1, w0, w1 = _taps(x.shape[-2], out_hw[0])
   return x[..., i0, :] * w0[:, None] + x[..., i1, :] * w1[:, None]
+
+
+def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] matrix of a 1-D bilinear resize (torch's taps)."""
+  i0, i1, w0, w1 = _taps(in_size, out_size)
+  m = np.zeros((out_size, in_size), np.float32)
+  np.add.at(m, (np.arange(out_size), i0), w0)
+  np.add.at(m, (np.arange(out_size), i1), w1)
+  return m
+
+
+def upscale_low_res(low: np.ndarray, image_size: int, input_size: tuple[int, int],
+                    original_size: tuple[int, int]) -> np.ndarray:
+  """SAM's postprocess_masks on the host: low-res [..., h, w] -> [..., H, W] float32.
+
+  Upscale to the padded input, crop the image part, resize to the original size: per axis
+  one composed [out, low] matrix, so no padded 1024x1024 intermediate and no compile per
+  image size (agrees with samclip_jax.predictor.postprocess_masks to float rounding).
+  """
+  low = np.asarray(low, np.float32)
+  h, w = low.shape[-2:]
+  a_h = _resize_matrix(input_size[0], original_size[0]) @ _resize_matrix(h, image_size)[:input_size[0]]
+  a_w = _resize_matrix(input_size[1], original_size[1]) @ _resize_matrix(w, image_size)[:input_size[1]]
+  return np.matmul(a_h, np.matmul(low, a_w.T))

@@ -155,7 +155,7 @@ def uncrop_masks(masks: np.ndarray, crop_box: Sequence[int], orig_h: int, orig_w
 def mask_to_rle(masks: np.ndarray) -> list[dict[str, Any]]:
   """Boolean [B,H,W] -> uncompressed COCO RLEs (column-major runs, starting with zeros)."""
   b, h, w = masks.shape
-  flat = np.asarray(masks).transpose(0, 2, 1).reshape(b, -1)
+  flat = np.asarray(masks).transpose(0, 2, 1).reshape(b, h * w)
   out = []
   for m in flat:
     change = np.flatnonzero(m[1:] != m[:-1]) + 1

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from samclip_jax import api, checkpoint, metrics
+from samclip_jax import api, metrics
 
 TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segmentation")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -116,10 +116,15 @@ class Loaded:
 def load(config) -> Loaded:
   if not config.model:
     raise ValueError("set --config.model to a model directory or a training workdir")
-  model_dir = api.find_model_dir(config.model)
-  kind = checkpoint.load_config(model_dir).get("model_type")
+  where = api.resolve_checkpoint(config.model)
+  kind = where["meta"].get("model_type")
+  model_dir = where["model_dir"]
   if kind == "samclip":
-    return Loaded(kind, model_dir, samclip=api.SamClip.from_checkpoint(model_dir, text_model=config.text_model or None))
+    sc = api.SamClip.from_checkpoint(config.model, text_model=config.text_model or None)
+    path = model_dir or f"{config.model} (step {where['workdir_step']})"
+    return Loaded(kind, path, samclip=sc)
+  if model_dir is None:
+    raise ValueError(f"{config.model}: a {kind!r} model must be a model directory")
   if kind == "open_clip":
     from samclip_jax.clip_model import ClipModel
     return Loaded(kind, model_dir, clip=ClipModel.from_checkpoint(model_dir))
@@ -295,7 +300,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   import io
   from pycocotools.coco import COCO
   from samclip_jax.models.sam import Sam, build_sparse_prompt
-  from samclip_jax.predictor import apply_coords, get_preprocess_shape, postprocess_masks
+  from samclip_jax.predictor import apply_coords, get_preprocess_shape
   _need(model, ("samclip", "sam"), "instance_segmentation")
   sample, _ = _sample(config, workdir)
   image_dir, ann_file = config.data.image_dir, config.data.annotations
@@ -349,7 +354,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     low, iou = np.asarray(low), np.asarray(iou)
     for b, (image_id, (_, input_size, orig)) in enumerate(zip(chunk, loaded)):
       n = len(prompts[image_id])
-      masks = np.asarray(postprocess_masks(jnp.asarray(low[b, :n]), size, input_size, orig) > 0)
+      masks = api.upscale_low_res(low[b, :n], size, input_size, orig) > 0
       for j, (_, cat, score) in enumerate(prompts[image_id]):
         preds.append({"image_id": image_id, "category_id": cat, "segmentation": metrics.encode_mask(masks[j]),
                       "score": float(iou[b, j]) if score is None else score})

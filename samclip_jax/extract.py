@@ -34,11 +34,13 @@ FLAGS = flags.FLAGS
 KILL_ENV = "SAMCLIP_EXTRACT_KILL_AFTER_SHARDS"
 
 
-def build_teacher(config):
-  """(ClipConfig, params, description): a converted checkpoint or a seeded random teacher."""
+def teacher_config(config):
+  """(ClipConfig, description) of the teacher, without loading or creating weights."""
   if config.clip_checkpoint:
-    cfg, params = clip_lib.load_clip(config.clip_checkpoint)
-    return cfg, params, {"checkpoint": os.path.abspath(config.clip_checkpoint)}
+    from samclip_jax import checkpoint
+    meta = checkpoint.load_config(config.clip_checkpoint)
+    return (clip_lib.ClipConfig.from_dict(meta["config"]),
+            {"checkpoint": os.path.abspath(config.clip_checkpoint)})
   m = config.model
   if m.clip_variant == "tiny":
     cfg = clip_lib.ClipConfig(
@@ -49,14 +51,25 @@ def build_teacher(config):
         text=clip_lib.TextConfig(width=m.tiny_clip_width, heads=2, layers=1))
   else:
     cfg = clip_lib.ClipConfig.from_name(m.clip_variant)
-  variables = jax.jit(functools.partial(clip_lib.init_variables, cfg))(jax.random.PRNGKey(config.seed))
-  params = jax.tree.map(np.asarray, flax_unbox(variables)["params"])
-  return cfg, params, {"checkpoint": "", "random_variant": m.clip_variant, "seed": config.seed}
+  return cfg, {"checkpoint": "", "random_variant": m.clip_variant, "seed": int(config.seed)}
 
 
-def flax_unbox(tree):
+def teacher_params(config, clip_cfg):
+  """Teacher weights: the converted checkpoint, or a seeded random image tower."""
+  if config.clip_checkpoint:
+    return clip_lib.load_clip(config.clip_checkpoint)[1]
   import flax.linen as nn
-  return nn.unbox(tree)
+  h, w = clip_cfg.vision.image_hw
+  # Only the image tower runs here: initialising through encode_image skips the text tower.
+  init = functools.partial(clip_lib.CLIP(clip_cfg).init, method=clip_lib.CLIP.encode_image)
+  variables = jax.jit(init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, h, w, 3), jnp.float32))
+  return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+
+
+def build_teacher(config):
+  """(ClipConfig, params, description) of the teacher the config names."""
+  clip_cfg, info = teacher_config(config)
+  return clip_cfg, teacher_params(config, clip_cfg), info
 
 
 def teacher_forward(clip_config, teacher_image_size: int, dtype=jnp.float32):
@@ -84,11 +97,15 @@ def view_of(seed: int, key: int, v: int, h: int, w: int, resolutions):
 
 def _render_record(source, key, seed, n_views, resolutions):
   rec = records.decode(source[key])
-  img = transforms.decode_image(rec["image"])
+  data = rec["image"]
+  if "height" in rec and "width" in rec:
+    h, w = int(rec["height"]), int(rec["width"])
+  else:
+    h, w = transforms.image_size(data)
   out = []
   for v in range(n_views):
-    box, flip, r = view_of(seed, key, v, img.shape[0], img.shape[1], resolutions)
-    out.append((v, (*box, int(flip), r), transforms.render_view(img, box, flip, r)))
+    box, flip, r = view_of(seed, key, v, h, w, resolutions)
+    out.append((v, (*box, int(flip), r), transforms.render_view_encoded(data, box, flip, r)))
   return key, out
 
 
@@ -174,25 +191,26 @@ def run(config, workdir: str) -> dict:
   num_records = len(source)
   if config.views_per_image % len(config.resolutions):
     raise ValueError("views_per_image must be a multiple of len(resolutions)")
-  clip_cfg, params, teacher_info = build_teacher(config)
+  clip_cfg, teacher_info = teacher_config(config)
   manifest = _open_output(out_dir, _expected_manifest(config, files, num_records, clip_cfg, teacher_info))
   for name in os.listdir(out_dir):  # leftovers of a killed run
     if name.endswith(".tmp") and os.path.isdir(os.path.join(out_dir, name)):
       shutil.rmtree(os.path.join(out_dir, name))
+  n_shards = teacher_store.num_shards(manifest)
+  mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
+  todo = [i for i in mine if not teacher_store.shard_done(out_dir, i)]
 
   mesh = _local_mesh()
   n_dev = mesh.devices.size
   batch = -(-int(config.batch_size) // n_dev) * n_dev
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(params, replicated)
+  if todo:
+    params = jax.device_put(teacher_params(config, clip_cfg), replicated)
   fwd = jax.jit(teacher_forward(clip_cfg, config.teacher_image_size, jnp.dtype(config.compute_dtype)),
                 in_shardings=(replicated, data_sharding), out_shardings=data_sharding)
   emb_dtype = jnp.bfloat16 if config.embedding_dtype == "bfloat16" else np.float16
 
-  n_shards = teacher_store.num_shards(manifest)
-  mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
-  todo = [i for i in mine if not teacher_store.shard_done(out_dir, i)]
   todo_images = sum(min(manifest["shard_size"], num_records - i * manifest["shard_size"]) for i in todo)
   logging.info("extract: %d records, %d shards (%d of this process, %d to do), %d views/image, "
                "%d devices, batch %d", num_records, n_shards, len(mine), len(todo),

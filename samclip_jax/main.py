@@ -1,5 +1,5 @@
 """Entry point: python -m samclip_jax.main --config=configs/merge.py[:local] --workdir=DIR."""
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from samclip_jax import sharding, train
@@ -12,6 +12,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
   sharding.maybe_initialize_distributed(FLAGS.config.distributed)  # before any device use
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

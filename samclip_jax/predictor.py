@@ -69,6 +69,33 @@ def postprocess_masks(masks, image_size: int, input_size: tuple[int, int], origi
   return _resize_axis(x, -2, input_size[0], original_size[0])
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(config: SamConfig, dtype):
+  """Jitted encoder / decoder / postprocessing shared by every predictor of one config.
+
+  jax.jit keeps one executable per input shape: the encoder compiles once per padded input
+  size, the decoder per prompt shape, the postprocessing per (input, original) image size.
+  """
+  model = Sam(config, dtype=dtype)
+
+  def encode(params, x):
+    return model.apply({"params": params}, x, method=Sam.encode_image)[0]
+
+  def decode(params, features, coords, labels, mask_input):
+    # Every mask token's output: the multimask choice is a slice taken outside, so one
+    # executable serves both.
+    masks, iou = model.apply({"params": params}, features, coords, labels, mask_input, None,
+                             method=Sam.predict_masks)
+    return masks[0].astype(jnp.float32), iou[0].astype(jnp.float32)
+
+  def post(low_res, input_size, original_size, return_logits):
+    masks = postprocess_masks(low_res, config.image_size, input_size, original_size)
+    return masks if return_logits else masks > MASK_THRESHOLD
+
+  return (jax.jit(encode), jax.jit(decode),
+          jax.jit(post, static_argnames=("input_size", "original_size", "return_logits")))
+
+
 class SamPredictor:
   """Embeds an image once, then predicts masks for point / box / mask prompts (numpy in and out)."""
 
@@ -77,25 +104,7 @@ class SamPredictor:
     self.model = Sam(config, dtype=dtype)
     self.params = jax.device_put(nn.unbox(params))
     self.image_size = config.image_size
-    model = self.model
-
-    def encode(params, x):
-      return model.apply({"params": params}, x, method=Sam.encode_image)[0]
-
-    def decode(params, features, coords, labels, mask_input, multimask_output):
-      masks, iou = model.apply({"params": params}, features, coords, labels, mask_input, multimask_output,
-                               method=Sam.predict_masks)
-      return masks[0].astype(jnp.float32), iou[0].astype(jnp.float32)
-
-    def post(low_res, input_size, original_size, return_logits):
-      masks = postprocess_masks(low_res, config.image_size, input_size, original_size)
-      return masks if return_logits else masks > MASK_THRESHOLD
-
-    # jax.jit caches one executable per input shape: the encoder compiles once per padded
-    # input size, the decoder per prompt shape, the postprocessing per image size.
-    self._encode = jax.jit(encode)
-    self._decode = jax.jit(decode, static_argnames=("multimask_output",))
-    self._post = jax.jit(post, static_argnames=("input_size", "original_size", "return_logits"))
+    self._encode, self._decode, self._post = _compiled(config, jnp.dtype(dtype))
     self.reset_image()
 
   @classmethod
@@ -247,11 +256,12 @@ class SamPredictor:
     else:
       coords, labels = build_sparse_prompt(point_coords, point_labels, boxes)
     mask = None if mask_input is None else np.asarray(mask_input, np.float32)[:, 0, :, :, None][None]
-    low_res, iou = self._decode(self.params, self.features, coords[None], labels[None], mask,
-                                multimask_output=bool(multimask_output))
+    low_res, iou = self._decode(self.params, self.features, coords[None], labels[None], mask)
+    sl = slice(1, None) if multimask_output else slice(0, 1)  # as MaskDecoder.forward
+    low_res, iou = np.asarray(low_res)[:, sl], np.asarray(iou)[:, sl]
     masks = self._post(low_res, input_size=self.input_size, original_size=self.original_size,
                        return_logits=bool(return_logits))
-    return np.asarray(masks), np.asarray(iou), np.asarray(low_res)
+    return np.asarray(masks), iou, low_res
 
 
 def _as_float(x, name: str) -> np.ndarray:

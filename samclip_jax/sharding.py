@@ -30,7 +30,7 @@ MESH_AXES = ("data", "fsdp", "model")
 # FSDP over "fsdp" for every weight matrix, tensor parallelism over "model" for MLP / heads.
 # Rules are tried in order; a later rule for the same logical name is a fallback used when
 # the earlier mesh axis is already taken by another dimension of the same array
-# (flax's priority semantics), so e.g. an [mlp, embed] kernel still gets FSDP on "embed".
+# (flax priority semantics, plus divisibility: see logical_to_mesh_spec), so e.g. an [mlp, embed] kernel still gets FSDP on "embed".
 DEFAULT_RULES = (
     (BATCH, ("data", "fsdp")),
     (EMBED, "fsdp"),
@@ -127,22 +127,37 @@ def normalize_rules(rules) -> tuple:
   return tuple(out)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide evenly (small/odd dims replicate)."""
-  dims = list(spec) + [None] * (len(shape) - len(spec))
-  fitted = [axes if (axes is None or shape[i] % axis_size(mesh, axes) == 0) else None
-            for i, axes in enumerate(dims)]
-  while fitted and fitted[-1] is None:
-    fitted.pop()
-  return P(*fitted)
-
-
 def logical_to_mesh_spec(names, shape, mesh: Mesh, rules) -> P:
-  """One array: logical axis names -> PartitionSpec over the mesh, respecting divisibility."""
+  """One array: logical axis names -> PartitionSpec over the mesh.
+
+  flax's priority semantics (rules in order; a rule applies if its logical name is one of
+  the array's dims, that dim is unassigned and its mesh axes are still free), plus one
+  condition: the dim must divide evenly by the mesh axes' size. So a later fallback rule
+  can still shard the array when an earlier one would split an odd-sized dim; dims nothing
+  fits stay replicated.
+  """
   if not names:
     return P()
-  spec = nn.logical_to_mesh_axes(tuple(names), normalize_rules(rules))
-  return _fit_spec(spec, shape, mesh)
+  names = tuple(names)
+  dup = {n for n in names if n is not None and names.count(n) > 1}
+  if dup:
+    raise ValueError(f"logical axis names {sorted(dup)} occur more than once in {names}")
+  assigned = [None] * len(names)
+  used = set()
+  for name, axes in normalize_rules(rules):
+    if name not in names or axes is None:
+      continue
+    i = names.index(name)
+    mesh_axes = axes if isinstance(axes, tuple) else (axes,)
+    if assigned[i] is not None or used & set(mesh_axes):
+      continue
+    if shape[i] % axis_size(mesh, mesh_axes):
+      continue
+    assigned[i] = axes
+    used |= set(mesh_axes)
+  while assigned and assigned[-1] is None:
+    assigned.pop()
+  return P(*assigned)
 
 
 def _is_spec(x):

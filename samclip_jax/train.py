@@ -15,6 +15,7 @@ from typing import Any
 
 import flax
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -482,7 +483,7 @@ def data_paths(config, workdir) -> dict:
   return paths
 
 
-def make_loaders(exp: Experiment, paths, *, split="train", batches=None):
+def make_loaders(exp: Experiment, paths, *, split="train"):
   """{"clip": loader, "sam": loader} for this process (its shard of the global batch)."""
   from samclip_jax.data import pipeline
   cfg = exp.config
@@ -506,6 +507,27 @@ def make_loaders(exp: Experiment, paths, *, split="train", batches=None):
         paths[f"sam_{split}"], batch_size=cfg.sam_batch_size // div // nproc,
         masks_per_image=cfg.masks_per_image, points_per_prompt=cfg.points_per_prompt,
         shuffle=train, **common)
+  return out
+
+
+def fake_batches(exp: Experiment, seed: int = 0, clip_resolution: int | None = None,
+                 sam_frame: int | None = None):
+  """Random host batches with the pipeline's shapes and dtypes (tests, benchmarks)."""
+  cfg, rng = exp.config, np.random.default_rng(seed)
+  out = {}
+  if exp.use_clip:
+    r = clip_resolution or int(cfg.clip_resolutions[0])
+    out["clip"] = {"image": rng.integers(0, 256, (cfg.clip_batch_size, r, r, 3), dtype=np.uint8)}
+  if exp.use_sam:
+    s, b, k, p = sam_frame or cfg.sam_image_size, cfg.sam_batch_size, cfg.masks_per_image, cfg.points_per_prompt
+    labels = np.full((b, k, p), -1, np.int32)
+    labels[:, :, 0] = 1
+    labels[:, ::2, :2] = (2, 3)  # every other prompt is a box
+    coords = np.sort(rng.uniform(0, s - 1, (b, k, p, 2)).astype(np.float32), axis=2)
+    out["sam"] = {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+                  "point_coords": coords, "point_labels": labels,
+                  "prompt_valid": np.ones((b, k), bool),
+                  "image_size": np.full((b, 2), s, np.int32)}
   return out
 
 
@@ -582,13 +604,11 @@ def checkpoint_manager(workdir, config):
 def _save(mngr, step, state, iterators, force=False):
   args = {"state": ocp.args.StandardSave(state)}
   for name, it in iterators.items():
-    import grain
     args[f"{name}_iter"] = grain.checkpoint.CheckpointSave(_Snapshot(it))
   return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
 def _restore(mngr, step, exp, iterators):
-  import grain
   args = {"state": ocp.args.StandardRestore(exp.abstract_state())}
   for name, it in iterators.items():
     args[f"{name}_iter"] = grain.checkpoint.CheckpointRestore(it)
@@ -632,17 +652,19 @@ def export_model(exp: Experiment, state: TrainState, directory: str):
 
 
 # ----------------------------------------------------------------------------- loop
-def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
+                       devices=None) -> dict:
   """Runs (or resumes) the merge described by `config` in `workdir`; returns final metrics.
 
   stop_at_step: leave the loop after that step (after checkpointing it), as a preemption
   would; rerunning resumes. The schedule still spans config.total_steps.
+  devices: the devices the mesh spans (default: all of them).
   """
   validate_config(config)
   sharding.maybe_initialize_distributed(config.distributed)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  exp = create_experiment(config)
+  exp = create_experiment(config, devices)
   writer = MetricWriter(workdir)
   writer.print(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
                f"device(s), {jax.process_count()} process(es); stage {config.stage}; "
@@ -667,7 +689,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
   last = min(total, stop_at_step) if stop_at_step is not None else total
   images_per_step = max(config.clip_batch_size, 0) + max(config.sam_batch_size, 0)
   window, window_start, prev = [], time.time(), None
-  rates, seen_shapes, final = [], set(), {}
+  rates, seen_shapes, final, history = [], set(), {}, []
   try:
     while step < last:
       host = {k: next(it) for k, it in iterators.items()}
@@ -702,6 +724,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                      f" lr={mean['learning_rate']:.3g} {mean['images_per_sec']:.1f} img/s"
                      f" skipped={mean['nonfinite_steps']} eta {_fmt_eta(eta)}")
         writer.scalars(step, mean, "train")
+        history.append(dict(mean, step=step))
         final.update({f"train/{k}": v for k, v in mean.items()})
         window, window_start = [], time.time()
 
@@ -724,6 +747,5 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-  final["step"] = step
-  final["state"] = state
+  final.update(step=step, state=state, history=history)
   return final

@@ -57,7 +57,7 @@ def _blend(image: np.ndarray, masks: Sequence[np.ndarray], colours, alpha: float
 def add_legend(picture: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]],
                title: str | None = None) -> Image.Image:
   """Appends a white panel on the right listing colour swatches with their names."""
-  if not entries:
+  if not entries and not title:
     return picture
   h = picture.height
   size = max(12, min(24, h // 30))

@@ -169,3 +169,56 @@ def test_output_modes_and_small_regions():
     assert int(mask_utils.area(r["segmentation"])) == r["area"]
   with pytest.raises(ValueError, match="exactly one"):
     amg.SamAutomaticMaskGenerator(_FakePredictor(), points_per_side=None)
+
+
+# -- the JAX SamPredictor (converted random-weight SAM) against segment_anything's generator --
+
+@pytest.fixture(scope="module")
+def tiny_sam_pair(tmp_path_factory):
+  """(torch Sam, samclip_jax SamPredictor) with the same random weights (via convert_sam)."""
+  from convert.sam import convert_sam
+  from samclip_jax.predictor import SamPredictor
+  from sam_reference import TINY, build_torch_sam
+  sam = build_torch_sam(TINY, seed=0)
+  with torch.no_grad():   # random logits are ~1 wide; widen them so stability scores spread out
+    for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+      mlp.layers[-1].weight.mul_(10.0)
+      mlp.layers[-1].bias.mul_(10.0)
+  d = tmp_path_factory.mktemp("amg_sam")
+  torch.save(sam.state_dict(), d / "sam.pth")
+  convert_sam(str(d / "sam.pth"), str(d / "sam"), config=TINY, verbose=False)
+  return sam, SamPredictor.from_checkpoint(str(d / "sam"))
+
+
+def _match(ours, ref):
+  """Pairs records by prompt point and predicted IoU (near-ties may swap order)."""
+  assert len(ours) == len(ref)
+  left = list(ours)
+  pairs = []
+  for r in ref:
+    cands = [o for o in left if np.allclose(o["point_coords"], r["point_coords"])]
+    assert cands, f"no mask from point {r['point_coords']}"
+    best = min(cands, key=lambda o: abs(o["predicted_iou"] - r["predicted_iou"]))
+    left.remove(best)
+    pairs.append((best, r))
+  return pairs
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0),
+    dict(points_per_side=6, pred_iou_thresh=0.3, stability_score_thresh=0.2),
+])
+def test_jax_predictor_generator_matches_segment_anything(tiny_sam_pair, kwargs):
+  sam, predictor = tiny_sam_pair
+  image = _scene()
+  with torch.no_grad():
+    ref = RefGenerator(sam, **kwargs).generate(image)
+  ours = amg.SamAutomaticMaskGenerator(predictor, **kwargs).generate(image)
+  assert len(ref) > 0
+  for a, b in _match(ours, ref):
+    assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-4)
+    assert a["stability_score"] == pytest.approx(b["stability_score"], abs=1e-2)
+    inter = np.logical_and(a["segmentation"], b["segmentation"]).sum()
+    union = np.logical_or(a["segmentation"], b["segmentation"]).sum()
+    assert inter / max(union, 1) > 0.995
+    assert a["crop_box"] == b["crop_box"]

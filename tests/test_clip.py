@@ -1,4 +1,5 @@
 """OpenCLIP towers, ClipModel and templates against open_clip (random weights, fixed seeds)."""
+import functools
 import json
 
 import flax.linen as nn
@@ -67,11 +68,13 @@ def torch_text(model, ids):
     return model.encode_text(torch.from_numpy(np.asarray(ids, np.int64))).numpy()
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "dense"))
 def jax_image(config, params, pixels, dtype=jnp.float32, dense=False):
   return clip.CLIP(config, dtype=dtype).apply({"params": params}, pixels, dense=dense,
                                               method=clip.CLIP.encode_image)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def jax_text(config, params, ids, dtype=jnp.float32):
   return clip.CLIP(config, dtype=dtype).apply({"params": params}, ids, method=clip.CLIP.encode_text)
 

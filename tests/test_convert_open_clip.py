@@ -1,4 +1,5 @@
 """convert/open_clip.py: round trips through every file layout, and every bad-checkpoint path."""
+import functools
 import json
 import os
 import subprocess
@@ -90,33 +91,44 @@ def test_round_trip(reference, tmp_path, layout):
   x = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
   ids = open_clip.tokenize(["a cat", "a dog on a mat"]).numpy()
   module = clip.CLIP(config)
+  encode_image = jax.jit(functools.partial(module.apply, method=clip.CLIP.encode_image))
+  encode_text = jax.jit(functools.partial(module.apply, method=clip.CLIP.encode_text))
   with torch.no_grad():
     img_ref = model.encode_image(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     txt_ref = model.encode_text(torch.from_numpy(ids.astype(np.int64))).numpy()
-  np.testing.assert_allclose(module.apply({"params": params}, x, method=clip.CLIP.encode_image), img_ref, atol=1e-5)
-  np.testing.assert_allclose(module.apply({"params": params}, ids, method=clip.CLIP.encode_text), txt_ref, atol=1e-5)
+  np.testing.assert_allclose(encode_image({"params": params}, x), img_ref, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(encode_text({"params": params}, ids), txt_ref, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(Tokenizer.from_directory(out)(["a cat"]), open_clip.tokenize(["a cat"]).numpy())
 
 
-def test_cli_by_model_name(tmp_path):
-  """The real entry point, in a subprocess, with a real open_clip name and user tokenizer files."""
-  torch.manual_seed(1)
-  state = open_clip.create_model("ViT-B-32", pretrained=None).state_dict()
-  ckpt = _write(str(tmp_path / "b32.safetensors"), state, "safetensors")
-  out = str(tmp_path / "b32")
-  result = subprocess.run([sys.executable, "-m", "convert.open_clip", "--model", "ViT-B-32", "--checkpoint", ckpt,
+def test_cli_subprocess_and_user_tokenizer_files(reference, tmp_path):
+  """The real entry point in a subprocess, then --vocab/--merges taken from its output."""
+  _, state, config_path = reference
+  ckpt = _write(str(tmp_path / "tiny.safetensors"), state, "safetensors")
+  out = str(tmp_path / "tiny")
+  result = subprocess.run([sys.executable, "-m", "convert.open_clip", "--model", config_path, "--checkpoint", ckpt,
                            "--output", out], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr
-  assert "converted ViT-B-32: 151.3M params" in result.stderr
-  config, params = clip.load_clip(out)
-  assert config == clip.ClipConfig.from_name("ViT-B-32")
-  np.testing.assert_array_equal(_flat(params)["visual/proj"], state["visual.proj"].numpy())
-  # --vocab/--merges: user-given tokenizer files are copied.
-  out2 = str(tmp_path / "b32_vocab")
-  assert convert.main(["--model", "ViT-B-32", "--checkpoint", ckpt, "--output", out2,
+  assert "[open_clip] mapping 38 tensors" in result.stderr
+  assert "converted tiny-clip: 1.6M params, 6.5 MB" in result.stderr
+  assert clip.load_clip(out)[0] == clip.ClipConfig.from_open_clip_config(TINY)
+  out2 = str(tmp_path / "tiny_vocab")
+  assert convert.main(["--model", config_path, "--checkpoint", ckpt, "--output", out2,
                        "--vocab", os.path.join(out, "vocab.json"), "--merges", os.path.join(out, "merges.txt")]) == 0
   assert checkpoint.load_config(out2)["tokenizer"]["source"].endswith("merges.txt")
+  np.testing.assert_array_equal(Tokenizer.from_directory(out2)(["naïve café"]),
+                                open_clip.tokenize(["naïve café"]).numpy())
+
+
+def test_model_names(reference):
+  """Bundled names, open_clip names found in the installed package's model_configs, config dicts."""
+  assert convert.resolve_config("ViT-L-14") == ("ViT-L-14", clip.ClipConfig.from_name("ViT-L-14"))
+  name, config = convert.resolve_config("ViT-L-16")  # not bundled: read from open_clip/model_configs
+  assert name == "ViT-L-16" and config.vision.patch_size == 16 and config.vision.width == 1024
+  assert convert.resolve_config(TINY)[1] == clip.ClipConfig.from_open_clip_config(TINY)
+  with pytest.raises(ValueError, match="timm_model_name"):
+    convert.resolve_config("ViT-B-16-SigLIP")
 
 
 def _bad(state):

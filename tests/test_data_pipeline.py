@@ -52,9 +52,13 @@ def test_clip_view_matches_record(paths):
   # Record 0 draws from Philox(seed + 0), as grain's IndexSampler hands it out.
   rng = np.random.Generator(np.random.Philox(key=1))
   box, flip = transforms.sample_view(rng, *img.shape[:2])
-  np.testing.assert_array_equal(b["image"][0], transforms.render_view(img, box, flip, 224))
+  np.testing.assert_array_equal(b["image"][0],
+                                transforms.render_view_encoded(recs[0]["image"], box, flip, 224))
   x0, y0, cw, ch = box
   assert 0.4 * img.size / 3 * 0.9 <= cw * ch <= img.shape[0] * img.shape[1]
+  # Without a reduced-scale decode the view is the plain crop + resize of the decoded image.
+  if min(cw, ch) < 2 * 224:
+    np.testing.assert_array_equal(b["image"][0], transforms.render_view(img, box, flip, 224))
 
 
 def test_sam_batches(paths):
@@ -178,3 +182,71 @@ def test_multiprocess_workers_and_resume(paths):
   fresh.set_state(state)
   _assert_same(_take(fresh, 3), expected)
   assert all(b["image"].shape[0] == 2 for b in first)
+
+
+def test_reduced_scale_jpeg_decode_is_close_to_full_decode():
+  import io
+  from PIL import Image
+  scene = np.asarray(Image.fromarray(sample.draw_scene(0, 1)["image"]).resize((1600, 1200)))
+  buf = io.BytesIO()
+  Image.fromarray(scene).save(buf, format="JPEG", quality=95)
+  box = (100, 50, 1200, 1000)
+  fast = transforms.render_view_encoded(buf.getvalue(), box, True, 224)
+  full = transforms.render_view(transforms.decode_image(buf.getvalue()), box, True, 224)
+  assert fast.shape == full.shape == (224, 224, 3)
+  assert np.abs(fast.astype(int) - full.astype(int)).mean() < 4
+
+
+def test_sam_large_jpeg_reduced_decode(tmp_path):
+  import io
+  from PIL import Image
+  h, w = 1500, 2250
+  scene = np.asarray(Image.fromarray(sample.draw_scene(0, 2)["image"]).resize((w, h)))
+  buf = io.BytesIO()
+  Image.fromarray(scene).save(buf, format="JPEG", quality=95)
+  mask = np.zeros((h, w), bool)
+  mask[400:900, 1000:1700] = True
+  rec = {"key": "big", "image": buf.getvalue(), "height": h, "width": w,
+         "masks": records.encode_masks(mask[None])}
+  path = str(tmp_path / "big.array_record")
+  records.write_shard(path, [records.encode(rec)])
+  loader = pipeline.sam_loader(path, batch_size=1, masks_per_image=2, points_per_prompt=3,
+                               seed=0, box_prob=0.0)
+  b = next(iter(loader))
+  nh, nw = transforms.preprocess_shape(h, w, 1024)
+  assert b["image_size"][0].tolist() == [nh, nw] == [683, 1024]
+  full, _ = transforms.resize_longest_pad(transforms.decode_image(buf.getvalue()), 1024)
+  assert np.abs(b["image"][0].astype(int) - full.astype(int)).mean() < 3
+  m = prompts.full_resized_mask(mask, nh, nw)
+  lab, xy = b["point_labels"][0, 0], b["point_coords"][0, 0].astype(int)
+  assert b["prompt_valid"][0].tolist() == [True, False]
+  assert m[xy[lab == 1, 1], xy[lab == 1, 0]].all()
+
+
+def test_tfds_array_record_data_source(paths, tmp_path):
+  """A TFDS dataset in the array_record file format feeds the loader (no TensorFlow)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  recs = records.read_all(paths["clip_val"])
+
+  class SampleClip(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # encoded bytes
+          "caption": tfds.features.Text(), "height": np.int32, "width": np.int32}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, r in enumerate(recs):
+        yield i, {k: r[k] for k in ("image", "caption", "height", "width")}
+
+  SampleClip(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  source = tfds.data_source("sample_clip", split="train", data_dir=str(tmp_path))
+  loader = pipeline.clip_loader(source, batch_size=2, seed=0, resolutions=(224,), num_epochs=1,
+                                return_index=True)
+  batches = list(loader)
+  assert len(batches) == len(recs) // 2
+  assert all(b["image"].shape == (2, 224, 224, 3) for b in batches)

@@ -61,7 +61,7 @@ def _as_list(values):
 
 
 class ClipPrepare(grain.transforms.RandomMap):
-  """Decodes one image and draws its view for every resolution (or the stored ones)."""
+  """Draws the record's view for every resolution (or picks stored ones); no decoding yet."""
 
   def __init__(self, resolutions: Sequence[int], teacher_dir: str | None = None):
     self.resolutions = tuple(int(r) for r in resolutions)
@@ -73,12 +73,14 @@ class ClipPrepare(grain.transforms.RandomMap):
   def random_map(self, element, rng):
     key, raw = element
     rec = records.decode(raw)
-    image = transforms.decode_image(rec["image"])
-    h, w = image.shape[:2]
+    data = rec["image"]
+    if "height" in rec and "width" in rec:
+      h, w = int(rec["height"]), int(rec["width"])
+    else:
+      h, w = transforms.image_size(data)
     if self.teacher is None:
       box, flip = transforms.sample_view(rng, h, w)
-      return {"image": image, "key": key,
-              "views": {r: (box, flip, None) for r in self.resolutions}}
+      return {"data": data, "key": key, "views": {r: (box, flip, None) for r in self.resolutions}}
     stored, emb = self.teacher.lookup(key)
     views = {}
     for r in self.resolutions:
@@ -87,11 +89,11 @@ class ClipPrepare(grain.transforms.RandomMap):
         raise ValueError(f"teacher store has no view at resolution {r} for record {key}")
       v = int(cand[rng.integers(len(cand))])
       views[r] = (tuple(int(x) for x in stored[v, :4]), bool(stored[v, 4]), emb[v])
-    return {"image": image, "key": key, "views": views}
+    return {"data": data, "key": key, "views": views}
 
 
 class ClipRender(grain.transforms.RandomMap):
-  """Picks the batch's resolution and renders every view at it: uint8 [B,R,R,3]."""
+  """Picks the batch's resolution, decodes and renders every view at it: uint8 [B,R,R,3]."""
 
   def __init__(self, resolutions: Sequence[int], return_index: bool = False):
     self.resolutions = tuple(int(r) for r in resolutions)
@@ -102,7 +104,7 @@ class ClipRender(grain.transforms.RandomMap):
     images, embs = [], []
     for el in batch:
       box, flip, emb = el["views"][r]
-      images.append(transforms.render_view(el["image"], box, flip, r))
+      images.append(transforms.render_view_encoded(el["data"], box, flip, r))
       embs.append(emb)
     out = {"image": np.stack(images)}
     if embs[0] is not None:
@@ -126,9 +128,9 @@ class SamPrepare(grain.transforms.RandomMap):
   def random_map(self, element, rng):
     key, raw = element
     rec = records.decode(raw)
-    image = transforms.decode_image(rec["image"])
-    h, w = image.shape[:2]
-    padded, (nh, nw) = transforms.resize_longest_pad(image, self.image_size)
+    h, w = transforms.image_size(rec["image"])
+    image = transforms.decode_image(rec["image"], min_long_side=self.image_size)
+    padded, (nh, nw) = transforms.resize_longest_pad(image, self.image_size, (h, w))
     coords, labels, valid, _ = prompts.sample_prompts(
         rng, rec.get("masks", []), (h, w), (nh, nw), self.masks_per_image,
         self.points_per_prompt, box_prob=self.box_prob)

@@ -16,8 +16,12 @@ CROP_SCALE = (0.4, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def decode_image(data) -> np.ndarray:
-  """Encoded JPEG/PNG bytes (or an array) -> uint8 [H,W,3] RGB; raises on corrupt data."""
+def decode_image(data, min_long_side: int | None = None) -> np.ndarray:
+  """Encoded JPEG/PNG bytes (or an array) -> uint8 [H,W,3] RGB; raises on corrupt data.
+
+  min_long_side lets a JPEG decode at a reduced DCT scale (1/2, 1/4, 1/8) as long as its
+  longest side stays >= min_long_side (the caller resizes to that anyway).
+  """
   if isinstance(data, np.ndarray):
     img = data
     if img.ndim == 2:
@@ -28,6 +32,10 @@ def decode_image(data) -> np.ndarray:
       raise ValueError(f"unsupported image array {img.dtype} {img.shape}")
     return img
   with Image.open(io.BytesIO(data)) as im:
+    if min_long_side and im.format == "JPEG":
+      factor = max(im.size) / min_long_side
+      if factor >= 2:
+        im.draft("RGB", (int(im.size[0] / factor), int(im.size[1] / factor)))
     im.load()
     return np.asarray(im.convert("RGB"))
 
@@ -38,10 +46,15 @@ def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
   return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def resize_longest_pad(image: np.ndarray, long_side: int = 1024) -> tuple[np.ndarray, tuple[int, int]]:
-  """Resizes the longest side to long_side (PIL bilinear, as SAM) and zero-pads bottom/right."""
+def resize_longest_pad(image: np.ndarray, long_side: int = 1024,
+                       orig_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+  """Resizes the longest side to long_side (PIL bilinear, as SAM) and zero-pads bottom/right.
+
+  orig_hw: the full-resolution size when `image` was decoded at a reduced scale, so the
+  output size (and the masks' frame) is the one SAM computes from the original.
+  """
   h, w = image.shape[:2]
-  nh, nw = preprocess_shape(h, w, long_side)
+  nh, nw = preprocess_shape(*(orig_hw or (h, w)), long_side)
   if (nh, nw) != (h, w):
     image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
   out = np.zeros((long_side, long_side, 3), np.uint8)
@@ -84,6 +97,40 @@ def render_view(image: np.ndarray, box, flip: bool, resolution: int) -> np.ndarr
   x0, y0, cw, ch = (int(v) for v in box)
   out = np.asarray(Image.fromarray(image).resize(
       (resolution, resolution), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)))
+  if flip:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def image_size(data) -> tuple[int, int]:
+  """(h, w) of encoded image bytes from the header alone (or of an array)."""
+  if isinstance(data, np.ndarray):
+    return data.shape[0], data.shape[1]
+  with Image.open(io.BytesIO(data)) as im:
+    return im.size[1], im.size[0]
+
+
+def render_view_encoded(data, box, flip: bool, resolution: int) -> np.ndarray:
+  """render_view straight from encoded bytes; JPEGs decode at a reduced DCT scale when the
+  crop is at least twice the output size (2-8x less decode work on large web images).
+
+  Both the training loader and the extraction job render views with this function, so a
+  stored view is reproduced bit for bit.
+  """
+  if isinstance(data, np.ndarray):
+    return render_view(decode_image(data), box, flip, resolution)
+  x0, y0, cw, ch = (int(v) for v in box)
+  with Image.open(io.BytesIO(data)) as im:
+    w, h = im.size
+    factor = min(cw, ch) / resolution
+    if im.format == "JPEG" and factor >= 2:
+      # PIL picks the largest of 1/2, 1/4, 1/8 whose result is still >= the size asked for.
+      im.draft("RGB", (int(w / factor), int(h / factor)))
+    sx, sy = im.size[0] / w, im.size[1] / h
+    rgb = im.convert("RGB")
+  out = rgb.resize((resolution, resolution), Image.BILINEAR,
+                   box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy))
+  out = np.asarray(out)
   if flip:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)

@@ -401,9 +401,10 @@ class MaskDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-               multimask_output: bool):
+               multimask_output: bool | None):
     """image_embeddings [B,h,w,C], image_pe [h,w,C], sparse [B,K,N,C], dense [B,K,h,w,C]
-    -> (masks [B,K,M,4h,4w], iou [B,K,M]); M = num_multimask_outputs if multimask_output else 1."""
+    -> (masks [B,K,M,4h,4w], iou [B,K,M]); M = num_multimask_outputs if multimask_output else 1,
+    or every mask token's output (single-mask first, M = num_multimask_outputs + 1) for None."""
     dim, dt = self.transformer_dim, self.dtype
     num_mask_tokens = self.num_multimask_outputs + 1
     b, k, n, _ = sparse_prompt_embeddings.shape
@@ -433,8 +434,9 @@ class MaskDecoder(nn.Module):
     iou_pred = MLPHead(self.iou_head_hidden_dim, num_mask_tokens, self.iou_head_depth, dt,
                    name="iou_prediction_head")(iou_token_out)
 
-    sl = slice(1, None) if multimask_output else slice(0, 1)
-    masks, iou_pred = masks[:, sl], iou_pred[:, sl]
+    if multimask_output is not None:
+      sl = slice(1, None) if multimask_output else slice(0, 1)
+      masks, iou_pred = masks[:, sl], iou_pred[:, sl]
     return masks.reshape((b, k) + masks.shape[1:]), iou_pred.reshape(b, k, -1)
 
 

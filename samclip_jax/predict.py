@@ -1,0 +1,219 @@
+"""Segment one picture with a SAM-CLIP model and write an overlay image.
+
+  python -m samclip_jax.predict --checkpoint DIR --image in.jpg --classes "cat,dog,grass" --output out.png
+  python -m samclip_jax.predict --checkpoint DIR --image in.jpg --points "120,80;300,200" --labels "1,0" --output out.png
+  python -m samclip_jax.predict --checkpoint DIR --image in.jpg --boxes "10,20,200,220" --classes "cat,dog" --output out.png
+  python -m samclip_jax.predict --checkpoint DIR --image in.jpg --everything --output out.png
+
+Without prompts, --classes gives zero-shot semantic segmentation (--mode clip+sam or clip).
+Points / boxes give SAM-head masks (named by the CLIP head when --classes is given);
+--everything runs the automatic mask generator. --checkpoint takes a merged model
+directory or a training workdir. The picture is written whole or not at all.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(ValueError):
+  """Bad command-line input (prompt strings, files)."""
+
+
+def parse_points(text: str) -> np.ndarray:
+  """"x,y;x,y" -> float [N,2]."""
+  pts = []
+  for part in text.split(";"):
+    part = part.strip()
+    if not part:
+      continue
+    vals = part.split(",")
+    if len(vals) != 2:
+      raise UsageError(f"--points: {part!r} is not 'x,y' (points are separated by ';')")
+    try:
+      pts.append([float(v) for v in vals])
+    except ValueError:
+      raise UsageError(f"--points: {part!r} holds a non-number") from None
+  if not pts:
+    raise UsageError("--points: no point given")
+  return np.array(pts, np.float64)
+
+
+def parse_labels(text: str, n: int) -> np.ndarray:
+  """"1,0,1" -> int [n] in {0, 1}."""
+  try:
+    labels = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+  except ValueError:
+    raise UsageError(f"--labels: {text!r} must be comma-separated 0/1 values") from None
+  if len(labels) != n:
+    raise UsageError(f"--labels gives {len(labels)} labels for {n} points")
+  if any(v not in (0, 1) for v in labels):
+    raise UsageError("--labels: each label is 1 (foreground) or 0 (background)")
+  return np.array(labels, np.int32)
+
+
+def parse_boxes(text: str) -> np.ndarray:
+  """"x0,y0,x1,y1;..." -> float [N,4] (XYXY, x0 < x1, y0 < y1)."""
+  boxes = []
+  for part in text.split(";"):
+    part = part.strip()
+    if not part:
+      continue
+    vals = part.split(",")
+    if len(vals) != 4:
+      raise UsageError(f"--boxes: {part!r} is not 'x0,y0,x1,y1' (boxes are separated by ';')")
+    try:
+      b = [float(v) for v in vals]
+    except ValueError:
+      raise UsageError(f"--boxes: {part!r} holds a non-number") from None
+    if not (b[0] < b[2] and b[1] < b[3]):
+      raise UsageError(f"--boxes: {part!r} needs x0 < x1 and y0 < y1")
+    boxes.append(b)
+  if not boxes:
+    raise UsageError("--boxes: no box given")
+  return np.array(boxes, np.float64)
+
+
+def parse_classes(text: str) -> list[str]:
+  names = [c.strip() for c in text.split(",") if c.strip()]
+  if not names:
+    raise UsageError("--classes: give comma-separated class names")
+  if len(set(names)) != len(names):
+    raise UsageError("--classes: class names repeat")
+  return names
+
+
+def _check_inside(coords: np.ndarray, h: int, w: int, what: str):
+  xs, ys = coords[..., 0::2], coords[..., 1::2]
+  if (xs < 0).any() or (ys < 0).any() or (xs > w).any() or (ys > h).any():
+    raise UsageError(f"{what} fall outside the {w}x{h} image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m samclip_jax.predict", description=__doc__.splitlines()[0])
+  p.add_argument("--checkpoint", required=True, help="merged model directory or training workdir")
+  p.add_argument("--image", required=True, help="input picture (any format PIL reads)")
+  p.add_argument("--output", required=True, help="overlay picture to write (.png or .jpg)")
+  p.add_argument("--classes", help="comma-separated class names")
+  p.add_argument("--mode", choices=("clip+sam", "clip"), default="clip+sam",
+                 help="semantic segmentation without prompts (default clip+sam)")
+  p.add_argument("--points", help="'x,y;x,y' point prompts in image pixels (one mask)")
+  p.add_argument("--labels", help="'1,0' per point: 1 foreground (default), 0 background")
+  p.add_argument("--boxes", help="'x0,y0,x1,y1;...' box prompts (one mask each)")
+  p.add_argument("--everything", action="store_true", help="automatic mask generator")
+  p.add_argument("--points-per-side", type=int, default=32, help="--everything grid (default 32)")
+  p.add_argument("--templates", default="imagenet80", help="prompt template set for class names")
+  p.add_argument("--text-model", help="open_clip model directory if the checkpoint lacks its text tower")
+  p.add_argument("--alpha", type=float, default=0.5, help="mask opacity (default 0.5)")
+  return p
+
+
+def run(args) -> str:
+  """Does the work of one command line; returns the output path."""
+  from samclip_jax import api, visualize
+  prompted = args.points is not None or args.boxes is not None
+  if args.labels is not None and args.points is None:
+    raise UsageError("--labels needs --points")
+  if args.everything and prompted:
+    raise UsageError("--everything takes no --points / --boxes")
+  if not (prompted or args.everything or args.classes):
+    raise UsageError("nothing to do: give --classes, --points / --boxes, or --everything")
+  if not 0.0 <= args.alpha <= 1.0:
+    raise UsageError("--alpha must be in [0, 1]")
+  out_ext = os.path.splitext(args.output)[1].lower()
+  if out_ext not in (".png", ".jpg", ".jpeg"):
+    raise UsageError(f"--output must end in .png or .jpg, got {args.output!r}")
+  out_dir = os.path.dirname(os.path.abspath(args.output))
+  if not os.path.isdir(out_dir):
+    raise UsageError(f"output directory does not exist: {out_dir}")
+  classes = parse_classes(args.classes) if args.classes else None
+  points = parse_points(args.points) if args.points is not None else None
+  labels = None
+  if points is not None:
+    labels = parse_labels(args.labels, len(points)) if args.labels is not None else np.ones(len(points), np.int32)
+  boxes = parse_boxes(args.boxes) if args.boxes is not None else None
+  if boxes is not None and points is not None and len(boxes) > 1:
+    raise UsageError("points go with at most one box (one prompt); got several boxes")
+  try:
+    image = api.load_image(args.image)
+  except (FileNotFoundError, ValueError) as e:
+    raise UsageError(str(e)) from None
+  h, w = image.shape[:2]
+  if points is not None:
+    _check_inside(points, h, w, "--points")
+  if boxes is not None:
+    _check_inside(boxes, h, w, "--boxes")
+
+  model = api.SamClip.from_checkpoint(args.checkpoint, text_model=args.text_model)
+  if prompted:
+    predictor = model.predictor()
+    predictor.set_image(image)
+    if boxes is not None and len(boxes) > 1:
+      masks, scores, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
+      masks, scores = masks[:, 0], scores[:, 0]
+    else:
+      # One prompt; a single point is ambiguous, so take SAM's best of three (as its demo).
+      multi = boxes is None and len(points) == 1
+      m, s, _ = predictor.predict(point_coords=points, point_labels=labels,
+                                  box=None if boxes is None else boxes[0], multimask_output=multi)
+      best = int(np.argmax(s))
+      masks, scores = m[best:best + 1], s[best:best + 1]
+    names = _names(model, image, masks, classes, scores, args.templates)
+    pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, points=points,
+                                  point_labels=labels, boxes=boxes)
+  elif args.everything:
+    records = model.mask_generator(points_per_side=args.points_per_side).generate(image)
+    masks = [r["segmentation"] for r in records]
+    names = [n for n, _ in model.label_masks(image, masks, classes, args.templates)] if classes else None
+    pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, title=f"{len(masks)} masks")
+  else:
+    label_map = model.segment_semantic(image, classes, mode=args.mode, templates=args.templates)
+    skip = [i for i, n in enumerate(classes) if n.lower() == "background"]
+    pic = visualize.overlay_semantic(image, label_map, classes, alpha=args.alpha, skip=skip)
+  _save_atomic(pic, args.output, out_ext)
+  return args.output
+
+
+def _names(model, image, masks, classes, scores, templates):
+  if classes:
+    return [f"{n} ({p:.2f})" for n, p in model.label_masks(image, list(masks), classes, templates)]
+  return [f"mask {i + 1} (IoU {s:.2f})" for i, s in enumerate(scores)]
+
+
+def _save_atomic(pic, path: str, ext: str):
+  fd, tmp = tempfile.mkstemp(prefix=".predict-", suffix=ext, dir=os.path.dirname(os.path.abspath(path)))
+  os.close(fd)
+  try:
+    pic.save(tmp, format="PNG" if ext == ".png" else "JPEG")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  from samclip_jax import api
+  try:
+    out = run(args)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except api.CheckpointNotFound as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except ValueError as e:   # e.g. a checkpoint of the wrong kind, no text tower
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_FAILURE
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

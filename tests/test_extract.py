@@ -1,0 +1,129 @@
+"""Teacher-embedding extraction: kill + resume, verify, and exact replay by the CLIP loader."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from samclip_jax import extract
+from samclip_jax.data import pipeline, records, sample, teacher_store, transforms
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "extract.py")
+SMALL = dict(num_clip_train=20, num_clip_val=2, num_sam_train=1, num_sam_val=1)
+
+
+def _config(data, out):
+  import configs.extract as ce
+  c = ce.get_config("local")
+  c.data, c.output_dir, c.shard_size = data, out, 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+  """Runs extraction as a subprocess killed after its first shard, then resumes it."""
+  root = tmp_path_factory.mktemp("x")
+  paths = sample.ensure_sample(str(root / "sample"), **SMALL)
+  out = str(root / "emb")
+  cmd = [sys.executable, "-m", "samclip_jax.extract", f"--config={CONFIG}:local",
+         f"--workdir={root}", f"--config.data={paths['clip_train']}",
+         f"--config.output_dir={out}", "--config.shard_size=8"]
+  env = dict(os.environ, **{extract.KILL_ENV: "1"}, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  killed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  man = teacher_store.read_manifest(out)
+  assert not man["complete"]
+  assert teacher_store.shard_done(out, 0) and not teacher_store.shard_done(out, 1)
+  first = np.load(os.path.join(teacher_store.shard_dir(out, 0), "embeddings.npy"))
+  # Leave a half-written shard behind, as a kill during np.save would.
+  os.makedirs(teacher_store.shard_dir(out, 1) + ".tmp")
+  # Resume in this process (8 simulated devices: the batch is sharded over them).
+  man = extract.run(_config(paths["clip_train"], out), str(root))
+  return paths, out, man, first
+
+
+def test_resume_has_no_duplicates_or_gaps(extracted):
+  paths, out, man, first = extracted
+  assert man["complete"] and man["num_records"] == SMALL["num_clip_train"]
+  keys = np.concatenate([np.load(os.path.join(teacher_store.shard_dir(out, i), "keys.npy"))
+                         for i in range(teacher_store.num_shards(man))])
+  np.testing.assert_array_equal(keys, np.arange(SMALL["num_clip_train"]))
+  # The shard written before the kill was kept, not recomputed.
+  np.testing.assert_array_equal(
+      np.load(os.path.join(teacher_store.shard_dir(out, 0), "embeddings.npy")), first)
+  assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+  assert extract.verify(out)["complete"]
+
+
+def test_stored_views_are_the_drawn_views(extracted):
+  paths, out, man, _ = extracted
+  store = teacher_store.TeacherStore(out)
+  recs = records.read_all(paths["clip_train"])
+  for key in (0, 9, 19):
+    views, emb = store.lookup(key)
+    assert emb.shape == (2, man["dim"]) and emb.dtype == np.float32
+    for v in range(2):
+      box, flip, r = extract.view_of(man["seed"], key, v, recs[key]["height"], recs[key]["width"],
+                                     man["resolutions"])
+      assert list(views[v]) == [*box, int(flip), r]
+
+
+def test_loader_replays_views_and_embeddings(extracted):
+  paths, out, man, _ = extracted
+  cfg = _config(paths["clip_train"], out)
+  clip_cfg, params, _ = extract.build_teacher(cfg)
+  fwd = jax.jit(extract.teacher_forward(clip_cfg, cfg.teacher_image_size))
+  loader = pipeline.clip_loader(paths["clip_train"], batch_size=4, seed=3, teacher_embeddings=out,
+                                return_index=True)
+  store = teacher_store.TeacherStore(out)
+  recs = records.read_all(paths["clip_train"])
+  seen = set()
+  it = iter(loader)
+  for _ in range(4):
+    b = next(it)
+    r = b["image"].shape[1]
+    seen.add(r)
+    assert b["teacher_embedding"].shape == (4, man["dim"])
+    assert b["teacher_embedding"].dtype == np.float32
+    for i, key in enumerate(b["index"]):
+      views, emb = store.lookup(int(key))
+      # The replayed pixels are the stored view rendered again, bit for bit.
+      v = [j for j in range(len(views)) if views[j, 5] == r][0]
+      want = transforms.render_view_encoded(recs[key]["image"], views[v, :4], bool(views[v, 4]), r)
+      np.testing.assert_array_equal(b["image"][i], want)
+      np.testing.assert_array_equal(b["teacher_embedding"][i], emb[v])
+    # Re-running the teacher on the replayed batch gives the stored embeddings (fp16 storage).
+    fresh = np.asarray(fwd(params, b["image"]))
+    np.testing.assert_allclose(b["teacher_embedding"], fresh, rtol=0, atol=2e-3 * np.abs(fresh).max())
+  assert seen == {224, 448}
+
+
+def test_loader_refuses_mismatched_embeddings(extracted, tmp_path):
+  paths, out, man, _ = extracted
+  with pytest.raises(ValueError, match="cover"):
+    pipeline.clip_loader(paths["clip_val"], batch_size=2, seed=0, teacher_embeddings=out)
+  with pytest.raises(ValueError, match="resolutions"):
+    pipeline.clip_loader(paths["clip_train"], batch_size=2, seed=0, teacher_embeddings=out,
+                         resolutions=(224, 1024))
+  broken = tmp_path / "broken"
+  os.makedirs(broken)
+  with open(broken / "manifest.json", "w") as f:
+    json.dump(dict(man, complete=False), f)
+  with pytest.raises(ValueError, match="not complete"):
+    pipeline.clip_loader(paths["clip_train"], batch_size=2, seed=0, teacher_embeddings=str(broken))
+
+
+def test_rerun_on_finished_output_is_a_no_op(extracted, tmp_path):
+  paths, out, man, _ = extracted
+  before = {i: os.path.getmtime(teacher_store.shard_dir(out, i)) for i in range(3)}
+  extract.run(_config(paths["clip_train"], out), str(tmp_path))
+  assert before == {i: os.path.getmtime(teacher_store.shard_dir(out, i)) for i in range(3)}
+  other = _config(paths["clip_train"], out)
+  other.views_per_image = 4
+  with pytest.raises(ValueError, match="different"):
+    extract.run(other, str(tmp_path))

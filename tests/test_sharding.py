@@ -1,0 +1,101 @@
+"""Mesh creation, logical rules -> NamedSharding, batch placement, FSDP memory."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from samclip_jax import sharding
+
+
+def test_mesh_shape_fill_and_errors():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 1, "model": 1}, 8) == (8, 1, 1)
+  assert sharding.mesh_shape({"data": 2, "fsdp": -1, "model": 1}, 8) == (2, 4, 1)
+  assert sharding.mesh_shape({"data": 2, "fsdp": 4}, 8) == (2, 4, 1)
+  with pytest.raises(ValueError, match="do not divide"):
+    sharding.mesh_shape({"data": -1, "fsdp": 3, "model": 1}, 8)
+  with pytest.raises(ValueError, match="needs 4 devices, but 8"):
+    sharding.mesh_shape({"data": 2, "fsdp": 2, "model": 1}, 8)
+  with pytest.raises(ValueError, match="at most one"):
+    sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+  with pytest.raises(ValueError, match="unknown axes"):
+    sharding.mesh_shape({"dp": 8}, 8)
+
+
+def test_make_mesh_auto_axes():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
+  assert all(t == AxisType.Auto for t in mesh.axis_types)
+  one = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  assert one.devices.size == 1
+
+
+class _Toy(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(64, kernel_init=sharding.param_with_axes(nn.initializers.lecun_normal(), "embed", "mlp"),
+                 bias_init=sharding.param_with_axes(nn.initializers.zeros_init(), "mlp"))(x)
+    x = nn.LayerNorm(scale_init=sharding.param_with_axes(nn.initializers.ones_init(), "norm"),
+                     bias_init=sharding.param_with_axes(nn.initializers.zeros_init(), "norm"))(x)
+    odd = self.param("odd", sharding.param_with_axes(nn.initializers.zeros_init(), "embed", "mlp"), (6, 64))
+    return x + odd.sum()
+
+
+def test_tree_shardings_rules_fallback_and_divisibility():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "model": 2})
+  abstract = jax.eval_shape(_Toy().init, jax.random.key(0), jnp.zeros((1, 32)))
+  sh = sharding.tree_shardings(abstract, mesh, sharding.DEFAULT_RULES)["params"]
+  assert sh["Dense_0"]["kernel"].spec == P("fsdp", "model")
+  assert sh["Dense_0"]["bias"].spec == P("model")
+  assert sh["LayerNorm_0"]["scale"].spec == P()
+  # 6 rows do not split 4 ways: that dim replicates, the other keeps its axis.
+  assert sh["odd"].spec == P(None, "model")
+  # Only FSDP: the MLP dim falls back to fsdp when embed cannot take it.
+  rules = (("embed", "fsdp"), ("mlp", "model"), ("mlp", "fsdp"))
+  sh2 = sharding.tree_shardings(abstract, mesh, rules)["params"]
+  assert sh2["odd"].spec == P(None, "model")
+  mesh8 = sharding.make_mesh({"data": 1, "fsdp": 8, "model": 1})
+  sh3 = sharding.tree_shardings(abstract, mesh8, (("embed", "fsdp"), ("mlp", "fsdp")))["params"]
+  assert sh3["odd"].spec == P(None, "fsdp")  # embed (6) cannot split, mlp (64) can
+
+
+def test_rules_validation():
+  with pytest.raises(ValueError, match="unknown mesh axis"):
+    sharding.normalize_rules([("embed", "tensor")])
+  assert sharding.normalize_rules([["batch", ["data", "fsdp"]]]) == (("batch", ("data", "fsdp")),)
+
+
+def test_put_batch_and_divisibility():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "model": 1})
+  batch = {"image": np.arange(16 * 3, dtype=np.float32).reshape(16, 3)}
+  out = sharding.put_batch(batch, mesh)
+  assert out["image"].sharding.spec == P(("data", "fsdp"))
+  assert len(out["image"].addressable_shards) == 8
+  assert out["image"].addressable_shards[0].data.shape == (2, 3)
+  np.testing.assert_array_equal(np.asarray(out["image"]), batch["image"])
+  sharding.check_batch_divisible("clip_batch_size", 16, mesh, micro_steps=2)
+  with pytest.raises(ValueError, match="data-parallel size 8"):
+    sharding.check_batch_divisible("sam_batch_size", 12, mesh)
+  with pytest.raises(ValueError, match="grad_accum_steps=3"):
+    sharding.check_batch_divisible("clip_batch_size", 16, mesh, micro_steps=3)
+
+
+def test_per_device_bytes():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "model": 1})
+  x = jax.device_put(jnp.zeros((64, 4), jnp.float32),
+                     jax.sharding.NamedSharding(mesh, P("fsdp")))
+  assert sharding.per_device_bytes(x) == 64 * 4 * 4 // 8
+  r = jax.device_put(jnp.zeros((64, 4), jnp.float32), sharding.replicated(mesh))
+  assert sharding.per_device_bytes(r) == 64 * 4 * 4
+
+
+def test_multiprocess_detection(monkeypatch):
+  for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+            "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(k, raising=False)
+  assert not sharding.multiprocess_env_detected()
+  assert sharding.maybe_initialize_distributed("auto") is False
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0,host1")
+  assert sharding.multiprocess_env_detected()
+  assert sharding.maybe_initialize_distributed("never") is False

@@ -1,0 +1,269 @@
+"""The merge loop end to end on the embedded sample: loss goes down, resume is exact, SIGKILL
+is survived, freezing freezes, NaN policies, config errors fail before compiling."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import merge
+from samclip_jax import optim, train
+from samclip_jax.models import samclip as sc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """A shared embedded sample and a persistent compilation cache (in- and out-of-process)."""
+  root = tmp_path_factory.mktemp("merge")
+  cache = str(root / "jax_cache")
+  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                             "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield {"root": root, "sample": str(root / "sample"), "cache": cache}
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def tiny(env, arg="tiny", **overrides):
+  c = merge.get_config(arg)
+  c.data.sample_dir = env["sample"]
+  for k, v in overrides.items():
+    node, *rest = k.split(".")
+    if rest:
+      c[node][rest[0]] = v
+    else:
+      c[k] = v
+  return c
+
+
+def one_device():
+  """Loop tests run on one device, as on a laptop (conftest makes 8)."""
+  return jax.devices()[:1]
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, optim.merge_params(state.params, state.frozen))
+
+
+@pytest.fixture(scope="module")
+def straight(env):
+  """8 steps in one go."""
+  workdir = str(env["root"] / "straight")
+  out = train.train_and_evaluate(tiny(env), workdir, devices=one_device())
+  return workdir, out
+
+
+def test_loss_decreases_and_outputs(straight):
+  workdir, out = straight
+  hist = out["history"]
+  assert out["step"] == 8 and [h["step"] for h in hist] == [2, 4, 6, 8]
+  assert hist[-1]["total_loss"] < hist[0]["total_loss"]
+  assert hist[-1]["clip_loss"] < hist[0]["clip_loss"]
+  assert np.isfinite(hist[-1]["sam_loss"]) and 0 <= hist[-1]["sam_iou"] <= 1
+  assert {"eval/clip_cosine", "eval/sam_iou"} <= set(out)
+  assert hist[-1]["images_per_sec"] > 0 and hist[-1]["learning_rate"] >= 0
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  # The export is a samclip model dir holding the final parameters.
+  cfg, params = sc.load_samclip(os.path.join(workdir, "export"))
+  assert cfg.out_dim == 16 and cfg.sam.image_size == 64
+  jax.tree.map(np.testing.assert_array_equal, params, _params(out["state"]))
+
+
+def test_resume_equals_straight_run(env, straight):
+  _, ref = straight
+  workdir = str(env["root"] / "resumed")
+  first = train.train_and_evaluate(tiny(env), workdir, stop_at_step=3, devices=one_device())
+  assert first["step"] == 3
+  assert "export" not in os.listdir(workdir)
+  second = train.train_and_evaluate(tiny(env), workdir, devices=one_device())
+  assert second["step"] == 8
+  jax.tree.map(np.testing.assert_array_equal, _params(second["state"]), _params(ref["state"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second["state"].opt_state),
+               jax.device_get(ref["state"].opt_state))
+  # Rerunning a finished run is a no-op that still leaves the export in place.
+  third = train.train_and_evaluate(tiny(env), workdir, devices=one_device())
+  assert third["step"] == 8 and os.path.isdir(os.path.join(workdir, "export"))
+
+
+def _finalized_steps(ckpt_dir):
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def test_sigkill_then_rerun_completes(env):
+  workdir = str(env["root"] / "killed")
+  cmd = [sys.executable, "-m", "samclip_jax.main", "--config=configs/merge.py:tiny",
+         f"--workdir={workdir}", f"--config.data.sample_dir={env['sample']}",
+         "--config.total_steps=12", "--config.checkpoint_every_steps=2", "--config.eval_every_steps=100"]
+  penv = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+              JAX_COMPILATION_CACHE_DIR=env["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  ckpt = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  try:
+    while not _finalized_steps(ckpt) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)  # mid-run, possibly mid-save
+  finally:
+    proc.kill()
+    proc.wait()
+  killed_at = _finalized_steps(ckpt)
+  assert killed_at and killed_at[-1] < 12
+  done = subprocess.run(cmd, cwd=REPO, env=penv, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert "resumed from step" in done.stdout
+  assert _finalized_steps(ckpt)[-1] == 12
+  assert os.path.isfile(os.path.join(workdir, "export", "config.json"))
+
+
+# ----------------------------------------------------------------------------- step level
+@pytest.fixture(scope="module")
+def probe(env):
+  exp = train.create_experiment(tiny(env, "probe,tiny"), one_device())
+  teachers = train.init_teachers(exp)
+  return exp, teachers, train.make_train_step(exp)
+
+
+def test_freezing_really_freezes(probe):
+  exp, teachers, step = probe
+  assert all(p.startswith("clip_head/") for p in exp.trainable_paths)
+  assert any(p.startswith("image_encoder/") for p in exp.frozen_paths)
+  state = train.init_state(exp, teachers)
+  frozen0 = jax.tree.map(np.asarray, state.frozen)
+  train0 = jax.tree.map(np.asarray, state.params)
+  # No optimizer state for frozen params: every params-like leaf is a clip_head tensor.
+  mu = state.opt_state[1][0].mu  # chain(clip, adamw(scale_by_adam, ...), ...)
+  assert set(optim.flat_paths(mu)) == set(exp.trainable_paths)
+  for i in range(2):
+    state, metrics = step(state, teachers, train._device_batches(exp, train.fake_batches(exp, i)))
+  assert bool(metrics["finite"])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen0)
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, train0))
+  assert all(changed)
+
+
+def test_nan_step_is_skipped_and_counted(probe):
+  exp, teachers, step = probe
+  state = train.init_state(exp, teachers)
+  before = jax.tree.map(np.asarray, state.params)
+  batches = train.fake_batches(exp, 0)
+  batches["clip"]["teacher_embedding"] = np.full((exp.config.clip_batch_size, 16), np.nan, np.float32)
+  state, metrics = step(state, teachers, train._device_batches(exp, batches))
+  m = jax.device_get(metrics)
+  assert not m["finite"] and int(state.nonfinite) == 1 and int(state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
+  with pytest.raises(FloatingPointError, match="at step 5"):
+    train.check_finite(m, 5, "stop")
+  assert train.check_finite(m, 5, "skip") is True
+
+
+def test_nan_policy_stop_in_the_loop(env, monkeypatch):
+  """A NaN teacher embedding in batch 3 stops the run with that step number."""
+  real = train.make_loaders
+
+  def poisoned(exp, paths, split="train"):
+    loaders = real(exp, paths, split=split)
+    if split == "train":
+      loaders["clip"] = _Poison(loaders["clip"], at=3, dim=exp.clip_config.embed_dim)
+    return loaders
+
+  monkeypatch.setattr(train, "make_loaders", poisoned)
+  # Same config as the `probe` fixture's but for the logging: the compiled step is reused.
+  cfg = tiny(env, "probe,tiny", log_every_steps=8, eval_every_steps=100)
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    train.train_and_evaluate(cfg, str(env["root"] / "nan_stop"), devices=one_device())
+  cfg.nan_policy = "skip"
+  out = train.train_and_evaluate(cfg, str(env["root"] / "nan_skip"), devices=one_device())
+  assert out["step"] == 8 and out["history"][-1]["nonfinite_steps"] == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(out["state"])))
+
+
+class _Poison:
+  """Wraps a CLIP loader: every batch carries teacher embeddings (zeros-free random), batch `at` NaN."""
+
+  def __init__(self, loader, at, dim):
+    self.loader, self.at, self.dim = loader, at, dim
+
+  def __iter__(self):
+    return _PoisonIter(iter(self.loader), self.at, self.dim)
+
+
+class _PoisonIter:
+  def __init__(self, it, at, dim):
+    self.it, self.at, self.dim, self.i = it, at, dim, 0
+
+  def __next__(self):
+    b = dict(next(self.it))
+    self.i += 1
+    emb = np.random.default_rng(self.i).normal(size=(b["image"].shape[0], self.dim)).astype(np.float32)
+    if self.i == self.at:
+      emb[:] = np.nan
+    b["teacher_embedding"] = emb
+    return b
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+def test_grad_accumulation_matches_one_big_batch(env):
+  cfg1 = tiny(env, grad_accum_steps=1)
+  cfg2 = tiny(env, grad_accum_steps=2)
+  out = []
+  for cfg in (cfg1, cfg2):
+    exp = train.create_experiment(cfg, one_device())
+    teachers = train.init_teachers(exp)
+    state = train.init_state(exp, teachers)
+    state, m = train.make_train_step(exp)(state, teachers, train._device_batches(exp, train.fake_batches(exp)))
+    out.append((_params(state), jax.device_get(m)))
+  (p1, m1), (p2, m2) = out
+  np.testing.assert_allclose(m1["clip_loss"], m2["clip_loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["sam_loss"], m2["sam_loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p2)
+
+
+# ----------------------------------------------------------------------------- config errors
+def test_config_errors_fail_before_compiling(env, tmp_path):
+  c = merge.get_config("local")
+  with pytest.raises(AttributeError):
+    c.total_step = 5  # typo: the config is locked
+  with pytest.raises(ValueError, match="unknown config arg"):
+    merge.get_config("prob")
+  with pytest.raises(FileNotFoundError, match="sam_checkpoint"):
+    train.validate_config(tiny(env, sam_checkpoint=str(tmp_path / "missing")))
+  with pytest.raises(ValueError, match="nan_policy"):
+    train.validate_config(tiny(env, nan_policy="ignore"))
+  bad_mesh = tiny(env)
+  bad_mesh.mesh.fsdp = 3
+  with pytest.raises(ValueError, match="do not divide the 8 available devices"):
+    train.create_experiment(bad_mesh)
+  with pytest.raises(ValueError, match="sam_batch_size=2 .* data-parallel size 8"):
+    train.create_experiment(tiny(env))  # 8 devices, data=-1 -> 8-way; 2 SAM images
+  with pytest.raises(ValueError, match="matches no parameter"):
+    cfg = tiny(env)
+    cfg.optim.frozen = ["promt_encoder/.*"]
+    train.create_experiment(cfg, one_device())
+
+
+def test_stage_configs():
+  s2, s1, s3 = merge.get_config(""), merge.get_config("probe"), merge.get_config("resolution")
+  assert (s2.learning_rate, s2.lambda_sam, s2.clip_batch_size, s2.sam_batch_size, s2.masks_per_image) == (
+      4e-5, 10.0, 2048, 32, 32)
+  assert s1.learning_rate == 8e-4 and s1.sam_batch_size == 0 and "image_encoder/.*" in s1.optim.frozen
+  assert tuple(s3.clip_resolutions) == (224, 448, 1024)
+  local = merge.get_config("local,probe")
+  assert local.stage == "probe" and local.model.sam_variant == "tiny"
