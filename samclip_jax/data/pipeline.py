@@ -9,18 +9,24 @@ are dicts with the keys of records.py ("image" as encoded bytes or a uint8 array
 Randomness: grain's IndexSampler gives record i of the (sharded, shuffled) stream an rng
 Philox(seed + i). Per-record choices (crop box, flip, masks, prompts) use that record's
 rng; the CLIP resolution of a batch uses the rng of the batch's last record, so it is a
-function of (seed, batch position) only. Every batch has a single resolution.
+function of (seed, batch position) only (for a given worker_count, which changes how
+records are grouped into batches). Every batch has a single resolution. seed: 0 <= seed < 2**32.
+
+Multi-host: pass shard_index=jax.process_index(), shard_count=jax.process_count() and the
+per-process batch size (global batch / process count); each process reads a disjoint
+1/shard_count of the records (grain ShardOptions, remainder dropped).
 
 Checkpointing: `iter(loader)` is a grain DataLoaderIterator with get_state()/set_state();
 save it in Orbax with `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`
 and restore with `grain.checkpoint.CheckpointRestore(it)` (see save_args/restore_args).
 """
+import os
 from typing import Sequence
 
 import grain
 import numpy as np
 
-from samclip_jax.data import prompts, records, transforms
+from samclip_jax.data import prompts, records, teacher_store, transforms
 from samclip_jax.data.teacher_store import TeacherStore
 
 SAM_IMAGE_SIZE = 1024
@@ -196,8 +202,6 @@ def sam_loader(paths, *, batch_size: int, masks_per_image: int, points_per_promp
 
 
 def _check_teacher(directory, paths, num_records, resolutions):
-  import os
-  from samclip_jax.data import teacher_store
   m = teacher_store.read_manifest(directory)
   if m["num_records"] != num_records:
     raise ValueError(f"teacher embeddings cover {m['num_records']} records, the split has {num_records}")

@@ -30,7 +30,6 @@ import tarfile
 import time
 import zlib
 
-import numpy as np
 from PIL import Image
 
 from samclip_jax.data import records
