@@ -2,12 +2,14 @@
 
   python benchmarks/sam_encoder.py [--model vit_b] [--size 1024] [--batch 1] [--runs 3]
 
-Prints the median wall time of each (after warm-up) and the ratio JAX / PyTorch, plus the
-load average, since the CPU machines here are shared.
+Runs are interleaved after a warm-up; prints the median wall time and process CPU time of
+each, the ratios JAX / PyTorch, and the load average (the CPU machines here are shared, and
+under load the CPU-time ratio is the steadier figure).
 """
 import argparse
 import functools
 import os
+import resource
 import statistics
 import sys
 import time
@@ -15,13 +17,16 @@ import time
 import numpy as np
 
 
-def _median_time(fn, runs):
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), times
+def _cpu_seconds():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _timed(fn):
+  """(wall s, process cpu s, result) of one call; cpu time is steadier under others' load."""
+  t0, c0 = time.perf_counter(), _cpu_seconds()
+  out = fn()
+  return time.perf_counter() - t0, _cpu_seconds() - c0, out
 
 
 def torch_encoder(cfg):
@@ -98,25 +103,34 @@ def main(argv=None):
   t0 = time.perf_counter()
   compiled = apply.lower(variables, xj).compile()
   print(f"jax compile: {time.perf_counter() - t0:.1f} s")
-  run_jax = lambda: compiled(variables, xj).block_until_ready()
-  run_jax()  # warm-up
-  jax_s, jax_all = _median_time(run_jax, args.runs)
-  print(f"jax   median {jax_s:.2f} s  (runs {', '.join(f'{t:.2f}' for t in jax_all)})")
   mem = compiled.memory_analysis()
   if mem is not None:
-    print(f"jax   temp memory {mem.temp_size_in_bytes / 2**30:.2f} GiB")
-  if args.skip_torch:
-    return
-  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    print(f"jax temp memory: {mem.temp_size_in_bytes / 2**30:.2f} GiB")
+  runners = {"jax": lambda: compiled(variables, xj).block_until_ready()}
+  if not args.skip_torch:
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    runners["torch"] = lambda: enc(xt)
+  timings = {name: ([], []) for name in runners}
+  outputs = {}
   with torch.no_grad():
-    run_torch = lambda: enc(xt)
-    run_torch()  # warm-up
-    torch_s, torch_all = _median_time(run_torch, args.runs)
-    print(f"torch median {torch_s:.2f} s  (runs {', '.join(f'{t:.2f}' for t in torch_all)})")
-    if args.dtype == "float32" and args.size == cfg.img_size:
-      err = np.abs(np.asarray(compiled(variables, xj)) - enc(xt).permute(0, 2, 3, 1).numpy()).max()
+    for name, fn in runners.items():  # warm-up
+      fn()
+    for _ in range(args.runs):  # interleaved, so both see the same machine load
+      for name, fn in runners.items():
+        wall, cpu, outputs[name] = _timed(fn)
+        timings[name][0].append(wall)
+        timings[name][1].append(cpu)
+    if not args.skip_torch and args.dtype == "float32" and args.size == cfg.img_size:
+      err = np.abs(np.asarray(outputs["jax"]) - outputs["torch"].permute(0, 2, 3, 1).numpy()).max()
       print(f"max-abs difference of embeddings: {err:.2e}")
-  print(f"ratio jax/torch: {jax_s / torch_s:.2f}")
+  med = {}
+  for name, (walls, cpus) in timings.items():
+    med[name] = (statistics.median(walls), statistics.median(cpus))
+    print(f"{name:5s} median wall {med[name][0]:.2f} s, cpu {med[name][1]:.2f} s  "
+          f"(walls {', '.join(f'{t:.2f}' for t in walls)})")
+  if "torch" in med:
+    print(f"ratio jax/torch: wall {med['jax'][0] / med['torch'][0]:.2f}, "
+          f"cpu time {med['jax'][1] / med['torch'][1]:.2f}")
   print(f"load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

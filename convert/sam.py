@@ -25,6 +25,7 @@ def conv_transpose_torch(x):
 _ENC = r"image_encoder\."
 _PE = r"prompt_encoder\."
 _DEC = r"mask_decoder\."
+_TWL = r"mask_decoder\.transformer\.layers\.(\d+)\."  # TwoWayAttentionBlock i
 _ATTN = r"(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
 _PROJ = r"(q_proj|k_proj|v_proj|out_proj)"
 
@@ -52,14 +53,14 @@ RULES = [
     (_PE + r"mask_downscaling\.([036])\.bias", r"prompt_encoder/mask_downscaling_\1/bias", identity),
     (_PE + r"mask_downscaling\.([14])\.(weight|bias)", r"prompt_encoder/mask_downscaling_\1/\2", identity),
     # transformer.py: TwoWayTransformer
-    (_DEC + r"transformer\.layers\.(\d+)\." + _ATTN + r"\." + _PROJ + r"\.weight",
+    (_TWL + _ATTN + r"\." + _PROJ + r"\.weight",
      r"mask_decoder/transformer/layers_\1/\2/\3/kernel", linear),
-    (_DEC + r"transformer\.layers\.(\d+)\." + _ATTN + r"\." + _PROJ + r"\.bias",
+    (_TWL + _ATTN + r"\." + _PROJ + r"\.bias",
      r"mask_decoder/transformer/layers_\1/\2/\3/bias", identity),
-    (_DEC + r"transformer\.layers\.(\d+)\.mlp\.(lin[12])\.weight", r"mask_decoder/transformer/layers_\1/mlp/\2/kernel", linear),
-    (_DEC + r"transformer\.layers\.(\d+)\.mlp\.(lin[12])\.bias", r"mask_decoder/transformer/layers_\1/mlp/\2/bias", identity),
-    (_DEC + r"transformer\.layers\.(\d+)\.(norm[1-4])\.weight", r"mask_decoder/transformer/layers_\1/\2/scale", identity),
-    (_DEC + r"transformer\.layers\.(\d+)\.(norm[1-4])\.bias", r"mask_decoder/transformer/layers_\1/\2/bias", identity),
+    (_TWL + r"mlp\.(lin[12])\.weight", r"mask_decoder/transformer/layers_\1/mlp/\2/kernel", linear),
+    (_TWL + r"mlp\.(lin[12])\.bias", r"mask_decoder/transformer/layers_\1/mlp/\2/bias", identity),
+    (_TWL + r"(norm[1-4])\.weight", r"mask_decoder/transformer/layers_\1/\2/scale", identity),
+    (_TWL + r"(norm[1-4])\.bias", r"mask_decoder/transformer/layers_\1/\2/bias", identity),
     (_DEC + r"transformer\.final_attn_token_to_image\." + _PROJ + r"\.weight",
      r"mask_decoder/transformer/final_attn_token_to_image/\1/kernel", linear),
     (_DEC + r"transformer\.final_attn_token_to_image\." + _PROJ + r"\.bias",
@@ -75,7 +76,8 @@ RULES = [
      r"mask_decoder/output_hypernetworks_mlps_\1/layers_\2/kernel", linear),
     (_DEC + r"output_hypernetworks_mlps\.(\d+)\.layers\.(\d+)\.bias",
      r"mask_decoder/output_hypernetworks_mlps_\1/layers_\2/bias", identity),
-    (_DEC + r"iou_prediction_head\.layers\.(\d+)\.weight", r"mask_decoder/iou_prediction_head/layers_\1/kernel", linear),
+    (_DEC + r"iou_prediction_head\.layers\.(\d+)\.weight", r"mask_decoder/iou_prediction_head/layers_\1/kernel",
+     linear),
     (_DEC + r"iou_prediction_head\.layers\.(\d+)\.bias", r"mask_decoder/iou_prediction_head/layers_\1/bias", identity),
 ]
 

@@ -359,6 +359,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
         preds.append({"image_id": image_id, "category_id": cat, "segmentation": metrics.encode_mask(masks[j]),
                       "score": float(iou[b, j]) if score is None else score})
     progress.update(len(chunk))
+  _write_atomic(os.path.join(workdir, "instance_segmentation_predictions.json"), json.dumps(preds))
   out = metrics.coco_mask_ap(coco, preds, image_ids=image_ids)
   out["num_prompts"] = len(preds)
   out["boxes"] = "detections" if config.data.detections else "ground truth"

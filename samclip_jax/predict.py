@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--boxes", help="'x0,y0,x1,y1;...' box prompts (one mask each)")
   p.add_argument("--everything", action="store_true", help="automatic mask generator")
   p.add_argument("--points-per-side", type=int, default=32, help="--everything grid (default 32)")
+  p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--everything: min predicted IoU")
+  p.add_argument("--stability-score-thresh", type=float, default=0.95, help="--everything: min stability")
   p.add_argument("--templates", default="imagenet80", help="prompt template set for class names")
   p.add_argument("--text-model", help="open_clip model directory if the checkpoint lacks its text tower")
   p.add_argument("--alpha", type=float, default=0.5, help="mask opacity (default 0.5)")
@@ -125,6 +127,8 @@ def run(args) -> str:
     raise UsageError("nothing to do: give --classes, --points / --boxes, or --everything")
   if not 0.0 <= args.alpha <= 1.0:
     raise UsageError("--alpha must be in [0, 1]")
+  if args.points_per_side < 1:
+    raise UsageError("--points-per-side must be at least 1")
   out_ext = os.path.splitext(args.output)[1].lower()
   if out_ext not in (".png", ".jpg", ".jpeg"):
     raise UsageError(f"--output must end in .png or .jpg, got {args.output!r}")
@@ -163,11 +167,16 @@ def run(args) -> str:
                                   box=None if boxes is None else boxes[0], multimask_output=multi)
       best = int(np.argmax(s))
       masks, scores = m[best:best + 1], s[best:best + 1]
-    names = _names(model, image, masks, classes, scores, args.templates)
+    if classes:   # colour by class; each mask tagged with its class and probability
+      named = model.label_masks(image, list(masks), classes, args.templates)
+      names, tags = [n for n, _ in named], [f"{n} {p:.2f}" for n, p in named]
+    else:
+      names, tags = [f"mask {i + 1} (IoU {s:.2f})" for i, s in enumerate(scores)], None
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, points=points,
-                                  point_labels=labels, boxes=boxes)
+                                  point_labels=labels, boxes=boxes, tags=tags)
   elif args.everything:
-    records = model.mask_generator(points_per_side=args.points_per_side).generate(image)
+    records = model.mask_generator(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
+                                   stability_score_thresh=args.stability_score_thresh).generate(image)
     masks = [r["segmentation"] for r in records]
     names = [n for n, _ in model.label_masks(image, masks, classes, args.templates)] if classes else None
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, title=f"{len(masks)} masks")
@@ -177,12 +186,6 @@ def run(args) -> str:
     pic = visualize.overlay_semantic(image, label_map, classes, alpha=args.alpha, skip=skip)
   _save_atomic(pic, args.output, out_ext)
   return args.output
-
-
-def _names(model, image, masks, classes, scores, templates):
-  if classes:
-    return [f"{n} ({p:.2f})" for n, p in model.label_masks(image, list(masks), classes, templates)]
-  return [f"mask {i + 1} (IoU {s:.2f})" for i, s in enumerate(scores)]
 
 
 def _save_atomic(pic, path: str, ext: str):

@@ -29,8 +29,8 @@ MESH_AXES = ("data", "fsdp", "model")
 
 # FSDP over "fsdp" for every weight matrix, tensor parallelism over "model" for MLP / heads.
 # Rules are tried in order; a later rule for the same logical name is a fallback used when
-# the earlier mesh axis is already taken by another dimension of the same array
-# (flax priority semantics, plus divisibility: see logical_to_mesh_spec), so e.g. an [mlp, embed] kernel still gets FSDP on "embed".
+# the earlier mesh axis is taken by another dim of the same array, does not divide the dim,
+# or has size 1 (see logical_to_mesh_spec). So with model=1, MLP biases still get FSDP.
 DEFAULT_RULES = (
     (BATCH, ("data", "fsdp")),
     (EMBED, "fsdp"),
@@ -132,9 +132,10 @@ def logical_to_mesh_spec(names, shape, mesh: Mesh, rules) -> P:
 
   flax's priority semantics (rules in order; a rule applies if its logical name is one of
   the array's dims, that dim is unassigned and its mesh axes are still free), plus one
-  condition: the dim must divide evenly by the mesh axes' size. So a later fallback rule
-  can still shard the array when an earlier one would split an odd-sized dim; dims nothing
-  fits stay replicated.
+  conditions: the dim must divide evenly by the mesh axes' size, and that size must be > 1.
+  So a later fallback rule can still shard the array when an earlier one would split an
+  odd-sized dim or name a trivial axis (e.g. "mlp" -> "model" with model=1 falls back to
+  "fsdp"); dims nothing fits stay replicated.
   """
   if not names:
     return P()
@@ -151,7 +152,8 @@ def logical_to_mesh_spec(names, shape, mesh: Mesh, rules) -> P:
     mesh_axes = axes if isinstance(axes, tuple) else (axes,)
     if assigned[i] is not None or used & set(mesh_axes):
       continue
-    if shape[i] % axis_size(mesh, mesh_axes):
+    size = axis_size(mesh, mesh_axes)
+    if size == 1 or shape[i] % size:  # a size-1 axis shards nothing: let a fallback rule try
       continue
     assigned[i] = axes
     used |= set(mesh_axes)

@@ -97,6 +97,19 @@ def _draw_prompts(picture: Image.Image, points=None, point_labels=None, boxes=No
                 outline=(255, 255, 255), width=max(1, r // 3))
 
 
+def _draw_tags(picture: Image.Image, masks, tags, colours) -> None:
+  d = ImageDraw.Draw(picture)
+  font = _font(max(12, min(20, picture.height // 35)))
+  for m, tag, c in zip(masks, tags, colours):
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+      continue
+    x, y = int(xs.min()), int(ys.min())
+    l, t, r, b = d.textbbox((x, y), tag, font=font)
+    d.rectangle([l - 2, t - 2, r + 2, b + 2], fill=tuple(int(v * 0.5) for v in c))
+    d.text((x, y), tag, fill=(255, 255, 255), font=font)
+
+
 def overlay_semantic(image: np.ndarray, label_map: np.ndarray, class_names: Sequence[str],
                      alpha: float = 0.5, skip: Sequence[int] = (), title: str | None = None) -> Image.Image:
   """Colours each class of an HxW label map over the image; the legend lists classes present.
@@ -116,10 +129,12 @@ def overlay_semantic(image: np.ndarray, label_map: np.ndarray, class_names: Sequ
 
 def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequence[str] | None = None,
                   colours: Sequence[tuple[int, int, int]] | None = None, alpha: float = 0.5,
-                  points=None, point_labels=None, boxes=None, title: str | None = None) -> Image.Image:
+                  points=None, point_labels=None, boxes=None, title: str | None = None,
+                  tags: Sequence[str] | None = None) -> Image.Image:
   """Instance masks over the image (largest drawn first), prompts on top, legend of `names`.
 
   Masks sharing a name share a colour (class colours); unnamed masks get one colour each.
+  `tags` (say "cat 0.93") are written at the top-left corner of each mask.
   """
   image = np.asarray(image)
   masks = [np.asarray(m, bool) for m in masks]
@@ -136,6 +151,8 @@ def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequenc
   order = np.argsort([-m.sum() for m in masks], kind="stable")
   pic = Image.fromarray(_blend(image, [masks[i] for i in order], [colours[i] for i in order], alpha))
   _draw_prompts(pic, points, point_labels, boxes)
+  if tags is not None:
+    _draw_tags(pic, masks, tags, colours)
   entries = []
   if names is not None:
     seen = set()

@@ -2,20 +2,38 @@
 import os
 import shutil
 
-import flax.linen as nn
 import jax
+import numpy as np
 
 from samclip_jax import checkpoint
 from samclip_jax import tokenizer as tok
 from samclip_jax.models import clip as clip_lib
 from samclip_jax.models import samclip as samclip_lib
-from samclip_jax.models.sam import Sam, example_inputs
+from samclip_jax.models.sam import abstract_params as sam_abstract_params
 
 EMBED_DIM = 32
 
 TINY_CLIP = {"embed_dim": EMBED_DIM,
              "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def random_params(abstract, seed: int):
+  """Numpy random weights for an abstract param tree (shapes only: tracing, no compiling,
+  which on a busy 2-core machine costs tens of seconds per model). Kernels unit-variance
+  per fan-in, norm scales ~1, everything else small."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(getattr(path[-1], "key", path[-1]))
+    shape = tuple(leaf.shape)
+    if len(shape) >= 2:
+      return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+    if name in ("scale", "weight") and len(shape) == 1:
+      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def tokenizer_files(directory: str) -> tuple[str, str]:
@@ -31,7 +49,8 @@ def tokenizer_files(directory: str) -> tuple[str, str]:
 def make_clip_dir(directory: str, seed: int = 1) -> str:
   """An open_clip model directory (model_type "open_clip") holding a random tiny CLIP."""
   config = clip_lib.ClipConfig.from_open_clip_config(TINY_CLIP)
-  params = nn.unbox(clip_lib.init_variables(config, jax.random.key(seed))["params"])
+  params = random_params(clip_lib.abstract_params(config), seed)
+  params["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
   vocab, merges = tokenizer_files(os.path.join(os.path.dirname(os.path.abspath(directory)), "bpe"))
   meta = {"model_type": clip_lib.MODEL_TYPE, "open_clip_model": "tiny-test", "config": config.to_dict(),
           "tokenizer": {"vocab": tok.VOCAB_FILE, "merges": tok.MERGES_FILE, "context_length": 77,
@@ -49,7 +68,7 @@ def tiny_samclip_config(image_size: int = 128) -> samclip_lib.SamClipConfig:
 def make_samclip_dir(directory: str, clip_dir: str | None = None, seed: int = 2, image_size: int = 128) -> str:
   """A merged model directory (model_type "samclip"), random; clip_dir copied as text_model/."""
   config = tiny_samclip_config(image_size)
-  params = samclip_lib.init_params(config, jax.random.key(seed))
+  params = random_params(samclip_lib.abstract_params(config), seed)
   samclip_lib.save_samclip(directory, config, params)
   if clip_dir is not None:
     shutil.copytree(clip_dir, os.path.join(directory, "text_model"))
@@ -59,6 +78,24 @@ def make_samclip_dir(directory: str, clip_dir: str | None = None, seed: int = 2,
 def make_sam_dir(directory: str, seed: int = 3, image_size: int = 128) -> str:
   """A SAM model directory (model_type "sam"), random tiny weights."""
   config = tiny_samclip_config(image_size).sam
-  params = nn.unbox(Sam(config).init(jax.random.key(seed), *example_inputs(config))["params"])
+  params = random_params(sam_abstract_params(config), seed)
   checkpoint.save_model(directory, params, config.to_dict())
   return directory
+
+
+def ensure_models(base) -> dict:
+  """Builds (once per test process, under `base`) the tiny clip / samclip / sam directories."""
+  base = os.path.join(str(base), "eval_models")
+  paths = {k: os.path.join(base, k) for k in ("clip", "samclip", "samclip_no_text", "sam")}
+  if not os.path.isfile(os.path.join(paths["sam"], checkpoint.CONFIG_FILE)):
+    make_clip_dir(paths["clip"])
+    make_samclip_dir(paths["samclip"], paths["clip"])
+    make_samclip_dir(paths["samclip_no_text"])
+    make_sam_dir(paths["sam"])
+  return paths
+
+
+def ensure_sample(base) -> dict:
+  """The embedded sample, built once per test process under `base`."""
+  from samclip_jax.data.sample import ensure_sample as build
+  return build(os.path.join(str(base), "sample"))

@@ -68,15 +68,16 @@ def torch_text(model, ids):
     return model.encode_text(torch.from_numpy(np.asarray(ids, np.int64))).numpy()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "dense"))
-def jax_image(config, params, pixels, dtype=jnp.float32, dense=False):
-  return clip.CLIP(config, dtype=dtype).apply({"params": params}, pixels, dense=dense,
-                                              method=clip.CLIP.encode_image)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "dense", "attention"))
+def jax_image(config, params, pixels, dtype=jnp.float32, dense=False, attention=None):
+  return clip.CLIP(config, dtype=dtype, attention=attention).apply(
+      {"params": params}, pixels, dense=dense, method=clip.CLIP.encode_image)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def jax_text(config, params, ids, dtype=jnp.float32):
-  return clip.CLIP(config, dtype=dtype).apply({"params": params}, ids, method=clip.CLIP.encode_text)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "attention"))
+def jax_text(config, params, ids, dtype=jnp.float32, attention=None):
+  return clip.CLIP(config, dtype=dtype, attention=attention).apply(
+      {"params": params}, ids, method=clip.CLIP.encode_text)
 
 
 def pixels(n, h, w, seed=0):
@@ -118,6 +119,9 @@ def test_tiny_parity(tiny):
   np.testing.assert_allclose(jax_text(config, params, hf_ids), ref, atol=1e-5, rtol=0)
   # A shorter id sequence (L < context_length) is fine too: causal attention.
   np.testing.assert_allclose(jax_text(config, params, ids[:, :24]), ref, atol=1e-5, rtol=0)
+  # jax.nn.dot_product_attention (the accelerator path) agrees with the CPU per-head loop.
+  np.testing.assert_allclose(jax_image(config, params, x, attention="xla"), torch_image(model, x), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(jax_text(config, params, ids, attention="xla"), ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(48, 48), (48, 40), (24, 24)])

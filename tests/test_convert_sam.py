@@ -51,10 +51,11 @@ def test_round_trip_matches_torch_tensors(tiny_pth, tiny_state, tmp_path):
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
   sd = {k: v.numpy() for k, v in tiny_state.items()}
   # Spot checks of each transform against the torch tensors.
-  np.testing.assert_array_equal(b["image_encoder/blocks_1/attn/qkv/kernel"], sd["image_encoder.blocks.1.attn.qkv.weight"].T)
-  np.testing.assert_array_equal(b["image_encoder/neck_2/kernel"], sd["image_encoder.neck.2.weight"].transpose(2, 3, 1, 0))
+  eq = np.testing.assert_array_equal
+  eq(b["image_encoder/blocks_1/attn/qkv/kernel"], sd["image_encoder.blocks.1.attn.qkv.weight"].T)
+  eq(b["image_encoder/neck_2/kernel"], sd["image_encoder.neck.2.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(b["image_encoder/neck_1/weight"], sd["image_encoder.neck.1.weight"])
-  np.testing.assert_array_equal(b["prompt_encoder/point_embeddings_3/embedding"], sd["prompt_encoder.point_embeddings.3.weight"])
+  eq(b["prompt_encoder/point_embeddings_3/embedding"], sd["prompt_encoder.point_embeddings.3.weight"])
   np.testing.assert_array_equal(b["mask_decoder/output_upscaling_0/kernel"],
                                 sd["mask_decoder.output_upscaling.0.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(b["mask_decoder/transformer/layers_1/norm4/scale"],

@@ -1,4 +1,7 @@
 """SamPredictor against segment_anything's SamPredictor: same weights, same image, same prompts."""
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -237,14 +240,16 @@ def vit_b(tmp_path_factory):
   tsam = randomize_(sam_model_registry["vit_b"](), seed=0).eval()
   d = tmp_path_factory.mktemp("sam_vit_b")
   torch.save(tsam.state_dict(), d / "sam_vit_b_random.pth")
-  assert convert_main(["--checkpoint", str(d / "sam_vit_b_random.pth"), "--output", str(d / "converted")]) == 0
-  return str(d / "converted"), tsam
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    rc = convert_main(["--checkpoint", str(d / "sam_vit_b_random.pth"), "--output", str(d / "converted")])
+  assert rc == 0, log.getvalue()
+  return str(d / "converted"), tsam, log.getvalue()
 
 
-def test_vit_b_full_size_parity(vit_b, capsys):
-  directory, tsam = vit_b
-  out = capsys.readouterr().out
-  assert "variant vit_b (inferred" in out and "converted SAM vit_b" in out
+def test_vit_b_full_size_parity(vit_b):
+  directory, tsam, log = vit_b
+  assert "variant vit_b (inferred" in log and "converted SAM vit_b: 93.7M params" in log
   config, _ = load_sam(directory)
   assert config == SamConfig.from_name("vit_b")
   image = random_image(480, 640, seed=11)

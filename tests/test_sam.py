@@ -177,6 +177,19 @@ def test_bfloat16_compute_keeps_float32_params(ref):
   assert _maxabs(m16, m32) <= 0.1 * scale
 
 
+def test_preprocess_matches_torch(ref):
+  tsam, _ = ref
+  rng = np.random.default_rng(6)
+  img = rng.integers(0, 256, (2, TINY.image_size, TINY.image_size, 3)).astype(np.uint8)
+  valid = np.array([[200, 256], [256, 100]])
+  for i, (h, w) in enumerate(valid):
+    img[i, h:], img[i, :, w:] = 0, 0  # a data-pipeline batch: resized, zero padded as uint8
+  got = np.asarray(S.preprocess(img, valid))
+  for i, (h, w) in enumerate(valid):
+    want = tsam.preprocess(torch.from_numpy(img[i, :h, :w]).permute(2, 0, 1).float()).permute(1, 2, 0).numpy()
+    assert _maxabs(got[i], want) <= 1e-6
+
+
 # ---------------------------------------------------------------- config / params
 def test_params_carry_logical_axes():
   boxed = jax.eval_shape(S.Sam(TINY).init, jax.random.key(0), *S.example_inputs(TINY))["params"]

@@ -18,10 +18,12 @@ CFG = sc.SamClipConfig(sam=sc.tiny_sam_config(image_size=64, embed_dim=32, depth
 
 @pytest.fixture(scope="module")
 def built():
-  sam_params = nn.unbox(jax.jit(lambda k: Sam(CFG.sam).init(k, *sc.example_inputs(CFG)[:3])["params"])(
-      jax.random.key(1)))
-  params = jax.jit(lambda p: sc.samclip_params_from_sam(p, CFG, jax.random.key(2)))(sam_params)
-  return sam_params, params
+  @jax.jit
+  def build(k):
+    sam_params = nn.unbox(Sam(CFG.sam).init(k, *sc.example_inputs(CFG)[:3])["params"])
+    return sam_params, sc.samclip_params_from_sam(sam_params, CFG, jax.random.key(2))
+
+  return build(jax.random.key(1))
 
 
 def test_config_round_trip():
@@ -58,31 +60,45 @@ def test_sam_head_matches_sam(built):
   x = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
   coords = jnp.asarray(rng.uniform(0, 64, size=(2, 3, 2, 2)), jnp.float32)
   labels = jnp.array([[[1, -1], [2, 3], [1, 0]]] * 2, jnp.int32)
-  want, want_iou = Sam(CFG.sam).apply({"params": sam_params}, x, coords, labels, multimask_output=True)
   net = sc.SamClipNet(CFG)
-  got, got_iou = net.apply({"params": params}, x, coords, labels, multimask_output=True,
-                           method=sc.SamClipNet.sam_masks)
+
+  @jax.jit
+  def run(sam_params, params):
+    want = Sam(CFG.sam).apply({"params": sam_params}, x, coords, labels, multimask_output=True)
+    single = Sam(CFG.sam).apply({"params": sam_params}, x, coords, labels, multimask_output=False)[0]
+    got = net.apply({"params": params}, x, coords, labels, multimask_output=True,
+                    method=sc.SamClipNet.sam_masks)
+    # From precomputed embeddings, single-mask output.
+    emb, _ = net.apply({"params": params}, x, method=sc.SamClipNet.encode_image)
+    one, _ = net.apply({"params": params}, emb, coords, labels, method=sc.SamClipNet.sam_masks)
+    return want, got, one, single
+
+  (want, want_iou), (got, got_iou), one, single = run(sam_params, params)
   np.testing.assert_allclose(got, want, atol=1e-5)
   np.testing.assert_allclose(got_iou, want_iou, atol=1e-5)
-  # From precomputed embeddings: same answer, single-mask output.
-  emb, _ = net.apply({"params": params}, x, method=sc.SamClipNet.encode_image)
-  one, _ = net.apply({"params": params}, emb, coords, labels, method=sc.SamClipNet.sam_masks)
   assert one.shape == (2, 3, 1, 64 // 4, 64 // 4)
+  np.testing.assert_allclose(one, single, atol=1e-5)
 
 
 def test_clip_head_semantics(built):
   _, params = built
   net = sc.SamClipNet(CFG)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 48, 80, 3)), jnp.float32)  # non-square
-  pooled, patch = net.apply({"params": params}, x, method=sc.SamClipNet.clip_features)
-  assert pooled.shape == (2, 24) and patch.shape == (2, 3, 5, 24)
-  # By hand: trunk tokens -> 3 blocks (global attention) -> max-pool -> LN -> MLP.
-  _, aux = net.apply({"params": params}, x, method=sc.SamClipNet.encode_image)
   enc = CFG.sam.image_encoder
-  h = aux["tokens"]
-  for i in range(3):
-    h = Block(enc.embed_dim, enc.num_heads, enc.mlp_ratio, enc.qkv_bias, enc.use_rel_pos, 0,
-              (enc.grid_size,) * 2).apply({"params": params["clip_head"][f"blocks_{i}"]}, h)
+
+  @jax.jit
+  def run(params):
+    pooled, patch = net.apply({"params": params}, x, method=sc.SamClipNet.clip_features)
+    # By hand: trunk tokens -> 3 blocks (global attention) -> max-pool -> LN -> MLP.
+    _, aux = net.apply({"params": params}, x, method=sc.SamClipNet.encode_image)
+    h = aux["tokens"]
+    for i in range(3):
+      h = Block(enc.embed_dim, enc.num_heads, enc.mlp_ratio, enc.qkv_bias, enc.use_rel_pos, 0,
+                (enc.grid_size,) * 2).apply({"params": params["clip_head"][f"blocks_{i}"]}, h)
+    return pooled, patch, h
+
+  pooled, patch, h = run(params)
+  assert pooled.shape == (2, 24) and patch.shape == (2, 3, 5, 24)
   head = params["clip_head"]
 
   def ln_mlp(t):

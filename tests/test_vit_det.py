@@ -296,7 +296,7 @@ def test_vit_b_1024_parity():
   err = max_abs(got, want)
   print(f"vit_b 1024 embeddings max-abs {err:.2e}")
   assert err <= TOL
-  tokens = np.asarray(aux["tokens"])
+  tokens = np.array(aux["tokens"])
   scale = np.abs(want_blocks[-1]).max()
   assert max_abs(tokens, want_blocks[-1]) <= TOL * max(1.0, scale)
   # The trunk tokens are what the neck reads: torch's neck on our tokens gives our output.

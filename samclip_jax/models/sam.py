@@ -74,30 +74,22 @@ class SamConfig:
     return cls(image_encoder=ImageEncoderConfig.from_name(name))
 
   def to_dict(self) -> dict:
+    """JSON-ready, with the "model_type" key model directories need."""
     d = dataclasses.asdict(self)
-    d["image_encoder"] = _encoder_to_dict(self.image_encoder)
+    d["image_encoder"] = self.image_encoder.to_dict()
     d["model_type"] = "sam"
     return d
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "SamConfig":
     d = {k: v for k, v in d.items() if k != "model_type"}
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown SamConfig keys: {sorted(unknown)}")
     enc = d.pop("image_encoder")
     if not isinstance(enc, ImageEncoderConfig):
-      enc = _encoder_from_dict(enc)
+      enc = ImageEncoderConfig.from_dict(enc)
     return cls(image_encoder=enc, **d)
-
-
-def _encoder_to_dict(enc: ImageEncoderConfig) -> dict:
-  if hasattr(enc, "to_dict"):
-    return enc.to_dict()
-  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(enc).items()}
-
-
-def _encoder_from_dict(d: Mapping[str, Any]) -> ImageEncoderConfig:
-  if hasattr(ImageEncoderConfig, "from_dict"):
-    return ImageEncoderConfig.from_dict(d)
-  return ImageEncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # ----------------------------------------------------------------------------- layers
@@ -188,7 +180,8 @@ class PositionEmbeddingRandom(nn.Module):
     """coords [..., 2] in [0, 1] -> [..., 2 * num_pos_feats] (float32: sin of large arguments)."""
     g = self.positional_encoding_gaussian_matrix.astype(jnp.float32)
     coords = 2 * coords.astype(jnp.float32) - 1
-    # Two multiply-adds rather than a matmul: exact in float32 whatever the matmul precision.
+    # Two multiply-adds, not a matmul: float32 whatever the default matmul precision (a bf16
+    # pass would blur 2*pi*x*g at SAM's high frequencies).
     coords = coords[..., 0:1] * g[0] + coords[..., 1:2] * g[1]
     coords = 2 * np.pi * coords
     return jnp.concatenate([jnp.sin(coords), jnp.cos(coords)], axis=-1)
@@ -507,16 +500,27 @@ def abstract_params(config: SamConfig):
   return nn.unbox(jax.eval_shape(lambda: init_params(config)))
 
 
-def preprocess(images, input_size: tuple[int, int] | None = None):
-  """uint8/float RGB [B,H,W,3] -> normalised float32; zero pad (after normalising) to `input_size`."""
+def preprocess(images, valid_hw=None):
+  """RGB [B,H,W,3] (uint8 or float) -> normalised float32.
+
+  SAM pads *after* normalising, so its padding is 0, not (0 - mean) / std: with `valid_hw`
+  [B,2] (the resized image's height, width in each padded image) everything outside is set
+  to 0, which makes zero-padded uint8 batches match SAM's preprocessing.
+  """
   x = (jnp.asarray(images, jnp.float32) - jnp.array(PIXEL_MEAN, jnp.float32)) / jnp.array(PIXEL_STD, jnp.float32)
-  if input_size is not None:
-    h, w = x.shape[-3:-1]
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, input_size[0] - h), (0, input_size[1] - w), (0, 0)])
+  if valid_hw is not None:
+    valid_hw = jnp.asarray(valid_hw)
+    rows = jnp.arange(x.shape[-3])[None, :, None] < valid_hw[:, 0, None, None]
+    cols = jnp.arange(x.shape[-2])[None, None, :] < valid_hw[:, 1, None, None]
+    x = jnp.where((rows & cols)[..., None], x, 0.0)
   return x
 
 
-def load_sam(directory: str) -> tuple[SamConfig, dict]:
-  """Reads a model directory written by convert/sam.py -> (SamConfig, params)."""
-  params, config = checkpoint.load_model(directory, expected_type="sam")
+def load_sam(directory: str, target=None) -> tuple[SamConfig, dict]:
+  """Reads a model directory written by convert/sam.py -> (SamConfig, params).
+
+  params is the tree under "params" (apply with {"params": params}); `target`, a tree of
+  jax.ShapeDtypeStruct with shardings, restores straight into that layout.
+  """
+  params, config = checkpoint.load_model(directory, expected_type="sam", target=target)
   return SamConfig.from_dict(config), params

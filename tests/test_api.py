@@ -1,0 +1,204 @@
+"""SamClip user API on tiny random models: loading (model dirs, training workdirs), zero-shot
+classification, semantic segmentation (CLIP head, CLIP+SAM), the SAM head."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eval_models
+from samclip_jax import api
+from samclip_jax.clip_model import ClipModel
+from samclip_jax.models import samclip as samclip_lib
+
+NAMES = ["background", "circle", "rectangle", "triangle", "ellipse", "star"]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+  return eval_models.ensure_models(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def model(paths):
+  return api.SamClip.from_checkpoint(paths["samclip"])
+
+
+def _image(h=150, w=210, seed=0):
+  rng = np.random.default_rng(seed)
+  img = np.zeros((h, w, 3), np.uint8) + np.array([60, 120, 60], np.uint8)
+  img[20:90, 30:120] = [220, 40, 40]
+  return np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+
+
+def _clip_features(model, x):
+  """SamClipNet.clip_features (jitted: eager apply compiles op by op)."""
+  fn = jax.jit(lambda p, x: samclip_lib.SamClipNet(model.config).apply(
+      {"params": p}, x, method=samclip_lib.SamClipNet.clip_features))
+  return fn(model.params, x)
+
+
+def _reference_logits(model, image_uint8_batch, names, templates="photo"):
+  """Independent path: SamClipNet.clip_features on SAM-normalised pixels vs ClipModel text."""
+  x = (image_uint8_batch.astype(np.float32) - np.array(api.PIXEL_MEAN, np.float32)) / np.array(api.PIXEL_STD, np.float32)
+  pooled, patch = _clip_features(model, x)
+  text = model.text_model.encode_text([f"a photo of a {n}." for n in names], normalize=True)
+  scale = float(np.exp(model.text_model.params["logit_scale"]))
+  pooled = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+  patch = patch / np.linalg.norm(patch, axis=-1, keepdims=True)
+  return scale * np.asarray(pooled) @ np.asarray(text).T, scale * np.einsum("bhwd,cd->bchw", patch, text)
+
+
+def test_classify_matches_reference(model):
+  img = _image()
+  out = model.classify(img, NAMES, templates="photo", resolution=64)
+  assert [n for n, _ in out] != [] and sorted(n for n, _ in out) == sorted(NAMES)
+  probs = np.array([p for _, p in out])
+  assert np.all(np.diff(probs) <= 0) and probs.sum() == pytest.approx(1.0, abs=1e-5)
+  logits, _ = _reference_logits(model, api.resize_center_crop(img, 64)[None], NAMES)
+  ref = np.asarray(jax.nn.softmax(logits[0]))
+  got = dict(out)
+  np.testing.assert_allclose([got[n] for n in NAMES], ref, atol=1e-5)
+
+
+def test_segment_semantic_clip(model):
+  img = _image()
+  labels = model.segment_semantic(img, NAMES, mode="clip", templates="photo", resolution=64)
+  assert labels.shape == img.shape[:2] and labels.dtype == np.int32
+  assert labels.min() >= 0 and labels.max() < len(NAMES)
+  _, patch_logits = _reference_logits(model, api.resize_square(img, 64)[None], NAMES)
+  # Host bilinear upsampling = jax.image.resize's (half-pixel centres) when upsampling.
+  up = jax.image.resize(jnp.asarray(patch_logits[0]), (len(NAMES),) + img.shape[:2], "bilinear")
+  agree = (np.argmax(np.asarray(up), axis=0) == labels).mean()
+  assert agree > 0.999
+
+
+def test_resize_helpers_match_references():
+  from samclip_jax.predictor import postprocess_masks
+  rng = np.random.default_rng(0)
+  low = rng.normal(size=(3, 32, 32)).astype(np.float32)
+  for input_size, orig in [((128, 96), (150, 113)), ((80, 128), (60, 96))]:
+    ref = np.asarray(postprocess_masks(jnp.asarray(low), 128, input_size, orig))
+    np.testing.assert_allclose(api.upscale_low_res(low, 128, input_size, orig), ref, atol=1e-5)
+  x = rng.normal(size=(2, 7, 9)).astype(np.float32)
+  ref = jax.image.resize(jnp.asarray(x), (2, 30, 41), "bilinear")
+  np.testing.assert_allclose(api.resize_bilinear(x, (30, 41)), np.asarray(ref), atol=1e-5)
+
+
+def _clip_only_labels(model, img, names):
+  """CLIP-head labels at the SAM input size, upscaled as SAM masks are (the fallback)."""
+  size = model.config.sam.image_size
+  x, input_size = api.sam_input(img, size)
+  _, patch = _clip_features(model, x)
+  patch = patch / np.linalg.norm(patch, axis=-1, keepdims=True)
+  logits = np.einsum("hwd,cd->chw", np.asarray(patch[0]), np.asarray(model.text_classifier(names, "photo")))
+  return api.upscale_low_res(logits, size, input_size, img.shape[:2]).argmax(axis=0)
+
+
+def test_segment_clip_sam_composition(model, monkeypatch):
+  img = _image()
+  labels, details = model.segment_clip_sam(img, NAMES, templates="photo", threshold=0.0)
+  assert labels.shape == img.shape[:2] and details["prompted"].all()
+  pts, lab = details["points"], details["point_labels"]
+  assert pts.shape == (len(NAMES), 3, 2) and (lab == 1).all()
+  _, (nh, nw) = api.sam_input(img, model.config.sam.image_size)
+  assert (pts[..., 0] < nw).all() and (pts[..., 1] < nh).all()   # prompts sit on the image, not the padding
+  # Same seed, same prompts and labels; through the public entry point too.
+  np.testing.assert_array_equal(model.segment_semantic(img, NAMES, mode="clip+sam", templates="photo",
+                                                       threshold=0.0), labels)
+  # Nothing above threshold: no class is prompted and every pixel takes the CLIP label.
+  labels_none, d = model.segment_clip_sam(img, NAMES, templates="photo", threshold=1.0)
+  assert not d["prompted"].any() and d["covered_fraction"] == 0.0
+  np.testing.assert_array_equal(labels_none, _clip_only_labels(model, img, NAMES))
+
+  # The composition rule with a stub SAM head: the largest positive logit wins per pixel.
+  mh, mw = model.config.sam.mask_input_size
+  def stub(values):
+    def decode(params, emb, coords, labels, mask_input):
+      assert coords.shape[:2] == (1, len(NAMES)) and mask_input.shape == (1, len(NAMES), mh, mw, 1)
+      return jnp.broadcast_to(jnp.asarray(values, jnp.float32)[None, :, None, None, None], (1, len(NAMES), 1, mh, mw))
+    return decode
+  monkeypatch.setattr(model, "_decode", stub([-5, -5, 3, 5, -5, -5]))
+  lab, d = model.segment_clip_sam(img, NAMES, templates="photo", threshold=0.0)
+  assert (lab == 3).all() and d["covered_fraction"] == 1.0
+  monkeypatch.setattr(model, "_decode", stub([-5] * len(NAMES)))   # nobody covers: CLIP fallback
+  lab, _ = model.segment_clip_sam(img, NAMES, templates="photo", threshold=0.0)
+  np.testing.assert_array_equal(lab, _clip_only_labels(model, img, NAMES))
+
+
+def test_predictor_and_mask_generator(model):
+  img = _image()
+  p = model.predictor()
+  p.set_image(img)
+  masks, iou, low = p.predict(point_coords=np.array([[60.0, 50.0]]), point_labels=np.array([1]))
+  assert masks.shape == (3,) + img.shape[:2] and iou.shape == (3,)
+  records = model.mask_generator(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0).generate(img)
+  assert records and set(records[0]) >= {"segmentation", "area", "bbox", "predicted_iou", "point_coords",
+                                         "stability_score", "crop_box"}
+  named = model.label_masks(img, [r["segmentation"] for r in records[:3]], NAMES, "photo")
+  assert len(named) == min(3, len(records)) and all(n in NAMES and 0 < q <= 1 for n, q in named)
+
+
+def test_loading_errors(paths, tmp_path):
+  with pytest.raises(api.CheckpointNotFound, match="not found"):
+    api.SamClip.from_checkpoint(str(tmp_path / "nope"))
+  with pytest.raises(api.CheckpointNotFound, match="neither a model directory"):
+    api.SamClip.from_checkpoint(str(tmp_path))
+  with pytest.raises(ValueError, match="'open_clip' model"):
+    api.SamClip.from_checkpoint(paths["clip"])
+  bare = api.SamClip.from_checkpoint(paths["samclip_no_text"])
+  with pytest.raises(ValueError, match="no CLIP text encoder"):
+    bare.classify(_image(), ["a", "b"])
+  withtext = api.SamClip.from_checkpoint(paths["samclip_no_text"], text_model=paths["clip"])
+  assert isinstance(withtext.text_model, ClipModel)
+
+
+def test_text_model_named_in_config(paths, tmp_path):
+  """train.py's export records the teacher as config.json "clip_checkpoint"."""
+  d = tmp_path / "export"
+  config, params = samclip_lib.load_samclip(paths["samclip_no_text"])
+  samclip_lib.save_samclip(str(d), config, params, {"clip_checkpoint": paths["clip"], "step": 1})
+  assert api.SamClip.from_checkpoint(str(d)).text_model is not None
+  samclip_lib.save_samclip(str(d), config, params, {"clip_checkpoint": str(tmp_path / "gone")})
+  with pytest.raises(api.CheckpointNotFound, match="clip_checkpoint"):
+    api.SamClip.from_checkpoint(str(d))
+
+
+def test_training_workdir(paths, tmp_path):
+  """Latest Orbax step of a train.py workdir (state.params + state.frozen), or its export."""
+  import optax
+  import orbax.checkpoint as ocp
+  from samclip_jax.train import TrainState
+  config, params = samclip_lib.load_samclip(paths["samclip"])
+  params = jax.tree.map(lambda x: np.asarray(x) + 1.0, params)          # differs from the export
+  trainable = {"clip_head": params["clip_head"]}
+  frozen = {k: v for k, v in params.items() if k != "clip_head"}
+  state = TrainState(step=jnp.array(7, jnp.int32), params=trainable, frozen=frozen,
+                     opt_state=optax.adamw(1e-3).init(trainable), nonfinite=jnp.array(0, jnp.int32))
+  work = tmp_path / "work"
+  mngr = ocp.CheckpointManager(str(work / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
+  mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  with pytest.raises(api.CheckpointNotFound, match="model_config.json"):
+    api.SamClip.from_checkpoint(str(work))
+  with open(work / "model_config.json", "w") as f:
+    json.dump(config.to_dict(), f)
+  m = api.SamClip.from_checkpoint(str(work), text_model=paths["clip"])
+  assert m.config == config
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), m.params, params)
+  # An export newer than the last checkpoint wins; an older one only lends its config + teacher.
+  _, export_params = samclip_lib.load_samclip(paths["samclip"])
+  samclip_lib.save_samclip(str(work / "export"), config, export_params,
+                           {"step": 9, "clip_checkpoint": paths["clip"]})
+  assert api.resolve_checkpoint(str(work))["model_dir"] == str(work / "export")
+  samclip_lib.save_samclip(str(work / "export"), config, export_params,
+                           {"step": 3, "clip_checkpoint": paths["clip"]})
+  where = api.resolve_checkpoint(str(work))
+  assert where["model_dir"] is None and where["workdir_step"] == 7
+  m = api.SamClip.from_checkpoint(str(work))
+  assert m.text_model is not None
+  np.testing.assert_array_equal(np.asarray(m.params["clip_head"]["norm"]["scale"]),
+                                params["clip_head"]["norm"]["scale"])

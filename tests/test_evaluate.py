@@ -1,0 +1,189 @@
+"""evaluate.py end to end on the embedded sample with tiny random models (8 CPU devices):
+each task's numbers are checked against the same quantity computed through the user API."""
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import eval_models
+from samclip_jax import api, evaluate, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  return {"models": eval_models.ensure_models(base), "sample": eval_models.ensure_sample(base)}
+
+
+def _config(task, env, model="samclip", **overrides):
+  c = importlib.import_module(f"configs.eval.{task}").get_config("local")
+  c.model = env["models"][model]
+  c.data.sample_dir = env["sample"]["root"]
+  if "resolution" in c:
+    c.resolution = 64      # tiny models: small inputs keep the CPU test quick
+  if "templates" in c:
+    c.templates = "photo"
+  for k, v in overrides.items():
+    if k.startswith("data."):
+      c.data[k[5:]] = v
+    else:
+      c[k] = v
+  return c
+
+
+def _files(workdir, task):
+  with open(os.path.join(workdir, f"{task}.json")) as f:
+    result = json.load(f)
+  with open(os.path.join(workdir, f"{task}.md")) as f:
+    md = f.read()
+  return result, md
+
+
+def test_classification_matches_api(env, tmp_path):
+  cfg = _config("classification", env, max_images=12)
+  res = evaluate.evaluate(cfg, str(tmp_path))
+  saved, md = _files(str(tmp_path), "classification")
+  assert saved["metrics"] == pytest.approx(res["metrics"]) and "| top1 |" in md
+  assert res["devices"] == 8 and res["num_images"] == 12 and res["model_type"] == "samclip"
+  items, names = evaluate.classification_items(cfg, str(tmp_path))
+  model = api.SamClip.from_checkpoint(env["models"]["samclip"])
+  hits = [model.classify(api.load_image(p), names, "photo", resolution=64)[0][0] == names[y]
+          for p, y in items[:12]]
+  assert res["metrics"]["top1"] == pytest.approx(100.0 * np.mean(hits))
+
+
+def test_classification_teacher_matches_clip_model(env, tmp_path):
+  from samclip_jax.clip_model import ClipModel
+  from samclip_jax.templates import get_templates
+  cfg = _config("classification", env, model="clip", max_images=12)
+  res = evaluate.evaluate(cfg, str(tmp_path))
+  assert res["model_type"] == "open_clip"
+  items, names = evaluate.classification_items(cfg, str(tmp_path))
+  clip = ClipModel.from_checkpoint(env["models"]["clip"])
+  classifier = clip.zero_shot_classifier(names, get_templates("photo"))
+  logits, _ = clip.classify(clip.preprocess([api.load_image(p) for p, _ in items[:12]]), classifier)
+  expected = metrics.topk_accuracy(np.asarray(logits), np.array([y for _, y in items[:12]]))
+  assert res["metrics"]["top1"] == pytest.approx(expected["top1"])
+  assert res["metrics"]["top5"] == pytest.approx(expected["top5"])
+
+
+def test_classification_image_folder(env, tmp_path):
+  src = env["sample"]["classification_images"]
+  files = sorted(os.listdir(src))
+  for k, cls in enumerate(["red_thing", "blue_thing"]):
+    os.makedirs(tmp_path / "images" / cls)
+    for f in files[3 * k:3 * k + 3]:
+      shutil.copy(os.path.join(src, f), tmp_path / "images" / cls / f)
+  cfg = _config("classification", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / "images")})
+  res = evaluate.evaluate(cfg, str(tmp_path / "out"))
+  assert res["num_images"] == 6 and res["metrics"]["num_classes"] == 2
+  assert res["metrics"]["top5"] == 100.0     # two classes: always within the top five
+  _, names = evaluate.classification_items(cfg, str(tmp_path))
+  assert names == ["red thing", "blue thing"]
+
+
+@pytest.mark.parametrize("model", ["samclip", "clip"])
+def test_retrieval(env, tmp_path, model):
+  cfg = _config("retrieval", env, model=model, max_images=10)
+  res = evaluate.evaluate(cfg, str(tmp_path))
+  m = res["metrics"]
+  for d in ("image_to_text", "text_to_image"):
+    assert 0 <= m[f"{d}_R@1"] <= m[f"{d}_R@5"] <= m[f"{d}_R@10"] == 100.0   # 10 images, 10 captions
+  if model == "samclip":
+    paths, captions, t2i = evaluate.retrieval_items(cfg, str(tmp_path))
+    sc = api.SamClip.from_checkpoint(env["models"]["samclip"])
+    img = np.asarray(sc.image_embeddings(np.stack([api.resize_center_crop(api.load_image(p), 64) for p in paths])))
+    txt = np.asarray(sc.text_model.encode_text(captions, normalize=True))
+    expected = metrics.retrieval_recall(img @ txt.T, t2i)
+    assert {k: m[k] for k in expected} == pytest.approx(expected)
+
+
+def test_instance_segmentation_matches_predictor(env, tmp_path):
+  from pycocotools import mask as mask_utils
+  from pycocotools.coco import COCO
+  cfg = _config("instance_segmentation", env, max_images=5)
+  res = evaluate.evaluate(cfg, str(tmp_path))
+  m = res["metrics"]
+  assert set(m) >= {"AP", "AP50", "AP75", "num_prompts"} and m["boxes"] == "ground truth"
+  with open(tmp_path / "instance_segmentation_predictions.json") as f:
+    preds = json.load(f)
+  coco = COCO(env["sample"]["coco_instances"])
+  first = sorted(coco.getImgIds())[0]
+  anns = coco.loadAnns(coco.getAnnIds(imgIds=first, iscrowd=False))
+  mine = [p for p in preds if p["image_id"] == first]
+  assert len(mine) == len(anns) == len([p for p in preds if p["image_id"] == first])
+  # The batched, sharded path gives the masks and scores of SamPredictor (segment_anything's API).
+  predictor = api.SamClip.from_checkpoint(env["models"]["samclip"]).predictor()
+  info = coco.loadImgs(first)[0]
+  predictor.set_image(api.load_image(os.path.join(env["sample"]["coco_images"], info["file_name"])))
+  boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                    for a in anns])
+  masks, iou, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
+  for p, ref_mask, ref_iou in zip(mine, masks[:, 0], iou[:, 0]):
+    ours = mask_utils.decode(p["segmentation"]).astype(bool)
+    inter, union = (ours & ref_mask).sum(), (ours | ref_mask).sum()
+    assert union == 0 or inter / union > 0.99
+    assert p["score"] == pytest.approx(float(ref_iou), abs=1e-4)
+
+
+def test_instance_segmentation_teacher_with_detections(env, tmp_path):
+  from pycocotools.coco import COCO
+  coco = COCO(env["sample"]["coco_instances"])
+  ids = sorted(coco.getImgIds())[:4]
+  dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+           "score": 0.9 if a["id"] % 2 else 0.2} for a in coco.loadAnns(coco.getAnnIds(imgIds=ids))]
+  with open(tmp_path / "dets.json", "w") as f:
+    json.dump(dets, f)
+  cfg = _config("instance_segmentation", env, model="sam", max_images=4,
+                **{"data.detections": str(tmp_path / "dets.json"), "data.min_score": 0.5})
+  res = evaluate.evaluate(cfg, str(tmp_path / "out"))
+  assert res["model_type"] == "sam" and res["metrics"]["boxes"] == "detections"
+  assert res["metrics"]["num_prompts"] == sum(d["score"] > 0.5 for d in dets)
+  with open(tmp_path / "out" / "instance_segmentation_predictions.json") as f:
+    assert {p["score"] for p in json.load(f)} == {0.9}   # detector scores rank the masks
+
+
+@pytest.mark.parametrize("mode,n", [("clip", 6), ("clip+sam", 2)])
+def test_semantic_segmentation_matches_api(env, tmp_path, mode, n):
+  cfg = _config("semantic_segmentation", env, max_images=n, mode=mode)
+  res = evaluate.evaluate(cfg, str(tmp_path))
+  items, names = evaluate.semantic_items(cfg, str(tmp_path))
+  assert names[0] == "background" and len(names) == 6
+  model = api.SamClip.from_checkpoint(env["models"]["samclip"])
+  cm = metrics.ConfusionMatrix(len(names))
+  for image_path, label_path in items[:n]:
+    pred = model.segment_semantic(api.load_image(image_path), names, mode=mode, templates="photo", resolution=64)
+    cm.update(pred, evaluate._load_label(label_path))
+  expected = cm.compute()
+  assert res["metrics"]["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-6)
+  assert res["metrics"]["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-6)
+
+
+def test_errors(env, tmp_path):
+  with pytest.raises(ValueError, match="semantic_segmentation evaluates samclip"):
+    evaluate.evaluate(_config("semantic_segmentation", env, model="clip"), str(tmp_path))
+  cfg = _config("classification", env)
+  cfg.model = ""
+  with pytest.raises(ValueError, match="set --config.model"):
+    evaluate.evaluate(cfg, str(tmp_path))
+  with pytest.raises(ValueError, match="unknown config arg"):
+    importlib.import_module("configs.eval.classification").get_config("remote")
+
+
+def test_command_line(env, tmp_path):
+  cmd = [sys.executable, "-m", "samclip_jax.evaluate", "--config=configs/eval/retrieval.py:local",
+         f"--config.model={env['models']['samclip']}", "--config.max_images=6", "--config.resolution=64",
+         f"--config.data.sample_dir={env['sample']['root']}", f"--workdir={tmp_path}"]
+  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "| image_to_text_R@1 |" in run.stdout and "[retrieval] 6/6 images" in run.stderr
+  result, _ = _files(str(tmp_path), "retrieval")
+  assert result["num_images"] == 6 and result["config"]["max_images"] == 6
