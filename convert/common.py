@@ -26,8 +26,8 @@ def conv(x):
 
 
 def conv_transpose(x):
-  """nn.ConvTranspose2d weight (I, O, kh, kw) -> ConvTranspose kernel (kh, kw, I, O)."""
-  return x.transpose(2, 3, 0, 1)
+  """nn.ConvTranspose2d weight (I, O, kh, kw) -> nn.ConvTranspose(transpose_kernel=True) kernel (kh, kw, O, I)."""
+  return x.transpose(2, 3, 1, 0)
 
 
 # (PyTorch name regex, Flax path template with \1-style groups, transform)
@@ -150,7 +150,8 @@ def apply_table(state: Mapping[str, np.ndarray], rules: Sequence[Rule], skeleton
       misshaped.append(f"{name} {tuple(value.shape)} -> {path}: got {tuple(array.shape)}, model expects {want}")
       continue
     out[path] = np.asarray(array, dtype=expected[path].dtype)
-  missing = sorted(set(expected) - set(out))
+  misshaped_paths = {m.split(" -> ")[1].split(":")[0] for m in misshaped}
+  missing = sorted(set(expected) - set(out) - misshaped_paths)
   problems = []
   for title, items in (("unexpected keys (no rule maps them)", unmapped),
                        ("keys mapped to parameters the model does not have", unknown),

@@ -12,14 +12,9 @@ import re
 import sys
 import time
 
-from convert.common import CheckpointError, apply_table, conv, identity, linear, load_state_dict, summary
+from convert.common import CheckpointError, apply_table, conv, conv_transpose, identity, linear, load_state_dict, summary
 
 VARIANTS = ("vit_b", "vit_l", "vit_h")
-
-
-def conv_transpose_torch(x):
-  """nn.ConvTranspose2d weight (I, O, kh, kw) -> nn.ConvTranspose(transpose_kernel=True) kernel (kh, kw, O, I)."""
-  return x.transpose(2, 3, 1, 0)
 
 
 _ENC = r"image_encoder\."
@@ -69,7 +64,7 @@ RULES = [
     (_DEC + r"transformer\.norm_final_attn\.bias", r"mask_decoder/transformer/norm_final_attn/bias", identity),
     # mask_decoder.py: MaskDecoder
     (_DEC + r"(iou_token|mask_tokens)\.weight", r"mask_decoder/\1/embedding", identity),
-    (_DEC + r"output_upscaling\.([03])\.weight", r"mask_decoder/output_upscaling_\1/kernel", conv_transpose_torch),
+    (_DEC + r"output_upscaling\.([03])\.weight", r"mask_decoder/output_upscaling_\1/kernel", conv_transpose),
     (_DEC + r"output_upscaling\.([03])\.bias", r"mask_decoder/output_upscaling_\1/bias", identity),
     (_DEC + r"output_upscaling\.1\.(weight|bias)", r"mask_decoder/output_upscaling_1/\1", identity),  # LayerNorm2d
     (_DEC + r"output_hypernetworks_mlps\.(\d+)\.layers\.(\d+)\.weight",

@@ -15,6 +15,7 @@ converted teacher there; a path relative to the model directory or absolute);
 `from_checkpoint(..., text_model=DIR)` overrides them.
 """
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -209,6 +210,39 @@ def _text_model_path(base: str, meta: dict) -> str | None:
 
 
 # ----------------------------------------------------------------------------- the model
+def _net(cfg) -> SamClipNet:
+  config, dtype = cfg
+  return SamClipNet(config, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _pooled(cfg, params, images_uint8):
+  p, _ = _net(cfg).apply({"params": params}, normalize_sam(images_uint8), method=SamClipNet.clip_features)
+  return _l2(p)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _patches(cfg, params, images_uint8):
+  _, patch = _net(cfg).apply({"params": params}, normalize_sam(images_uint8), method=SamClipNet.clip_features)
+  return _l2(patch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_both(cfg, params, x):
+  """One backbone pass -> (SAM image embeddings, unit CLIP-head patch embeddings)."""
+  net = _net(cfg)
+  emb, aux = net.apply({"params": params}, x, method=SamClipNet.encode_image)
+  _, patch = net.apply({"params": params}, aux["tokens"], method=SamClipNet.clip_features_from_tokens)
+  return emb, _l2(patch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(cfg, params, emb, coords, labels, mask_input):
+  low, _ = _net(cfg).apply({"params": params}, emb, coords, labels, mask_input, False,
+                           method=SamClipNet.predict_masks)
+  return low
+
+
 class SamClip:
   """Merged SAM-CLIP model: CLIP head (classification, semantic segmentation) + SAM head."""
 
@@ -218,30 +252,12 @@ class SamClip:
     self.text_model = text_model       # a ClipModel (frozen teacher) or None
     self.module = SamClipNet(config, dtype=dtype)
     self._classifiers: dict = {}
-    module = self.module
-
-    def pooled(params, images_uint8):
-      p, _ = module.apply({"params": params}, normalize_sam(images_uint8), method=SamClipNet.clip_features)
-      return _l2(p)
-
-    def patches(params, images_uint8):
-      _, patch = module.apply({"params": params}, normalize_sam(images_uint8), method=SamClipNet.clip_features)
-      return _l2(patch)
-
-    def encode_both(params, x):
-      emb, aux = module.apply({"params": params}, x, method=SamClipNet.encode_image)
-      _, patch = module.apply({"params": params}, aux["tokens"], method=SamClipNet.clip_features_from_tokens)
-      return emb, _l2(patch)
-
-    def decode(params, emb, coords, labels, mask_input):
-      low, _ = module.apply({"params": params}, emb, coords, labels, mask_input, False,
-                            method=SamClipNet.predict_masks)
-      return low
-
-    self._pooled = jax.jit(pooled)
-    self._patches = jax.jit(patches)
-    self._encode_both = jax.jit(encode_both)
-    self._decode = jax.jit(decode)
+    # Compiled once per (config, dtype) for the process, whichever instance calls.
+    cfg = (config, dtype)
+    self._pooled = lambda p, x: _pooled(cfg, p, x)
+    self._patches = lambda p, x: _patches(cfg, p, x)
+    self._encode_both = lambda p, x: _encode_both(cfg, p, x)
+    self._decode = lambda p, emb, coords, labels, mask_input: _decode(cfg, p, emb, coords, labels, mask_input)
 
   # -------------------------------------------------------------- loading
   @classmethod

@@ -86,7 +86,7 @@ def test_classification_image_folder(env, tmp_path):
   assert res["num_images"] == 6 and res["metrics"]["num_classes"] == 2
   assert res["metrics"]["top5"] == 100.0     # two classes: always within the top five
   _, names = evaluate.classification_items(cfg, str(tmp_path))
-  assert names == ["red thing", "blue thing"]
+  assert names == ["blue thing", "red thing"]   # sorted folder names, "_" -> " "
 
 
 @pytest.mark.parametrize("model", ["samclip", "clip"])

@@ -1,4 +1,5 @@
 """Parity of the Flax SAM image encoder with segment_anything's PyTorch ImageEncoderViT."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -73,10 +74,11 @@ def torch_encoder(enc, x_nhwc):
   with torch.no_grad():
     x = enc.patch_embed(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2))
     pos = enc.pos_embed
-    if pos.shape[1:3] != x.shape[1:3]:
+    if pos is not None and pos.shape[1:3] != x.shape[1:3]:
       pos = F.interpolate(pos.permute(0, 3, 1, 2), size=tuple(x.shape[1:3]), mode="bicubic",
                           align_corners=False).permute(0, 2, 3, 1)
-    x = x + pos
+    if pos is not None:
+      x = x + pos
     blocks = []
     for blk in enc.blocks:
       x = blk(x)
@@ -91,7 +93,8 @@ def torch_image_encoder(cfg):
       depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
       out_chans=cfg.out_chans, qkv_bias=cfg.qkv_bias,
       norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=cfg.use_rel_pos,
-      window_size=cfg.window_size, global_attn_indexes=cfg.global_attn_indexes)
+      window_size=cfg.window_size, global_attn_indexes=cfg.global_attn_indexes,
+      use_abs_pos=cfg.use_abs_pos)
 
 
 def max_abs(a, b):
@@ -203,7 +206,7 @@ def test_attention_rel_pos_parity():
   model = vit_det.Attention(64, 4, use_rel_pos=True, input_size=(5, 5))
   variables = to_flax(tm)
   check_tree(model, variables, x)
-  got = model.apply(variables, x)
+  got = jax.jit(model.apply)(variables, x)
   assert max_abs(got, want) <= TOL
 
 
@@ -218,7 +221,7 @@ def test_block_parity(window, hw):
   model = vit_det.Block(64, 4, use_rel_pos=True, window_size=window, input_size=(8, 8))
   variables = to_flax(tm)
   check_tree(model, variables, x)
-  assert max_abs(model.apply(variables, x), want) <= TOL
+  assert max_abs(jax.jit(model.apply)(variables, x), want) <= TOL
 
 
 def test_layernorm2d_parity():
@@ -252,6 +255,19 @@ def test_tiny_encoder_parity(hw):
   np.testing.assert_array_equal(aux["tokens"], aux[f"block_{TINY.depth - 1}"])
 
 
+def test_encoder_without_position_terms():
+  # segment_anything's own defaults: no absolute and no relative position terms.
+  cfg = dataclasses.replace(TINY, use_abs_pos=False, use_rel_pos=False)
+  enc = randomize_(torch_image_encoder(cfg), seed=7)
+  x = rand(1, 112, 96, 3, seed=11)
+  want, _ = torch_encoder(enc, x)
+  variables = to_flax(enc)
+  model, apply = _apply_fn(cfg)
+  check_tree(model, variables, x)
+  assert "pos_embed" not in variables["params"]
+  assert max_abs(apply(variables, x)[0], want) <= TOL
+
+
 def test_other_resolutions_bf16_and_remat():
   # Tiny width, SAM geometry: pos_embed stored at 64x64, window 14, input 224 / 448.
   cfg = vit_det.ImageEncoderConfig(embed_dim=32, depth=2, num_heads=2, out_chans=16,
@@ -276,9 +292,10 @@ def test_other_resolutions_bf16_and_remat():
   assert max_abs(got16, f32) < 0.25  # LayerNorm2d output is O(1); bf16 has ~3 digits
   # remat changes memory, not values; gradients flow through it.
   x = rand(1, 224, 224, 3, seed=1)
-  model_r, apply_r = _apply_fn(cfg, remat=True)
-  np.testing.assert_allclose(apply_r(variables, x)[0], apply(variables, x)[0], atol=1e-6)
-  grads = jax.jit(jax.grad(lambda v: jnp.sum(model_r.apply(v, x)[0] ** 2)))(variables)
+  model_r = vit_det.ImageEncoderViT(cfg, remat=True)
+  loss = lambda v: (jnp.sum(model_r.apply(v, x)[0] ** 2), model_r.apply(v, x)[0])
+  (_, out_r), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
+  np.testing.assert_allclose(out_r, apply(variables, x)[0], atol=1e-6)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads["params"]["blocks_0"]["attn"]["rel_pos_h"]).sum()) > 0
 

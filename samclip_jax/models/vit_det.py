@@ -48,15 +48,17 @@ class ImageEncoderConfig:
 
   def __post_init__(self):
     # JSON round trips give lists; keep the dataclass hashable.
-    object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+    object.__setattr__(self, "global_attn_indexes",
+                       tuple(int(i) for i in self.global_attn_indexes))
     if self.img_size % self.patch_size:
-      raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+      raise ValueError(
+          f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
 
   @classmethod
   def from_name(cls, name: str, **overrides) -> "ImageEncoderConfig":
-    """"vit_b" | "vit_l" | "vit_h", as Meta's build_sam.py."""
+    """The SAM size variant "vit_b", "vit_l" or "vit_h", as Meta's build_sam.py builds it."""
     if name not in _VARIANTS:
       raise ValueError(f"unknown SAM encoder {name!r}; expected one of {sorted(_VARIANTS)}")
     return cls(**{**_VARIANTS[name], **overrides})
@@ -246,7 +248,8 @@ class Attention(nn.Module):
     probs = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
     denom = probs.sum(-1)
     out = jnp.einsum("bhqk,bkhd->bhqd", probs.astype(self.dtype), v)
-    out = (out / denom[..., None].astype(self.dtype)).transpose(0, 2, 1, 3).reshape(b, h, w, self.dim)
+    out = out / denom[..., None].astype(self.dtype)
+    out = out.transpose(0, 2, 1, 3).reshape(b, h, w, self.dim)
     return _dense(self.dim, (HEADS, EMBED), self.dtype, "proj")(out)
 
 
@@ -317,8 +320,9 @@ class ImageEncoderViT(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    if x.shape[1] % c.patch_size or x.shape[2] % c.patch_size:
-      raise ValueError(f"input {x.shape[1:3]} is not a multiple of patch_size {c.patch_size}")
+    if x.shape[1] % c.patch_size or x.shape[2] % c.patch_size or x.shape[3] != c.in_chans:
+      raise ValueError(f"input {x.shape} is not [B, H, W, {c.in_chans}] with H, W multiples "
+                       f"of patch_size {c.patch_size}")
     x = PatchEmbed(c.patch_size, c.embed_dim, self.dtype, name="patch_embed")(x.astype(self.dtype))
     if c.use_abs_pos:
       g = c.grid_size
