@@ -23,6 +23,13 @@ def _timed(fn):
   return time.perf_counter() - t0, out
 
 
+def _timed_cpu(fn):
+  """(wall seconds, CPU seconds of this process): the latter shrugs off other users' load."""
+  t0, c0 = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - t0, time.process_time() - c0
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="ViT-L-14")
@@ -76,12 +83,16 @@ def main(argv=None):
         f"max |jax - torch| = {np.abs(np.asarray(out, np.float32) - ref.float().numpy()).max():.2e}", flush=True)
   t_torch, t_jax = [], []
   for i in range(args.runs):
-    t_torch.append(_timed(run_torch)[0])
-    t_jax.append(_timed(run_jax)[0])
-    print(f"run {i}: torch {t_torch[-1]:.3f}s  jax {t_jax[-1]:.3f}s", flush=True)
-  mt, mj = statistics.median(t_torch), statistics.median(t_jax)
-  print(f"median: torch {mt:.3f}s ({args.batch / mt:.2f} img/s), jax {mj:.3f}s ({args.batch / mj:.2f} img/s)")
-  print(f"ratio jax / torch = {mj / mt:.3f}   (load average {os.getloadavg()[0]:.1f})")
+    t_torch.append(_timed_cpu(run_torch))
+    t_jax.append(_timed_cpu(run_jax))
+    print(f"run {i}: torch {t_torch[-1][0]:.3f}s (cpu {t_torch[-1][1]:.2f}s)  "
+          f"jax {t_jax[-1][0]:.3f}s (cpu {t_jax[-1][1]:.2f}s)", flush=True)
+  mt, mj = (statistics.median(w for w, _ in t) for t in (t_torch, t_jax))
+  ct, cj = (statistics.median(c for _, c in t) for t in (t_torch, t_jax))
+  print(f"median wall: torch {mt:.3f}s ({args.batch / mt:.2f} img/s), jax {mj:.3f}s ({args.batch / mj:.2f} img/s)")
+  print(f"median CPU time: torch {ct:.2f}s, jax {cj:.2f}s")
+  print(f"ratio jax / torch = {mj / mt:.3f} wall, {cj / ct:.3f} CPU time   "
+        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
 
 
 if __name__ == "__main__":

@@ -247,6 +247,10 @@ class SamClip:
   """Merged SAM-CLIP model: CLIP head (classification, semantic segmentation) + SAM head."""
 
   def __init__(self, config: SamClipConfig, params, text_model=None, dtype=jnp.float32):
+    dim = getattr(getattr(text_model, "config", None), "embed_dim", None)
+    if dim is not None and dim != config.out_dim:
+      raise ValueError(f"the text model embeds into {dim} dims but this SamClip's CLIP head into "
+                       f"{config.out_dim}: it is not the teacher this model was distilled from")
     self.config = config
     self.params = jax.device_put(nn.unbox(params))
     self.text_model = text_model       # a ClipModel (frozen teacher) or None

@@ -242,16 +242,13 @@ def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
   if not image_dir or not captions_file:
     raise ValueError("set --config.data.image_dir and --config.data.captions_file")
   with open(captions_file) as f:
-    entries = json.load(f)
+    entries = _limit(json.load(f), config)
   paths, captions, t2i = [], [], []
-  for e in entries:
-    caps = e.get("captions") or ([e["caption"]] if "caption" in e else [])
+  for i, e in enumerate(entries):
+    caps = e.get("captions") or ([e["caption"]] if e.get("caption") else [])
     if not caps:
       raise ValueError(f"{captions_file}: {e.get('file_name')} has no caption")
     paths.append(os.path.join(image_dir, e["file_name"]))
-  paths = _limit(paths, config)
-  for i, e in enumerate(entries[:len(paths)]):
-    caps = e.get("captions") or [e["caption"]]
     captions += list(caps)
     t2i += [i] * len(caps)
   return paths, captions, t2i

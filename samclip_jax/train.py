@@ -350,6 +350,14 @@ def sam_inputs(exp: Experiment, sam_batch):
 
 
 def sam_targets(exp: Experiment, teachers, images, coords, labels):
+  """Frozen SAM teacher's low-res mask logits for the same images and prompts.
+
+  Multimask choice: with a teacher, targets are slot-aligned (student slot m learns teacher
+  slot m for the same prompt), so the ambiguity SAM's min-over-3 loss resolves against a
+  single ground-truth mask does not arise. By default (sam_multimask=False) both use the
+  single-mask output, SAM's answer for multi-point and box prompts; sam_multimask=True
+  distils the three multimask slots instead (all of them, averaged).
+  """
   masks, _ = exp.sam_teacher.apply({"params": teachers["sam"]}, images, coords, labels,
                                    multimask_output=exp.config.sam_multimask)
   return jax.lax.stop_gradient(masks.astype(jnp.float32))

@@ -153,6 +153,9 @@ def test_loading_errors(paths, tmp_path):
     bare.classify(_image(), ["a", "b"])
   withtext = api.SamClip.from_checkpoint(paths["samclip_no_text"], text_model=paths["clip"])
   assert isinstance(withtext.text_model, ClipModel)
+  wrong = samclip_lib.SamClipConfig(sam=withtext.config.sam, head_depth=1, head_mlp_hidden=(64, 64), out_dim=48)
+  with pytest.raises(ValueError, match="embeds into 32 dims"):
+    api.SamClip(wrong, withtext.params, withtext.text_model)
 
 
 def test_text_model_named_in_config(paths, tmp_path):

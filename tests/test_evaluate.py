@@ -187,3 +187,17 @@ def test_command_line(env, tmp_path):
   assert "| image_to_text_R@1 |" in run.stdout and "[retrieval] 6/6 images" in run.stderr
   result, _ = _files(str(tmp_path), "retrieval")
   assert result["num_images"] == 6 and result["config"]["max_images"] == 6
+
+
+def test_retrieval_several_captions_per_image(env, tmp_path):
+  src = env["sample"]["classification_images"]
+  files = sorted(os.listdir(src))[:4]
+  entries = [{"file_name": f, "captions": [f"a photo number {i}", f"picture {i}"]} for i, f in enumerate(files)]
+  with open(tmp_path / "caps.json", "w") as f:
+    json.dump(entries, f)
+  cfg = _config("retrieval", env, **{"data.sample_dir": "", "data.image_dir": src,
+                                     "data.captions_file": str(tmp_path / "caps.json")})
+  res = evaluate.evaluate(cfg, str(tmp_path / "out"))
+  assert res["num_images"] == 4 and res["metrics"]["num_captions"] == 8
+  paths, captions, t2i = evaluate.retrieval_items(cfg, str(tmp_path))
+  assert t2i == [0, 0, 1, 1, 2, 2, 3, 3] and captions[1] == "picture 0"
