@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samclip_jax import checkpoint
-from samclip_jax.models.vit_det import ImageEncoderConfig, ImageEncoderViT, LayerNorm2d
+from samclip_jax.models.vit_det import ImageEncoderConfig, ImageEncoderViT, LayerNorm2d, MLPBlock, dense
 from samclip_jax.sharding import CONV_IN, CONV_OUT, EMBED, HEADS, MLP, NONE, NORM, param_with_axes
 
 Dtype = Any
@@ -95,12 +95,6 @@ class SamConfig:
 # ----------------------------------------------------------------------------- layers
 
 
-def _dense(features, axes, dtype, name=None):
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=param_with_axes(nn.initializers.lecun_normal(), *axes),
-                  bias_init=param_with_axes(nn.initializers.zeros_init(), axes[-1]))
-
-
 def _conv(features, kernel, dtype):
   return nn.Conv(features, (kernel, kernel), strides=(kernel, kernel), padding="VALID", dtype=dtype,
                  kernel_init=param_with_axes(nn.initializers.lecun_normal(), NONE, NONE, CONV_IN, CONV_OUT),
@@ -144,23 +138,11 @@ class MLPHead(nn.Module):
   def __call__(self, x):
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
-      x = _dense(self.output_dim if last else self.hidden_dim, (EMBED, NONE if last else MLP), self.dtype,
+      x = dense(self.output_dim if last else self.hidden_dim, (EMBED, NONE if last else MLP), self.dtype,
                  name=f"layers_{i}")(x)
       if not last:
         x = nn.relu(x)
     return x
-
-
-class MLPBlock(nn.Module):
-  """lin1 -> act -> lin2 (common.MLPBlock; the two-way transformer uses ReLU)."""
-  embedding_dim: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(_dense(self.mlp_dim, (EMBED, MLP), self.dtype, name="lin1")(x))
-    return _dense(self.embedding_dim, (MLP, EMBED), self.dtype, name="lin2")(x)
 
 
 # ----------------------------------------------------------------------------- prompt encoder
@@ -305,16 +287,16 @@ class Attention(nn.Module):
     internal = self.embedding_dim // self.downsample_rate
     if internal % self.num_heads:
       raise ValueError(f"num_heads {self.num_heads} must divide the internal dim {internal}")
-    q = _dense(internal, (EMBED, HEADS), self.dtype, name="q_proj")(q)
-    k = _dense(internal, (EMBED, HEADS), self.dtype, name="k_proj")(k)
-    v = _dense(internal, (EMBED, HEADS), self.dtype, name="v_proj")(v)
+    q = dense(internal, (EMBED, HEADS), self.dtype, name="q_proj")(q)
+    k = dense(internal, (EMBED, HEADS), self.dtype, name="k_proj")(k)
+    v = dense(internal, (EMBED, HEADS), self.dtype, name="v_proj")(v)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, internal // self.num_heads))
     q, k, v = split(q), split(k), split(v)
     attn = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(internal // self.num_heads)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)  # fp32 softmax under bf16
     out = jnp.einsum("...hqk,...khd->...qhd", attn, v)
     out = out.reshape(out.shape[:-2] + (internal,))
-    return _dense(self.embedding_dim, (HEADS, EMBED), self.dtype, name="out_proj")(out)
+    return dense(self.embedding_dim, (HEADS, EMBED), self.dtype, name="out_proj")(out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -340,7 +322,7 @@ class TwoWayAttentionBlock(nn.Module):
     queries = queries + Attention(dim, heads, rate, dt, name="cross_attn_token_to_image")(q, k, keys)
     queries = _layer_norm(dt, "norm2")(queries)
 
-    queries = queries + MLPBlock(dim, self.mlp_dim, dt, name="mlp")(queries)
+    queries = queries + MLPBlock(dim, self.mlp_dim, dt, act=nn.relu, name="mlp")(queries)
     queries = _layer_norm(dt, "norm3")(queries)
 
     q, k = queries + query_pe, keys + key_pe

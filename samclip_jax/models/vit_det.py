@@ -8,7 +8,7 @@ detectron2's ViTDet `get_abs_pos`) and relative-position tables linearly (as SAM
 """
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -182,7 +182,8 @@ _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones
 
 
-def _dense(features, axes, dtype, name, use_bias=True):
+def dense(features, axes, dtype, name=None, use_bias=True):
+  """nn.Dense whose kernel and bias carry logical axis names."""
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
                   kernel_init=param_with_axes(_dense_init, *axes),
                   bias_init=param_with_axes(_zeros, axes[-1]))
@@ -222,7 +223,7 @@ class Attention(nn.Module):
     b, h, w, _ = x.shape
     n, heads = h * w, self.num_heads
     head_dim = self.dim // heads
-    qkv = _dense(3 * self.dim, (EMBED, HEADS), self.dtype, "qkv", self.qkv_bias)(x)
+    qkv = dense(3 * self.dim, (EMBED, HEADS), self.dtype, "qkv", self.qkv_bias)(x)
     # Torch layout of the fused output: (3, heads, head_dim).
     qkv = qkv.reshape(b, n, 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -250,20 +251,20 @@ class Attention(nn.Module):
     out = jnp.einsum("bhqk,bkhd->bhqd", probs.astype(self.dtype), v)
     out = out / denom[..., None].astype(self.dtype)
     out = out.transpose(0, 2, 1, 3).reshape(b, h, w, self.dim)
-    return _dense(self.dim, (HEADS, EMBED), self.dtype, "proj")(out)
+    return dense(self.dim, (HEADS, EMBED), self.dtype, "proj")(out)
 
 
 class MLPBlock(nn.Module):
-  """lin1 -> exact GELU -> lin2."""
+  """lin1 -> act -> lin2 (segment_anything's common.MLPBlock; exact GELU by default)."""
   embedding_dim: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  act: Callable = functools.partial(nn.gelu, approximate=False)
 
   @nn.compact
   def __call__(self, x):
-    x = _dense(self.mlp_dim, (EMBED, MLP), self.dtype, "lin1")(x)
-    x = nn.gelu(x, approximate=False)
-    return _dense(self.embedding_dim, (MLP, EMBED), self.dtype, "lin2")(x)
+    x = self.act(dense(self.mlp_dim, (EMBED, MLP), self.dtype, "lin1")(x))
+    return dense(self.embedding_dim, (MLP, EMBED), self.dtype, "lin2")(x)
 
 
 class Block(nn.Module):
