@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

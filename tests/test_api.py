@@ -1,7 +1,6 @@
 """SamClip user API on tiny random models: loading (model dirs, training workdirs), zero-shot
 classification, semantic segmentation (CLIP head, CLIP+SAM), the SAM head."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

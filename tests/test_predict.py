@@ -124,3 +124,9 @@ def test_command_line(env, tmp_path):
   bad = subprocess.run(cmd[:-1] + [str(tmp_path / "x.gif")], cwd=REPO, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert bad.returncode == 2 and "must end in .png or .jpg" in bad.stderr
+
+
+def test_prompts_need_no_text_tower(env, tmp_path, capsys):
+  out = tmp_path / "out.png"
+  assert _run(env, out, "--boxes", "20,30,200,220", checkpoint="samclip_no_text") == 0, capsys.readouterr().err
+  _check_picture(env, str(out))
