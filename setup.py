@@ -25,6 +25,10 @@ setup(
         "pycocotools==2.0.11",
         "safetensors==0.8.0",
         "tensorboardX",
+        "ftfy==6.3.1",  # text cleaning exactly as open_clip does it, before BPE
+        "regex",
+        "msgpack",
+        "scipy",
     ],
     extras_require={
         # References for parity tests and the converters' readers; never imported by the library.

@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 

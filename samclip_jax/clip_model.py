@@ -20,15 +20,17 @@ def _bucket(n: int, batch_size: int) -> int:
   return min(batch_size, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def _batched(fn: Callable, x: np.ndarray, batch_size: int) -> jax.Array:
-  """fn over x in fixed-size chunks (the last one padded), concatenated."""
+def _batched(fn: Callable, x: np.ndarray, batch_size: int, dim: int) -> jax.Array:
+  """fn over x in fixed-size chunks (the last one padded), concatenated: [len(x), dim]."""
+  if not len(x):
+    return jnp.zeros((0, dim), jnp.float32)
   outs = []
   for start in range(0, len(x), batch_size):
     chunk = x[start:start + batch_size]
     size = _bucket(len(chunk), batch_size)
     pad = np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)
     outs.append(fn(np.concatenate([chunk, pad]) if len(pad) else chunk)[:len(chunk)])
-  return jnp.concatenate(outs) if outs else None
+  return jnp.concatenate(outs)
 
 
 class ClipModel:
@@ -42,9 +44,11 @@ class ClipModel:
     self.batch_size = batch_size
     self.text_batch_size = text_batch_size
     self.module = CLIP(config, dtype=dtype)
-    apply = lambda method: jax.jit(lambda p, x: self.module.apply({"params": p}, x, method=method).astype(jnp.float32))
-    self._image_fn = apply(CLIP.encode_image)
-    self._text_fn = apply(CLIP.encode_text)
+    self._image_fn = jax.jit(self._apply(CLIP.encode_image))
+    self._text_fn = jax.jit(self._apply(CLIP.encode_text))
+
+  def _apply(self, method):
+    return lambda params, x: self.module.apply({"params": params}, x, method=method).astype(jnp.float32)
 
   @classmethod
   def from_checkpoint(cls, directory: str, dtype: Any = jnp.float32, **kwargs) -> "ClipModel":
@@ -65,7 +69,7 @@ class ClipModel:
   def encode_image(self, pixels, normalize: bool = False) -> jax.Array:
     """float32 [N, H, W, 3], already normalised (see preprocess) -> [N, D]."""
     pixels = np.asarray(pixels, np.float32)
-    out = _batched(lambda x: self._image_fn(self.params, x), pixels, self.batch_size)
+    out = _batched(lambda x: self._image_fn(self.params, x), pixels, self.batch_size, self.config.embed_dim)
     return _l2_normalize(out) if normalize else out
 
   def encode_text(self, texts: Sequence[str], normalize: bool = False) -> jax.Array:
@@ -73,7 +77,7 @@ class ClipModel:
     if self.tokenizer is None:
       raise ValueError("this ClipModel has no tokenizer; build it with from_checkpoint or pass one")
     ids = self.tokenizer.tokenize(list(texts), self.config.text.context_length)
-    out = _batched(lambda x: self._text_fn(self.params, x), ids, self.text_batch_size)
+    out = _batched(lambda x: self._text_fn(self.params, x), ids, self.text_batch_size, self.config.embed_dim)
     return _l2_normalize(out) if normalize else out
 
   def preprocess(self, images) -> np.ndarray:

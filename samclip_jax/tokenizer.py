@@ -1,10 +1,12 @@
 """The CLIP BPE tokenizer, giving the ids of open_clip.tokenize (transformers' CLIPTokenizer inside).
 
-open_clip cleans text before BPE (ftfy.fix_text, html.unescape twice, whitespace collapsed,
-lower case); transformers' CLIPTokenizer only does NFC + whitespace + lower case, so curly
-quotes, ligatures, full-width forms and HTML entities would come out differently. Tokenizer
-applies open_clip's cleaning first, then the BPE, then open_clip's layout: [sot] + tokens +
-[eot], cut to context_length with eot forced into the last slot, padded with 0.
+transformers' CLIPTokenizer alone differs from open_clip on some inputs: open_clip cleans text
+first (ftfy.fix_text, html.unescape twice, whitespace collapsed, lower case), so curly quotes,
+ligatures, full-width forms and HTML entities change; and its word regex runs in Python's
+`regex` module, whose Unicode tables are newer than the Rust splitter's. So Tokenizer cleans
+and splits words in Python exactly as open_clip does, lets transformers (Rust) do the
+byte-level BPE of each word, and lays ids out as open_clip: [sot] + tokens + [eot], cut to
+context_length with eot forced into the last slot, padded with 0.
 """
 import functools
 import gzip
@@ -26,7 +28,7 @@ _OPEN_CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}
 
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2 / CLIP byte -> printable unicode character table."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
   cs = bs[:]
   n = 0
   for b in range(256):

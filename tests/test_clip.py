@@ -195,13 +195,13 @@ def test_bfloat16_compute(tiny):
 
 def test_remat_gives_the_same_gradients(tiny):
   _, config, params = tiny
-  x, ids = pixels(2, 32, 32, seed=9), open_clip.tokenize(TEXTS).numpy()[:, :16]
+  x = pixels(2, 32, 32, seed=9)
 
   def loss(p, remat):
-    img, txt, _ = clip.CLIP(config, remat=remat).apply({"params": p}, x, ids)
-    return jnp.sum(img ** 2) + jnp.sum(txt ** 2)
+    tower = clip.VisionTransformer(config.vision, config.embed_dim, remat=remat)
+    return jnp.sum(tower.apply({"params": p}, x)[0] ** 2)
 
-  plain, rematted = (jax.jit(jax.grad(functools.partial(loss, remat=r)))(params) for r in (False, True))
+  plain, rematted = (jax.jit(jax.grad(functools.partial(loss, remat=r)))(params["visual"]) for r in (False, True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), plain, rematted)
 
 

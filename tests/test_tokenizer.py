@@ -1,5 +1,4 @@
 """samclip_jax.tokenizer gives open_clip.tokenize's ids (open_clip is the reference)."""
-import os
 import random
 
 import numpy as np

@@ -311,24 +311,25 @@ def quick_gelu(x):
 
 
 def attention_per_head(q, k, v, causal: bool = False):
-  """Softmax attention one (image, head) at a time: [B, N, H, d] -> [B, N, H, d].
+  """Softmax attention one head at a time (batch kept whole): [B, N, H, d] -> [B, N, H, d].
 
-  On CPU this runs 2-2.5x faster than one batched einsum (ViT-L/14, batch 8): each [N, N]
-  logit block stays in cache instead of a [B, H, N, N] tensor going through memory 3 times.
+  On CPU this runs about 2x faster than one einsum over all heads (ViT-L/14, batch 8): the
+  [B, N, N] logits of one head stay in cache instead of a [B, H, N, N] tensor going through
+  memory three times. The batch axis is untouched, so a batch-sharded input stays sharded.
   """
-  b, n, h, d = q.shape
-  heads_first = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
+  n, d = q.shape[1], q.shape[3]
+  heads_first = lambda x: x.transpose(2, 0, 1, 3)  # [H, B, N, d]
   mask = jnp.tril(jnp.ones((n, n), bool)) if causal else None
 
   def one(qkv):
-    qi, ki, vi = qkv
-    logits = jnp.matmul(qi * d ** -0.5, ki.T, preferred_element_type=jnp.float32)
+    qh, kh, vh = qkv
+    logits = jnp.einsum("bqd,bkd->bqk", qh * d ** -0.5, kh, preferred_element_type=jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits, axis=-1).astype(vi.dtype) @ vi
+    return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(logits, axis=-1).astype(vh.dtype), vh)
 
   out = jax.lax.map(one, (heads_first(q), heads_first(k), heads_first(v)))
-  return out.reshape(b, h, n, d).transpose(0, 2, 1, 3)
+  return out.transpose(1, 2, 0, 3)
 
 
 class MultiheadAttention(nn.Module):
