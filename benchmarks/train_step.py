@@ -18,7 +18,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import merge  # noqa: E402
@@ -123,7 +122,7 @@ def run_timing(args):
   if args.offline_teacher and "clip" in host:
     host["clip"]["teacher_embedding"] = np.random.default_rng(0).normal(
         size=(args.clip_batch, exp.clip_config.embed_dim)).astype(np.float32)
-  batches = train._device_batches(exp, host)
+  batches = train.device_batches(exp, host)
   t0 = time.perf_counter()
   compiled = step.lower(state, teachers, batches).compile()
   compile_s = time.perf_counter() - t0

@@ -7,8 +7,9 @@
 
 `arg` is a comma-separated list: one stage ("" / "distill" = stage 2, "probe" = stage 1,
 "resolution" = stage 3) and optionally "local" (tiny random teachers, the embedded sample,
-one CPU; "tiny" is smaller still, for tests). Stages chain through `init_from`: stage 2 starts from stage 1's export, stage 3
-from stage 2's. Steps are derived from the paper's epochs over Merged-41M where it says so.
+one CPU) or "tiny" (smaller still: tests, CI smoke runs). Stages chain through `init_from`:
+stage 2 starts from stage 1's export, stage 3 from stage 2's. Steps are derived from the
+paper's epochs over Merged-41M where it says so.
 """
 import ml_collections
 
@@ -24,11 +25,15 @@ def _base() -> ml_collections.ConfigDict:
   c.stage = "distill"  # which stage this is ("probe" | "distill" | "resolution"); informative
   c.seed = 0  # init of the CLIP head MLP / random teachers and the data order; all randomness
   #             is a function of (seed, step): no other randomness exists on device
+  # PRNG for parameter init: threefry gives the same values whatever the mesh; "unsafe_rbg"
+  # compiles ~3x faster (CPU runs) but its values may depend on the sharding.
+  c.prng_impl = "threefry2x32"
 
   # ---- loop
   c.total_steps = 16 * CLIP_IMAGES // PAPER_CLIP_BATCH  # optimizer updates (stage 2: 16 epochs)
   c.log_every_steps = 50  # console + TensorBoard scalars every this many steps
-  c.eval_every_steps = 5000  # validation (cosine to CLIP teacher, mask IoU to SAM teacher)
+  c.eval_every_steps = 5000  # validation (cosine to CLIP teacher, mask IoU to SAM teacher), and
+  #                            at the last step; 0 disables validation
   c.eval_batches = 8  # validation batches per evaluation (each of clip and sam)
   c.checkpoint_every_steps = 1000  # Orbax checkpoint (state + both data iterators)
   c.max_checkpoints_to_keep = 3  # older checkpoints are deleted
@@ -38,10 +43,12 @@ def _base() -> ml_collections.ConfigDict:
 
   # ---- devices
   # Mesh axis sizes; -1 fills the devices left. Same config on 1 CPU, 8 fake CPUs, a GPU or
-  # a TPU slice: ("data", "fsdp", "model").
+  # a TPU slice: ("data", "fsdp", "model"). Pure data parallelism by default (ViT-B + head:
+  # ~1.8 GB of fp32 params + Adam); {"data": 1, "fsdp": -1} shards them FSDP-style.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   # Logical axis name -> mesh axes; earlier rules win, later ones for the same name are
-  # fallbacks when that mesh axis is already used by another dim (flax priority rules).
+  # fallbacks when that mesh axis is taken by another dim, has size 1, or does not divide
+  # the dim (sharding.logical_to_mesh_spec).
   c.logical_axis_rules = [
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
@@ -81,40 +88,40 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.frozen = ["prompt_encoder/.*"]  # no gradient, no optimizer state
   c.optim.no_decay = [".*pos_embed", ".*rel_pos_.*"]  # besides biases/norms (1-D), no decay here
   c.optim.weight_decay = 0.1  # AdamW decoupled weight decay (paper silent)
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
+  c.optim.b1 = 0.9  # Adam first-moment decay
+  c.optim.b2 = 0.95  # Adam second-moment decay (0.95: steadier with large batches)
+  c.optim.eps = 1e-8  # Adam epsilon
   c.optim.end_lr_factor = 0.0  # cosine ends at learning_rate * this
 
   # ---- models
-  c.sam_checkpoint = ""  # converted SAM dir (convert/sam.py); "" = random tiny SAM (model.sam_*)
-  c.clip_checkpoint = ""  # converted OpenCLIP dir (convert/open_clip.py); "" = random tiny CLIP
+  c.sam_checkpoint = ""  # converted SAM dir (convert/sam.py): teacher + student init; "" = random (model.sam_variant)
+  c.clip_checkpoint = ""  # converted OpenCLIP dir (convert/open_clip.py); "" = random (model.clip_variant)
   c.init_from = ""  # a samclip model dir (earlier stage's export) to start the student from
   c.model = ml_collections.ConfigDict()
   c.model.head_depth = 3  # CLIP-head blocks, each initialised from the backbone's last block
   c.model.head_mlp_hidden = ()  # hidden widths of the head MLP; () = two of 2 x embed_dim
   # Random teachers when no checkpoint is given (tests, ':local'): SAM encoder and CLIP sizes.
   c.model.sam_variant = "vit_b"  # random SAM of this size; "tiny" = the CPU-sized one below
-  c.model.tiny_embed_dim = 64
-  c.model.tiny_depth = 2
-  c.model.tiny_num_heads = 2
-  c.model.tiny_window_size = 4
-  c.model.tiny_prompt_embed_dim = 32
+  c.model.tiny_embed_dim = 64  # tiny SAM encoder width
+  c.model.tiny_depth = 2  # tiny SAM encoder blocks (the last one global, as in vit_b)
+  c.model.tiny_num_heads = 2  # tiny SAM encoder heads
+  c.model.tiny_window_size = 4  # tiny SAM window attention size (tokens)
+  c.model.tiny_prompt_embed_dim = 32  # tiny SAM neck / prompt / mask-decoder width
   c.model.clip_variant = "ViT-L-14"  # random CLIP of this open_clip name; "tiny" = below
-  c.model.tiny_clip_width = 64
-  c.model.tiny_clip_layers = 2
-  c.model.tiny_clip_patch = 32
-  c.model.tiny_clip_embed_dim = 64
+  c.model.tiny_clip_width = 64  # tiny CLIP image tower width
+  c.model.tiny_clip_layers = 2  # tiny CLIP image tower blocks
+  c.model.tiny_clip_patch = 32  # tiny CLIP patch size
+  c.model.tiny_clip_embed_dim = 64  # tiny CLIP embedding dim (= the student's out_dim)
 
   # ---- data
   c.data = ml_collections.ConfigDict()
   c.data.sample_dir = ""  # embedded sample location when the split paths below are empty; "" = WORKDIR/sample
   c.data.clip_train = ""  # split manifest / ArrayRecord glob of D_CLIP train ("" = embedded sample)
-  c.data.clip_val = ""
-  c.data.sam_train = ""  # D_SAM train
-  c.data.sam_val = ""
+  c.data.clip_val = ""  # held-out CLIP images (validation: cosine to the teacher)
+  c.data.sam_train = ""  # D_SAM train (images + masks to sample prompts from)
+  c.data.sam_val = ""  # held-out SAM images (validation: mask IoU to the teacher)
   c.data.teacher_embeddings = ""  # offline teacher embeddings (samclip_jax.extract) for clip_train
-  c.data.worker_count = 0  # grain worker processes per loader (0 = in-process)
+  c.data.worker_count = 8  # grain worker processes per loader and process (0 = in-process)
   return c
 
 
@@ -147,6 +154,8 @@ def _apply_local(c):
   c.eval_batches = 2
   c.checkpoint_every_steps = 20
   c.compute_dtype = "float32"  # CPUs have no fast bf16
+  c.prng_impl = "unsafe_rbg"  # init compiles ~3x faster on CPU
+  c.data.worker_count = 0  # two cores: decoding in-process is cheaper than worker processes
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.clip_batch_size = 8
   c.masks_per_image = 4

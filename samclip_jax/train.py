@@ -8,7 +8,8 @@ paper: forward/backward on the CLIP batch, then on the SAM batch, gradients summ
 """
 import dataclasses
 import functools
-import math
+import inspect
+import json
 import os
 import time
 from typing import Any
@@ -23,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from samclip_jax import losses, optim, sharding
+from samclip_jax import checkpoint, losses, optim, sharding
 from samclip_jax.models import samclip as samclip_lib
 from samclip_jax.models.clip import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig,
                                      VisionConfig, VisionTransformer, load_clip)
@@ -32,7 +33,7 @@ from samclip_jax.models.samclip import SamClipConfig, SamClipNet
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NAN_POLICIES = ("stop", "skip")
-PIPELINE_SAM_SIZE = 1024  # the frame SAM batches arrive in (CONTRACTS: SAM batch)
+MODEL_CONFIG_FILE = "model_config.json"  # WORKDIR/: the model of the run (samclip_jax.api reads it)
 
 
 @flax.struct.dataclass
@@ -81,7 +82,6 @@ def validate_config(config) -> None:
 def sam_config_from(config) -> SamConfig:
   """The SAM (teacher and student backbone) config: checkpoint's, or the random variant's."""
   if config.sam_checkpoint:
-    from samclip_jax import checkpoint
     return SamConfig.from_dict(checkpoint.load_config(config.sam_checkpoint))
   m = config.model
   if m.sam_variant == "tiny":
@@ -93,7 +93,6 @@ def sam_config_from(config) -> SamConfig:
 def clip_config_from(config) -> ClipConfig:
   """The CLIP teacher config: checkpoint's, or the random variant's."""
   if config.clip_checkpoint:
-    from samclip_jax import checkpoint
     return ClipConfig.from_dict(checkpoint.load_config(config.clip_checkpoint)["config"])
   m = config.model
   if m.clip_variant == "tiny":
@@ -160,14 +159,18 @@ class Experiment:
   def batch_sharding(self):
     return sharding.batch_sharding(self.mesh, self.rules)
 
+  def make_state(self, student_params) -> TrainState:
+    """Step-0 train state from full student params: split by optim.frozen, optimizer init."""
+    trainable, frozen = optim.split_params(student_params, list(self.config.optim.frozen), check=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                      opt_state=self.tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32))
+
   def abstract_state(self):
     """ShapeDtypeStructs (with shardings) of the train state: the restore target."""
-    shapes = jax.eval_shape(lambda: self._init_state_fn(None, None, None, abstract=True))
+    shapes = jax.eval_shape(lambda: self.make_state(
+        nn.unbox(samclip_lib.init_params(self.model_config, jax.random.key(0)))))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
-
-  # Set by create_experiment (closures over the modules).
-  _init_state_fn: Any = None
 
 
 def create_experiment(config, devices=None) -> Experiment:
@@ -191,7 +194,7 @@ def create_experiment(config, devices=None) -> Experiment:
                             head_mlp_hidden=tuple(config.model.head_mlp_hidden),
                             out_dim=clip_cfg.embed_dim)
   if config.init_from:
-    init_cfg, _ = _read_samclip_config(config.init_from)
+    init_cfg = samclip_lib.load_samclip_config(config.init_from)
     if init_cfg != model_cfg:
       raise ValueError(f"init_from={config.init_from} holds a model of config {init_cfg}, "
                        f"but this run builds {model_cfg}")
@@ -227,54 +230,31 @@ def create_experiment(config, devices=None) -> Experiment:
   teacher_shardings = {k: sharding.tree_shardings(v, mesh, rules) for k, v in teacher_boxed.items()}
   abstract_teachers = {k: nn.unbox(v) for k, v in teacher_boxed.items()}
 
-  exp = Experiment(config=config, mesh=mesh, rules=rules, sam_config=sam_cfg, clip_config=clip_cfg,
-                   model_config=model_cfg, student=student, sam_teacher=sam_teacher,
-                   clip_teacher=clip_teacher, tx=tx, schedule=schedule,
-                   state_shardings=state_shardings, teacher_shardings=teacher_shardings,
-                   abstract_teachers=abstract_teachers,
-                   trainable_paths=list(optim.flat_paths(abstract_trainable)),
-                   frozen_paths=list(optim.flat_paths(abstract_frozen)))
-
-  def init_state_fn(rng, sam_params, student_params, abstract=False):
-    if abstract:  # shapes only (restore target): any source gives the same structure
-      student_params = nn.unbox(samclip_lib.init_params(model_cfg, jax.random.key(0)))
-    elif student_params is None:
-      student_params = samclip_lib.samclip_params_from_sam(sam_params, model_cfg, rng)
-    trainable, frozen = optim.split_params(student_params, frozen_patterns, check=False)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
-                      opt_state=tx.init(trainable), nonfinite=jnp.zeros((), jnp.int32))
-
-  exp._init_state_fn = init_state_fn
-  return exp
-
-
-def _read_samclip_config(directory):
-  from samclip_jax import checkpoint
-  meta = checkpoint.load_config(directory)
-  if meta.get("model_type") != samclip_lib.MODEL_TYPE:
-    raise ValueError(f"init_from={directory} holds a {meta.get('model_type')!r} model, not 'samclip'")
-  known = {f.name for f in dataclasses.fields(SamClipConfig)} | {"model_type"}
-  return SamClipConfig.from_dict({k: v for k, v in meta.items() if k in known}), meta
+  return Experiment(config=config, mesh=mesh, rules=rules, sam_config=sam_cfg, clip_config=clip_cfg,
+                    model_config=model_cfg, student=student, sam_teacher=sam_teacher,
+                    clip_teacher=clip_teacher, tx=tx, schedule=schedule,
+                    state_shardings=state_shardings, teacher_shardings=teacher_shardings,
+                    abstract_teachers=abstract_teachers,
+                    trainable_paths=list(optim.flat_paths(abstract_trainable)),
+                    frozen_paths=list(optim.flat_paths(abstract_frozen)))
 
 
 # ----------------------------------------------------------------------------- init
-def _keys(seed):
-  root = jax.random.key(seed)
+def _keys(seed, impl="threefry2x32"):
+  root = jax.random.key(seed, impl=impl)
   return {name: jax.random.fold_in(root, i) for i, name in enumerate(("sam", "clip", "head"))}
 
 
 def init_teachers(exp: Experiment):
   """Frozen teachers, sharded: converted checkpoints, or random ones from the seed."""
-  cfg, keys = exp.config, _keys(exp.config.seed)
+  cfg, keys = exp.config, _keys(exp.config.seed, exp.config.prng_impl)
   out = {}
   if "sam" in exp.teacher_shardings:
     if cfg.sam_checkpoint:
       _, params = load_sam(cfg.sam_checkpoint)
       out["sam"] = jax.device_put(nn.unbox(params), exp.teacher_shardings["sam"])
     else:
-      model_cfg = exp.model_config
-      init = lambda k: nn.unbox(Sam(exp.sam_config).init(k, *samclip_lib.example_inputs(model_cfg)[:3])["params"])
-      out["sam"] = jax.jit(init, out_shardings=exp.teacher_shardings["sam"])(keys["sam"])
+      out["sam"] = _random_sam_params(exp, keys["sam"], exp.teacher_shardings["sam"])
   if cfg.clip_checkpoint:
     _, params = load_clip(cfg.clip_checkpoint)
     out["clip"] = jax.device_put(nn.unbox(params["visual"]), exp.teacher_shardings["clip"])
@@ -292,21 +272,25 @@ def _sam_params_for_student(exp: Experiment, teachers):
   if exp.config.sam_checkpoint:
     _, params = load_sam(exp.config.sam_checkpoint)
     return nn.unbox(params)
-  model_cfg = exp.model_config
-  init = lambda k: nn.unbox(Sam(exp.sam_config).init(k, *samclip_lib.example_inputs(model_cfg)[:3])["params"])
-  return jax.jit(init)(_keys(exp.config.seed)["sam"])
+  return _random_sam_params(exp, _keys(exp.config.seed, exp.config.prng_impl)["sam"])
+
+
+def _random_sam_params(exp: Experiment, key, shardings=None):
+  """A randomly initialised SAM (the stand-in teacher when no checkpoint is given)."""
+  inputs = samclip_lib.example_inputs(exp.model_config)[:3]
+  init = lambda k: nn.unbox(Sam(exp.sam_config).init(k, *inputs)["params"])
+  return jax.jit(init, out_shardings=shardings)(key)
 
 
 def init_state(exp: Experiment, teachers) -> TrainState:
   """A fresh, sharded train state (jit with out_shardings: built in place on the devices)."""
-  keys = _keys(exp.config.seed)
-  if exp.config.init_from:
+  if exp.config.init_from:  # an earlier stage's export
     _, params = samclip_lib.load_samclip(exp.config.init_from)
-    fn = lambda p: exp._init_state_fn(None, None, p)
-    return jax.jit(fn, out_shardings=exp.state_shardings)(nn.unbox(params))
+    return jax.jit(exp.make_state, out_shardings=exp.state_shardings)(nn.unbox(params))
   sam_params = _sam_params_for_student(exp, teachers)
-  fn = lambda k, sp: exp._init_state_fn(k, sp, None)
-  return jax.jit(fn, out_shardings=exp.state_shardings)(keys["head"], sam_params)
+  head_key = _keys(exp.config.seed, exp.config.prng_impl)["head"]
+  build = lambda k, sp: exp.make_state(samclip_lib.samclip_params_from_sam(sp, exp.model_config, k))
+  return jax.jit(build, out_shardings=exp.state_shardings)(head_key, sam_params)
 
 
 # ----------------------------------------------------------------------------- step
@@ -496,25 +480,30 @@ def make_loaders(exp: Experiment, paths, *, split="train"):
   from samclip_jax.data import pipeline
   cfg = exp.config
   nproc, pidx = jax.process_count(), jax.process_index()
-  train = split == "train"
+  is_train = split == "train"
   # Eval batches are one micro-batch big: they must fit where a train micro-batch fits.
-  div = 1 if train else cfg.grad_accum_steps
+  div = 1 if is_train else cfg.grad_accum_steps
   out = {}
   common = dict(seed=cfg.seed, shard_index=pidx, shard_count=nproc,
-                num_epochs=None if train else 1, worker_count=cfg.data.worker_count if train else 0)
+                num_epochs=None if is_train else 1, worker_count=cfg.data.worker_count if is_train else 0)
   if exp.use_clip:
     kw = dict(common)
-    if train and cfg.data.teacher_embeddings:
+    if is_train and cfg.data.teacher_embeddings:
       kw["teacher_embeddings"] = cfg.data.teacher_embeddings
     res = tuple(int(r) for r in cfg.clip_resolutions)
     out["clip"] = pipeline.clip_loader(
         paths[f"clip_{split}"], batch_size=cfg.clip_batch_size // div // nproc,
-        resolutions=res if train else res[:1], shuffle=train, **kw)
+        resolutions=res if is_train else res[:1], shuffle=is_train, **kw)
   if exp.use_sam:
+    kw = dict(common)
+    # The pipeline renders SAM images at 1024; where it can render at sam_image_size, ask it
+    # (saves host work), else sam_inputs resizes on device.
+    if "image_size" in inspect.signature(pipeline.sam_loader).parameters:
+      kw["image_size"] = cfg.sam_image_size
     out["sam"] = pipeline.sam_loader(
         paths[f"sam_{split}"], batch_size=cfg.sam_batch_size // div // nproc,
         masks_per_image=cfg.masks_per_image, points_per_prompt=cfg.points_per_prompt,
-        shuffle=train, **common)
+        shuffle=is_train, **kw)
   return out
 
 
@@ -549,7 +538,8 @@ class _Snapshot:
     return self._state
 
 
-def _device_batches(exp: Experiment, host_batches):
+def device_batches(exp: Experiment, host_batches):
+  """Host batches (this process's rows) -> global arrays sharded over the batch axes."""
   return sharding.put_batch({k: {n: v for n, v in b.items() if n != "index"}
                              for k, b in host_batches.items()}, exp.mesh, exp.rules)
 
@@ -638,11 +628,28 @@ def evaluate(exp, eval_step, state, teachers, paths):
         pass
     if not host:
       break
-    out = jax.device_get(eval_step(state, teachers, _device_batches(exp, host)))
+    out = jax.device_get(eval_step(state, teachers, device_batches(exp, host)))
     for k, v in out.items():
       sums.setdefault(k, []).append(float(v))
     n += 1
   return {k: float(np.mean(v)) for k, v in sums.items()}
+
+
+def _evaluate_and_log(exp, eval_step, state, teachers, paths, writer, step):
+  ev = evaluate(exp, eval_step, state, teachers, paths)
+  writer.print(f"step {step} eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+  writer.scalars(step, ev, "eval")
+  return ev
+
+
+def _window_means(host_metrics):
+  """A logging window's metrics: losses averaged, counters and LR at the window's end."""
+  last = host_metrics[-1]
+  mean = {k: float(np.mean([m[k] for m in host_metrics])) for k in last
+          if k not in ("finite", "learning_rate", "nonfinite_steps")}
+  mean["learning_rate"] = float(last["learning_rate"])
+  mean["nonfinite_steps"] = int(last["nonfinite_steps"])
+  return mean
 
 
 def export_model(exp: Experiment, state: TrainState, directory: str):
@@ -651,12 +658,30 @@ def export_model(exp: Experiment, state: TrainState, directory: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
-  extra = {"step": int(state.step), "stage": exp.config.stage,
-           "clip_checkpoint": os.path.abspath(exp.config.clip_checkpoint) if exp.config.clip_checkpoint else "",
-           "sam_checkpoint": os.path.abspath(exp.config.sam_checkpoint) if exp.config.sam_checkpoint else "",
-           "clip_teacher_config": exp.clip_config.to_dict()}
   if jax.process_index() == 0:
-    samclip_lib.save_samclip(directory, exp.model_config, params, extra)
+    samclip_lib.save_samclip(directory, exp.model_config, params,
+                             dict(_run_facts(exp), step=int(state.step)))
+
+
+def _run_facts(exp: Experiment) -> dict:
+  """What a merged model dir records beside its SamClipConfig: stage and the teachers
+  (clip_checkpoint is where samclip_jax.api finds the CLIP text tower)."""
+  path = lambda p: os.path.abspath(p) if p else ""
+  return {"stage": exp.config.stage, "clip_checkpoint": path(exp.config.clip_checkpoint),
+          "sam_checkpoint": path(exp.config.sam_checkpoint),
+          "clip_teacher_config": exp.clip_config.to_dict()}
+
+
+def write_model_config(exp: Experiment, workdir: str) -> None:
+  """WORKDIR/model_config.json: the model a workdir's checkpoints hold (read by samclip_jax.api
+  to load a run that has not exported yet)."""
+  if jax.process_index() != 0:
+    return
+  meta = dict(exp.model_config.to_dict(), **_run_facts(exp))
+  path = os.path.join(workdir, MODEL_CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
 
 
 # ----------------------------------------------------------------------------- loop
@@ -673,6 +698,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   exp = create_experiment(config, devices)
+  write_model_config(exp, workdir)
   writer = MetricWriter(workdir)
   writer.print(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
                f"device(s), {jax.process_count()} process(es); stage {config.stage}; "
@@ -692,20 +718,22 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   step = int(jax.device_get(state.step))
 
   train_step = make_train_step(exp)
-  eval_step = make_eval_step(exp)
+  eval_step = make_eval_step(exp)  # traced and compiled on first use only
   total = int(config.total_steps)
   last = min(total, stop_at_step) if stop_at_step is not None else total
   images_per_step = max(config.clip_batch_size, 0) + max(config.sam_batch_size, 0)
   window, window_start, prev = [], time.time(), None
   rates, seen_shapes, final, history = [], set(), {}, []
   try:
+    if step == 0 and config.eval_every_steps > 0:  # baseline before any update
+      _evaluate_and_log(exp, eval_step, state, teachers, paths, writer, step)
     while step < last:
       host = {k: next(it) for k, it in iterators.items()}
       shape_key = tuple((k, v["image"].shape[1]) for k, v in host.items())
       if shape_key not in seen_shapes:
         seen_shapes.add(shape_key)
         writer.print(f"step {step}: compiling the train step for image sizes {dict(shape_key)}")
-      state, metrics = train_step(state, teachers, _device_batches(exp, host))
+      state, metrics = train_step(state, teachers, device_batches(exp, host))
       step += 1
       # Check the previous step while this one runs (no pipeline stall).
       if prev is not None:
@@ -717,14 +745,10 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
         host_metrics = jax.device_get(window)
         check_finite(host_metrics[-1], step, config.nan_policy)
         prev = None
-        elapsed = time.time() - window_start
-        rate = len(window) / max(elapsed, 1e-9)
+        rate = len(window) / max(time.time() - window_start, 1e-9)  # steps/s
         if step > len(window):  # the first window includes compilation
           rates.append(rate)
-        mean = {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]
-                if k not in ("finite", "learning_rate", "nonfinite_steps")}
-        mean["learning_rate"] = float(host_metrics[-1]["learning_rate"])
-        mean["nonfinite_steps"] = int(host_metrics[-1]["nonfinite_steps"])
+        mean = _window_means(host_metrics)
         mean["images_per_sec"] = rate * images_per_step
         eta = (total - step) / (np.mean(rates[-5:]) if rates else rate)
         parts = [f"{k}={mean[k]:.4f}" for k in ("total_loss", "clip_loss", "sam_loss", "sam_iou") if k in mean]
@@ -739,10 +763,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
       if step % config.checkpoint_every_steps == 0 or step == last:
         _save(mngr, step, state, iterators, force=True)
 
-      if step % config.eval_every_steps == 0 or step == total:
-        ev = evaluate(exp, eval_step, state, teachers, paths)
-        writer.print(f"step {step} eval " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-        writer.scalars(step, ev, "eval")
+      if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or step == total):
+        ev = _evaluate_and_log(exp, eval_step, state, teachers, paths, writer, step)
         final.update({f"eval/{k}": v for k, v in ev.items()})
         window_start = time.time()  # keep eval time out of images/s
     if prev is not None:

@@ -23,7 +23,7 @@ def built():
     sam_params = nn.unbox(Sam(CFG.sam).init(k, *sc.example_inputs(CFG)[:3])["params"])
     return sam_params, sc.samclip_params_from_sam(sam_params, CFG, jax.random.key(2))
 
-  return build(jax.random.key(1))
+  return build(jax.random.key(1, impl="unsafe_rbg"))  # rbg: init compiles ~3x faster
 
 
 def test_config_round_trip():

@@ -1,5 +1,6 @@
 """The merge loop end to end on the embedded sample: loss goes down, resume is exact, SIGKILL
 is survived, freezing freezes, NaN policies, config errors fail before compiling."""
+import json
 import os
 import signal
 import subprocess
@@ -7,10 +8,8 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from configs import merge
 from samclip_jax import optim, train
@@ -88,6 +87,13 @@ def test_merge_end_to_end_resume_and_sigkill(env):
   workdir = str(env["root"] / "resumed")
   first = train.train_and_evaluate(tiny(env), workdir, stop_at_step=3, devices=one_device())
   assert first["step"] == 3 and "export" not in os.listdir(workdir)
+  # A run without an export is described by WORKDIR/model_config.json, and its checkpoint
+  # holds the student (samclip_jax.api loads unfinished runs this way).
+  with open(os.path.join(workdir, train.MODEL_CONFIG_FILE)) as f:
+    assert sc.SamClipConfig.from_dict({k: v for k, v in json.load(f).items() if k in (
+        "model_type", "sam", "head_depth", "head_mlp_hidden", "out_dim")}) == cfg
+  from samclip_jax import api
+  jax.tree.map(np.testing.assert_array_equal, api.restore_workdir_params(workdir, 3), _params(first["state"]))
   second = train.train_and_evaluate(tiny(env), workdir, devices=one_device())
   assert second["step"] == 8
   jax.tree.map(np.testing.assert_array_equal, _params(second["state"]), ref_params)
@@ -98,7 +104,7 @@ def test_merge_end_to_end_resume_and_sigkill(env):
   workdir = str(env["root"] / "killed")
   cmd = [sys.executable, "-m", "samclip_jax.main", "--config=configs/merge.py:tiny",
          f"--workdir={workdir}", f"--config.data.sample_dir={env['sample']}",
-         "--config.checkpoint_every_steps=2", "--config.eval_every_steps=100"]
+         "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0"]
   penv = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
               JAX_COMPILATION_CACHE_DIR=env["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -141,7 +147,7 @@ def test_freezing_really_freezes(probe):
   mu = state.opt_state[1][0].mu  # chain(clip, adamw(scale_by_adam, ...), ...)
   assert set(optim.flat_paths(mu)) == set(exp.trainable_paths)
   for i in range(2):
-    state, metrics = step(state, teachers, train._device_batches(exp, train.fake_batches(exp, i)))
+    state, metrics = step(state, teachers, train.device_batches(exp, train.fake_batches(exp, i)))
   assert bool(metrics["finite"])
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen0)
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, train0))
@@ -154,7 +160,7 @@ def test_nan_step_is_skipped_and_counted(probe):
   before = jax.tree.map(np.asarray, state.params)
   batches = train.fake_batches(exp, 0)
   batches["clip"]["teacher_embedding"] = np.full((exp.config.clip_batch_size, 16), np.nan, np.float32)
-  state, metrics = step(state, teachers, train._device_batches(exp, batches))
+  state, metrics = step(state, teachers, train.device_batches(exp, batches))
   m = jax.device_get(metrics)
   assert not m["finite"] and int(state.nonfinite) == 1 and int(state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
@@ -175,7 +181,7 @@ def test_nan_policy_stop_in_the_loop(env, monkeypatch):
 
   monkeypatch.setattr(train, "make_loaders", poisoned)
   # Same config as the `probe` fixture's but for the logging: the compiled step is reused.
-  cfg = tiny(env, "probe,tiny", log_every_steps=8, eval_every_steps=100)
+  cfg = tiny(env, "probe,tiny", log_every_steps=8, eval_every_steps=0)
   with pytest.raises(FloatingPointError, match="at step 3"):
     train.train_and_evaluate(cfg, str(env["root"] / "nan_stop"), devices=one_device())
   cfg.nan_policy = "skip"
@@ -222,7 +228,7 @@ def test_grad_accumulation_matches_one_big_batch(env, probe):
   out = []
   for exp, step in ((exp1, step1), (exp2, step2)):
     state = train.init_state(exp, teachers)
-    state, m = step(state, teachers, train._device_batches(exp, train.fake_batches(exp, 7)))
+    state, m = step(state, teachers, train.device_batches(exp, train.fake_batches(exp, 7)))
     out.append((_params(state), jax.device_get(m)))
   (p1, m1), (p2, m2) = out
   np.testing.assert_allclose(m1["clip_loss"], m2["clip_loss"], rtol=1e-5)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samclip_jax import checkpoint
-from samclip_jax.models.sam import MaskDecoder, PromptEncoder, Sam, SamConfig
+from samclip_jax.models.sam import MaskDecoder, PromptEncoder, SamConfig
 from samclip_jax.models.vit_det import Block, ImageEncoderConfig, ImageEncoderViT
 from samclip_jax.sharding import EMBED, MLP, NONE, NORM, param_with_axes
 
@@ -126,11 +126,16 @@ class SamClipNet(nn.Module):
   def setup(self):
     cfg = self.config.sam
     self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat)
-    self.prompt_encoder = PromptEncoder(cfg.prompt_embed_dim, cfg.image_embedding_size,
-                                        (cfg.image_size, cfg.image_size), cfg.mask_in_chans, self.dtype)
-    self.mask_decoder = MaskDecoder(cfg.prompt_embed_dim, cfg.num_multimask_outputs, cfg.iou_head_depth,
-                                    cfg.iou_head_hidden_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-                                    cfg.decoder_mlp_dim, cfg.attention_downsample_rate, self.dtype)
+    # The same submodules (names and settings) as models.sam.Sam: SAM params load as they are.
+    self.prompt_encoder = PromptEncoder(
+        embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.image_embedding_size,
+        input_image_size=(cfg.image_size, cfg.image_size), mask_in_chans=cfg.mask_in_chans,
+        dtype=self.dtype)
+    self.mask_decoder = MaskDecoder(
+        transformer_dim=cfg.prompt_embed_dim, num_multimask_outputs=cfg.num_multimask_outputs,
+        iou_head_depth=cfg.iou_head_depth, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads, mlp_dim=cfg.decoder_mlp_dim,
+        attention_downsample_rate=cfg.attention_downsample_rate, dtype=self.dtype)
     self.clip_head = ClipHead(self.config, self.dtype, self.remat)
 
   def __call__(self, images, point_coords, point_labels, multimask_output: bool = False):
@@ -229,13 +234,26 @@ def save_samclip(directory: str, config: SamClipConfig, params, extra: Mapping[s
   checkpoint.save_model(directory, jax.tree.map(np.asarray, nn.unbox(params)), meta)
 
 
+def _config_from_meta(meta: Mapping[str, Any]) -> SamClipConfig:
+  # config.json also holds run facts (step, stage, teacher paths): keep the model's keys.
+  known = {f.name for f in dataclasses.fields(SamClipConfig)} | {"model_type"}
+  return SamClipConfig.from_dict({k: v for k, v in meta.items() if k in known})
+
+
+def load_samclip_config(directory: str) -> SamClipConfig:
+  """The SamClipConfig of a merged model dir, without reading its parameters."""
+  meta = checkpoint.load_config(directory)
+  if meta.get("model_type") != MODEL_TYPE:
+    raise ValueError(f"{directory} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
+  return _config_from_meta(meta)
+
+
 def load_samclip(directory: str) -> tuple[SamClipConfig, dict]:
   """Reads a model directory written by save_samclip -> (SamClipConfig, params)."""
   params, meta = checkpoint.load_model(directory, expected_type=MODEL_TYPE)
-  known = {f.name for f in dataclasses.fields(SamClipConfig)} | {"model_type"}
-  return SamClipConfig.from_dict({k: v for k, v in meta.items() if k in known}), params
+  return _config_from_meta(meta), params
 
 
-__all__ = ["SamClipConfig", "SamClipNet", "ClipHead", "Sam", "tiny_sam_config", "init_params",
+__all__ = ["SamClipConfig", "SamClipNet", "ClipHead", "tiny_sam_config", "init_params",
            "abstract_params", "samclip_params_from_sam", "sam_params_from_samclip",
-           "save_samclip", "load_samclip", "MODEL_TYPE"]
+           "save_samclip", "load_samclip", "load_samclip_config", "MODEL_TYPE"]
