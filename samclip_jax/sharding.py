@@ -243,8 +243,11 @@ def multiprocess_env_detected() -> bool:
 def maybe_initialize_distributed(mode="auto") -> bool:
   """jax.distributed.initialize() when asked (True) or when the environment says so ("auto").
 
-  Must run before anything touches jax devices. Returns whether it initialized.
+  Must run before anything touches jax devices; idempotent (main.py and train both call
+  it). Returns whether the job is (now) multi-process initialized.
   """
+  if jax.distributed.is_initialized():
+    return True
   if mode is False or mode == "never":
     return False
   if mode is True or mode == "always" or (mode == "auto" and multiprocess_env_detected()):
