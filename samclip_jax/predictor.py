@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from samclip_jax.interpolate import linear_taps
 from samclip_jax.models.sam import (MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, Sam, SamConfig, build_sparse_prompt,
                                     load_sam)
 
@@ -37,21 +38,9 @@ def apply_coords(coords: np.ndarray, original_size: tuple[int, int], target_leng
   return coords
 
 
-@functools.lru_cache(maxsize=64)
-def _bilinear_taps(in_size: int, out_size: int):
-  """Source indices and weights of torch F.interpolate(bilinear, align_corners=False), float32 as torch."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
-  src = np.maximum(src, np.float32(0.0))
-  i0 = np.minimum(src.astype(np.int64), in_size - 1)
-  i1 = i0 + (i0 < in_size - 1)
-  l1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
-  return i0, i1, (np.float32(1.0) - l1), l1
-
-
 def _resize_axis(x, axis: int, in_size: int, out_size: int, keep: int | None = None):
   """Linear resample of one axis; `keep` computes only the first `keep` outputs (a crop)."""
-  i0, i1, l0, l1 = _bilinear_taps(in_size, out_size)
+  i0, i1, l0, l1 = linear_taps(in_size, out_size)
   if keep is not None:
     i0, i1, l0, l1 = i0[:keep], i1[:keep], l0[:keep], l1[:keep]
   shape = [1] * x.ndim

@@ -16,6 +16,7 @@ from PIL import Image
 
 from convert.open_clip import convert_open_clip, convert_state_dict
 from samclip_jax import templates
+from samclip_jax.interpolate import bicubic_matrix
 from samclip_jax.clip_model import ClipModel
 from samclip_jax.models import clip
 
@@ -100,7 +101,7 @@ def test_bicubic_matrix_matches_torch_interpolate(antialias):
     for n_out in (1, 2, 5, 7, 14, 16, 24, 37):
       x = torch.randn(1, 1, n_in, 3, dtype=torch.float64)  # width 3: torch's aa path mishandles width 1
       ref = F.interpolate(x, size=(n_out, 3), mode="bicubic", align_corners=False, antialias=antialias)
-      ours = clip.bicubic_matrix(n_in, n_out, antialias) @ x[0, 0].numpy()
+      ours = bicubic_matrix(n_in, n_out, antialias, np.float64) @ x[0, 0].numpy()
       np.testing.assert_allclose(ours, ref[0, 0].numpy(), atol=1e-12, err_msg=f"{n_in}->{n_out}")
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samclip_jax.interpolate import bicubic_matrix
 from samclip_jax.sharding import CONV_IN, EMBED, HEADS, MLP, NONE, NORM, POS, VOCAB, param_with_axes
 
 Dtype = Any
@@ -244,38 +245,6 @@ def known_models() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Position-embedding resampling with PyTorch's F.interpolate(mode='bicubic') weights.
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-  """Keys' cubic convolution kernel (PyTorch: a=-0.75 plain, a=-0.5 antialiased, as PIL)."""
-  x = np.abs(x)
-  near = ((a + 2) * x - (a + 3)) * x * x + 1
-  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-@functools.lru_cache(maxsize=64)
-def bicubic_matrix(in_size: int, out_size: int, antialias: bool = True) -> np.ndarray:
-  """[out, in] weights of F.interpolate(bicubic, align_corners=False) along one axis."""
-  scale = in_size / out_size
-  m = np.zeros((out_size, in_size), np.float64)
-  for i in range(out_size):
-    if not antialias:  # aten upsample_bicubic2d: 4 taps, borders replicated.
-      real = scale * (i + 0.5) - 0.5
-      x0 = math.floor(real)
-      t = real - x0
-      taps = _cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75)
-      for k, w in enumerate(taps):
-        m[i, min(max(x0 - 1 + k, 0), in_size - 1)] += w
-    else:  # aten _upsample_bicubic2d_aa: PIL-style support widened by the scale, renormalised.
-      support = 2.0 * scale if scale >= 1 else 2.0
-      inv = 1.0 / scale if scale >= 1 else 1.0
-      center = scale * (i + 0.5)
-      lo = max(int(center - support + 0.5), 0)
-      hi = min(int(center + support + 0.5), in_size)
-      w = _cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
-      m[i, lo:hi] = w / w.sum() if w.sum() != 0 else w
-  return m
-
 
 def resample_pos_embed(pos: jax.Array, old_grid: tuple[int, int], new_grid: tuple[int, int],
                        antialias: bool = True) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samclip_jax.interpolate import bicubic_matrix, linear_matrix
 from samclip_jax.sharding import (CONV_IN, CONV_OUT, EMBED, HEADS, MLP, NONE, NORM, POS,
                                   param_with_axes)
 
@@ -82,58 +83,14 @@ class ImageEncoderConfig:
 
 
 # ---------------------------------------------------------------- resampling (PyTorch exact)
-def _source_index(in_size, out_size):
-  """Output indices and their source coordinates, in float32 as ATen computes them."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  dst = np.arange(out_size)
-  src = scale * (dst.astype(np.float32) + np.float32(0.5)) - np.float32(0.5)
-  return dst, src.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] weights of torch F.interpolate(mode="linear", align_corners=False)."""
-  dst, src = _source_index(in_size, out_size)
-  src = np.maximum(src, np.float32(0))
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  l1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
-  m = np.zeros((out_size, in_size), np.float32)
-  np.add.at(m, (dst, i0), np.float32(1) - l1)
-  np.add.at(m, (dst, i1), l1)
-  return m
-
-
-@functools.lru_cache(maxsize=None)
-def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] weights of torch F.interpolate(mode="bicubic", align_corners=False), A=-0.75."""
-  a = np.float32(-0.75)
-  dst, src = _source_index(in_size, out_size)  # cubic: no clamp at 0, indices are clamped
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  t = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
-
-  def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
-
-  def far(x):  # 1 < |x| < 2
-    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-  one = np.float32(1)
-  coeffs = np.stack([far(t + one), near(t), near(one - t), far(one - t + one)], axis=1)
-  m = np.zeros((out_size, in_size), np.float32)
-  for j in range(4):
-    np.add.at(m, (dst, np.clip(i0 - 1 + j, 0, in_size - 1)), coeffs[:, j])
-  return m
-
-
 def resize_abs_pos(pos_embed: jax.Array, hw: tuple[int, int]) -> jax.Array:
   """Bicubic resample of a [1, gh, gw, C] position table to [1, h, w, C] (ViTDet get_abs_pos)."""
   gh, gw = pos_embed.shape[1:3]
   h, w = hw
   if (gh, gw) == (h, w):
     return pos_embed
-  mh = jnp.asarray(bicubic_resize_matrix(gh, h), pos_embed.dtype)
-  mw = jnp.asarray(bicubic_resize_matrix(gw, w), pos_embed.dtype)
+  mh = jnp.asarray(bicubic_matrix(gh, h), pos_embed.dtype)
+  mw = jnp.asarray(bicubic_matrix(gw, w), pos_embed.dtype)
   pos = jnp.einsum("yi,bijc->byjc", mh, pos_embed, precision=_HIGHEST)
   return jnp.einsum("xj,byjc->byxc", mw, pos, precision=_HIGHEST)
 
@@ -142,7 +99,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
   """Relative-position embeddings [q_size, k_size, C] from a table [L, C] (SAM get_rel_pos)."""
   max_rel_dist = int(2 * max(q_size, k_size) - 1)
   if rel_pos.shape[0] != max_rel_dist:
-    m = jnp.asarray(linear_resize_matrix(rel_pos.shape[0], max_rel_dist), rel_pos.dtype)
+    m = jnp.asarray(linear_matrix(rel_pos.shape[0], max_rel_dist), rel_pos.dtype)
     rel_pos = jnp.dot(m, rel_pos, precision=_HIGHEST)
   # Static indices: shorter side's coordinates are scaled when q and k sizes differ.
   q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
