@@ -81,6 +81,39 @@ def test_sam_batches(paths):
       assert (lab == -1).all()
 
 
+def test_sam_batches_at_smaller_image_size(paths):
+  # CPU configs render SAM inputs at 256: the whole frame (pixels, prompts, masks) is 256.
+  K, P, S = 6, 3, 256
+  loader = pipeline.sam_loader(paths["sam_train"], batch_size=3, masks_per_image=K, points_per_prompt=P,
+                               seed=0, return_index=True, image_size=S, box_prob=0.5)
+  recs = records.read_all(paths["sam_train"])
+  n_points = n_boxes = 0
+  for b in _take(iter(loader), 3):
+    assert b["image"].shape == (3, S, S, 3) and b["image"].dtype == np.uint8
+    assert b["point_coords"].shape == (3, K, P, 2) and b["point_labels"].shape == (3, K, P)
+    for i, idx in enumerate(b["index"]):
+      rec = recs[idx]
+      nh, nw = b["image_size"][i]
+      assert (nh, nw) == transforms.preprocess_shape(rec["height"], rec["width"], S)
+      assert (b["image"][i, nh:] == 0).all() and (b["image"][i, :, nw:] == 0).all()
+      assert b["image"][i, :nh, :nw].any()
+      masks = [prompts.full_resized_mask(records.decode_mask(m), nh, nw) for m in rec["masks"]]
+      for k in np.nonzero(b["prompt_valid"][i])[0]:
+        xy, lab = b["point_coords"][i, k], b["point_labels"][i, k]
+        used = xy[lab >= 0]
+        assert (used >= 0).all() and (used[:, 0] <= nw - 1).all() and (used[:, 1] <= nh - 1).all()
+        if lab[0] == 1:  # every positive point lies in one mask (the one it was drawn from)
+          pos = xy[lab == 1].astype(int)
+          assert any(m[pos[:, 1], pos[:, 0]].all() for m in masks)
+          n_points += 1
+        else:  # the (jittered) box overlaps some mask at this scale
+          x0, y0, x1, y1 = np.concatenate([xy[0], xy[1]]).astype(int)
+          assert lab[0] == 2 and lab[1] == 3 and x0 <= x1 and y0 <= y1
+          assert any(m[y0:y1 + 1, x0:x1 + 1].any() for m in masks)
+          n_boxes += 1
+  assert n_points > 0 and n_boxes > 0
+
+
 def test_prompts_inside_masks_and_box_jitter(paths):
   recs = records.read_all(paths["sam_train"])
   rng = np.random.default_rng(0)

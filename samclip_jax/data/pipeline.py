@@ -1,4 +1,4 @@
-"""grain input pipelines: CLIP batches (224/448 views) and SAM batches (1024 + prompts).
+"""grain input pipelines: CLIP batches (224/448 views) and SAM batches (1024, or image_size, + prompts).
 
 Sources: `paths` is a split manifest (.json, as written by sample.py / prepare.py), an
 ArrayRecord file, a glob, a directory of shards, a list of those, or any random-access
@@ -121,7 +121,7 @@ class ClipRender(grain.transforms.RandomMap):
 
 
 class SamPrepare(grain.transforms.RandomMap):
-  """Decodes, resizes to 1024 + pads, and samples K prompts from the record's masks."""
+  """Decodes, resizes to image_size (1024) + pads, and samples K prompts from the record's masks."""
 
   def __init__(self, masks_per_image: int, points_per_prompt: int, box_prob: float = 0.5,
                image_size: int = SAM_IMAGE_SIZE, return_index: bool = False):
@@ -190,11 +190,15 @@ def clip_loader(paths, *, batch_size: int, seed: int, resolutions=(224, 448),
 def sam_loader(paths, *, batch_size: int, masks_per_image: int, points_per_prompt: int,
                seed: int, shard_index: int = 0, shard_count: int = 1, num_epochs=None,
                worker_count: int = 0, box_prob: float = 0.5, drop_remainder: bool = True,
-               shuffle: bool = True, return_index: bool = False) -> grain.DataLoader:
-  """SAM batches: image uint8 [B,1024,1024,3], point_coords f32 [B,K,P,2], point_labels
-  i32 [B,K,P], prompt_valid bool [B,K], image_size i32 [B,2] (resized content h, w; the
-  rest is zero padding); return_index adds "index" int32 [B] (record indices)."""
-  ops = [SamPrepare(masks_per_image, points_per_prompt, box_prob, return_index=return_index),
+               shuffle: bool = True, return_index: bool = False,
+               image_size: int = SAM_IMAGE_SIZE) -> grain.DataLoader:
+  """SAM batches: image uint8 [B,S,S,3] (S = image_size: longest side resized to S, zero
+  padded bottom/right), point_coords f32 [B,K,P,2] (x, y in that S frame), point_labels
+  i32 [B,K,P], prompt_valid bool [B,K], image_size i32 [B,2] (resized content h, w before
+  padding); return_index adds "index" int32 [B] (record indices)."""
+  # Small S (CPU configs) keeps the host from decoding and padding at 1024 only to shrink later.
+  ops = [SamPrepare(masks_per_image, points_per_prompt, box_prob, image_size=int(image_size),
+                    return_index=return_index),
          grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
   return _loader(KeyedSource(data_source(paths)), ops, seed=seed, shard_index=shard_index,
                  shard_count=shard_count, num_epochs=num_epochs, worker_count=worker_count,
