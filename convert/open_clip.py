@@ -11,9 +11,9 @@ or the path of an open_clip model config .json.
 DIR receives params/ (Orbax), config.json ({"model_type": "open_clip", "open_clip_model": name,
 "config": ClipConfig.to_dict(), "tokenizer": {...}}) and the tokenizer files vocab.json +
 merges.txt. The tokenizer comes from --vocab/--merges (transformers' CLIP vocab.json and
-merges.txt) when given; otherwise from the BPE table the installed open_clip package ships
-(open_clip/bpe_simple_vocab_16e6.txt.gz, turned into vocab.json + merges.txt with no network),
-which is the tokenizer every OpenAI-BPE OpenCLIP model uses.
+merges.txt) when given; otherwise from the OpenAI BPE table samclip_jax bundles
+(samclip_jax/assets/bpe_simple_vocab_16e6.txt.gz, open_clip's, turned into vocab.json +
+merges.txt with no network), which is the tokenizer every OpenAI-BPE OpenCLIP model uses.
 
 Every tensor of the checkpoint must map to a parameter and every parameter must be filled; all
 problems are reported together, the exit status is non-zero and DIR is not created.
@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Mapping
 
@@ -122,13 +121,9 @@ def _installed_open_clip_config(name: str) -> dict | None:
 
 
 def default_bpe_path() -> str:
-  """open_clip's bundled BPE table (bpe_simple_vocab_16e6.txt.gz)."""
-  root = _open_clip_dir()
-  path = os.path.join(root, "bpe_simple_vocab_16e6.txt.gz") if root else ""
-  if not os.path.isfile(path):
-    raise CheckpointError("no tokenizer source: open_clip is not installed (its bpe_simple_vocab_16e6.txt.gz "
-                          "is the default); pass --vocab vocab.json --merges merges.txt")
-  return path
+  """The OpenAI BPE table samclip_jax bundles (open_clip's bpe_simple_vocab_16e6.txt.gz)."""
+  from samclip_jax.tokenizer import BUNDLED_BPE
+  return BUNDLED_BPE
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "checkpoint") -> dict:
@@ -140,9 +135,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "c
 def convert_open_clip(model, checkpoint: str, output: str, vocab: str | None = None,
                       merges: str | None = None, log=print) -> dict:
   """Converts `checkpoint` for open_clip `model` into the model directory `output`; returns params."""
-  from samclip_jax import checkpoint as ckpt
-  from samclip_jax import tokenizer as tok
-  from samclip_jax.models.clip import MODEL_TYPE
+  from samclip_jax.clip_model import save_clip
   if (vocab is None) != (merges is None):
     raise CheckpointError("--vocab and --merges go together")
   for path in (vocab, merges):
@@ -155,24 +148,9 @@ def convert_open_clip(model, checkpoint: str, output: str, vocab: str | None = N
   log(f"[open_clip] mapping {len(state)} tensors onto {name} "
       f"(vision {config.vision.width}x{config.vision.layers}, text {config.text.width}x{config.text.layers})")
   params = convert_state_dict(state, config, source=f"{checkpoint} (as open_clip {name})")
-  with tempfile.TemporaryDirectory() as tmp:
-    if vocab is None:
-      vocab, merges = os.path.join(tmp, tok.VOCAB_FILE), os.path.join(tmp, tok.MERGES_FILE)
-      tok.write_vocab_files(tok.vocab_from_bpe(default_bpe_path()), vocab, merges)
-      tokenizer_source = "open_clip bpe_simple_vocab_16e6.txt.gz"
-    else:
-      tokenizer_source = f"{vocab} + {merges}"
-    tok.Tokenizer.from_files(vocab, merges)  # Refuse unusable tokenizer files before writing.
-    meta = {
-      "model_type": MODEL_TYPE,
-      "open_clip_model": name,
-      "config": config.to_dict(),
-      "tokenizer": {"vocab": tok.VOCAB_FILE, "merges": tok.MERGES_FILE,
-                    "context_length": config.text.context_length, "source": tokenizer_source},
-      "source_checkpoint": os.path.basename(checkpoint),
-    }
-    log(f"[open_clip] writing {output}")
-    ckpt.save_model(output, params, meta, extra_files={tok.VOCAB_FILE: vocab, tok.MERGES_FILE: merges})
+  log(f"[open_clip] writing {output}")
+  save_clip(output, config, params, name, vocab, merges,
+            extra={"source_checkpoint": os.path.basename(checkpoint)})
   log(f"[open_clip] converted {name}: {common.summary(params)} in {time.time() - t0:.1f}s -> {output}")
   return params
 
@@ -182,7 +160,7 @@ def main(argv=None) -> int:
   parser.add_argument("--model", required=True, help="open_clip model name or model config .json")
   parser.add_argument("--checkpoint", required=True, help=".bin/.pt/.pth/.safetensors state dict")
   parser.add_argument("--output", required=True, help="model directory to write")
-  parser.add_argument("--vocab", help="CLIP vocab.json (default: from open_clip's bundled BPE)")
+  parser.add_argument("--vocab", help="CLIP vocab.json (default: from the bundled OpenAI BPE)")
   parser.add_argument("--merges", help="CLIP merges.txt (with --vocab)")
   args = parser.parse_args(argv)
   try:

@@ -1,14 +1,43 @@
 """ClipModel: inference API of a converted OpenCLIP model (embeddings, preprocessing, zero-shot)."""
 import math
-from typing import Any, Callable, Sequence
+import os
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samclip_jax.models.clip import CLIP, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig, load_clip
+from samclip_jax import tokenizer as tok
+from samclip_jax.models.clip import (CLIP, MODEL_TYPE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig,
+                                     load_clip)
 from samclip_jax.templates import IMAGENET_TEMPLATES
 from samclip_jax.tokenizer import Tokenizer
+
+
+def save_clip(directory: str, config: ClipConfig, params, name: str = "custom", vocab: str | None = None,
+              merges: str | None = None, extra: Mapping[str, Any] | None = None) -> None:
+  """Writes a CLIP model directory (params, config.json, vocab.json + merges.txt) that load_clip and
+  ClipModel.from_checkpoint read; the tokenizer is vocab/merges, default the bundled OpenAI BPE."""
+  from samclip_jax import checkpoint  # Orbax is only needed here.
+  with tempfile.TemporaryDirectory() as tmp:
+    if vocab is None:
+      vocab, merges = os.path.join(tmp, tok.VOCAB_FILE), os.path.join(tmp, tok.MERGES_FILE)
+      tok.write_vocab_files(tok.vocab_from_bpe(), vocab, merges)
+      source = "bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP, bundled)"
+    else:
+      source = f"{vocab} + {merges}"
+    Tokenizer.from_files(vocab, merges)  # Refuse unusable tokenizer files before writing.
+    meta = {
+      "model_type": MODEL_TYPE,
+      "open_clip_model": name,
+      "config": config.to_dict(),
+      "tokenizer": {"vocab": tok.VOCAB_FILE, "merges": tok.MERGES_FILE,
+                    "context_length": config.text.context_length, "source": source},
+      **(extra or {}),
+    }
+    checkpoint.save_model(directory, jax.tree.map(np.asarray, params), meta,
+                          extra_files={tok.VOCAB_FILE: vocab, tok.MERGES_FILE: merges})
 
 
 def _l2_normalize(x, axis=-1):

@@ -23,6 +23,9 @@ _SOT_NAMES = ("<|startoftext|>", "<start_of_text>")
 _EOT_NAMES = ("<|endoftext|>", "<end_of_text>")
 # open_clip uses the first 49152 - 256 - 2 merges of its BPE table.
 _NUM_MERGES = 49152 - 256 - 2
+# OpenAI CLIP's BPE table (MIT; copied from open_clip 3.3.0's bpe_simple_vocab_16e6.txt.gz), so
+# tokenizing needs no open_clip.
+BUNDLED_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 _OPEN_CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -39,9 +42,9 @@ def bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def vocab_from_bpe(bpe_path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
-  """open_clip's bpe_simple_vocab_16e6.txt.gz -> (vocab, merges) in open_clip's id order."""
-  with gzip.open(bpe_path) as f:
+def vocab_from_bpe(bpe_path: str | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """open_clip's bpe_simple_vocab_16e6.txt.gz (default: the bundled copy) -> (vocab, merges) in open_clip's id order."""
+  with gzip.open(bpe_path or BUNDLED_BPE) as f:
     lines = f.read().decode("utf-8").split("\n")
   merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
   chars = list(bytes_to_unicode().values())
@@ -133,8 +136,14 @@ class Tokenizer:
                           context_length)
 
   @classmethod
-  def from_bpe(cls, bpe_path: str, context_length: int = 77) -> "Tokenizer":
+  def from_bpe(cls, bpe_path: str | None = None, context_length: int = 77) -> "Tokenizer":
+    """From an open_clip BPE table; default: the bundled OpenAI one (every OpenAI-BPE OpenCLIP model's)."""
     return cls(*vocab_from_bpe(bpe_path), context_length=context_length)
+
+  @classmethod
+  def default(cls, context_length: int = 77) -> "Tokenizer":
+    """The OpenAI CLIP tokenizer from the bundled BPE table."""
+    return cls.from_bpe(None, context_length)
 
   def encode(self, texts: Iterable[str]) -> list[list[int]]:
     """BPE ids of each cleaned text, without start/end tokens."""

@@ -26,8 +26,8 @@ from absl import logging
 
 from samclip_jax import checkpoint, losses, optim, sharding
 from samclip_jax.models import samclip as samclip_lib
-from samclip_jax.models.clip import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig,
-                                     VisionConfig, VisionTransformer, load_clip)
+from samclip_jax.models.clip import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig, TextConfig,
+                                     VisionConfig, VisionTransformer, init_variables, load_clip)
 from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, Sam, SamConfig, load_sam
 from samclip_jax.models.samclip import SamClipConfig, SamClipNet
 
@@ -98,7 +98,9 @@ def clip_config_from(config) -> ClipConfig:
   if m.clip_variant == "tiny":
     vision = VisionConfig(image_size=config.clip_teacher_image_size or 224, patch_size=m.tiny_clip_patch,
                           width=m.tiny_clip_width, layers=m.tiny_clip_layers, head_width=32)
-    return ClipConfig(embed_dim=m.tiny_clip_embed_dim, vision=vision)
+    # Text tower as small as the image tower: export/text_model/ gives the API its text encoder.
+    text = TextConfig(width=m.tiny_clip_width, heads=max(1, m.tiny_clip_width // 32), layers=m.tiny_clip_layers)
+    return ClipConfig(embed_dim=m.tiny_clip_embed_dim, vision=vision, text=text)
   return ClipConfig.from_name(m.clip_variant)
 
 
@@ -259,10 +261,15 @@ def init_teachers(exp: Experiment):
     _, params = load_clip(cfg.clip_checkpoint)
     out["clip"] = jax.device_put(nn.unbox(params["visual"]), exp.teacher_shardings["clip"])
   else:
-    vis = exp.clip_config.vision
-    init = lambda k: nn.unbox(exp.clip_teacher.init(k, jnp.zeros((1,) + vis.image_hw + (3,)))["params"])
-    out["clip"] = jax.jit(init, out_shardings=exp.teacher_shardings["clip"])(keys["clip"])
+    visual = lambda k: _random_clip_params(exp, k)["visual"]
+    out["clip"] = jax.jit(visual, out_shardings=exp.teacher_shardings["clip"])(keys["clip"])
   return out
+
+
+def _random_clip_params(exp: Experiment, key):
+  """A randomly initialised full CLIP (image + text towers; the stand-in teacher with no
+  checkpoint): training uses its image tower, the export keeps the whole model as text_model/."""
+  return nn.unbox(init_variables(exp.clip_config, key))["params"]
 
 
 def _sam_params_for_student(exp: Experiment, teachers):
@@ -658,9 +665,22 @@ def export_model(exp: Experiment, state: TrainState, directory: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
-  if jax.process_index() == 0:
-    samclip_lib.save_samclip(directory, exp.model_config, params,
-                             dict(_run_facts(exp), step=int(state.step)))
+  # save_model is collective: every process calls it, process 0 writes the files.
+  samclip_lib.save_samclip(directory, exp.model_config, params,
+                           dict(_run_facts(exp), step=int(state.step)))
+  if not exp.config.clip_checkpoint:  # a real teacher is found through config.json's clip_checkpoint
+    _export_random_text_model(exp, directory)
+
+
+def _export_random_text_model(exp: Experiment, directory: str):
+  """DIRECTORY/text_model/: the random CLIP teacher (same seed, so the image tower trained
+  against), with the bundled tokenizer, where samclip_jax.api looks for the text encoder."""
+  from samclip_jax.api import TEXT_MODEL_DIR
+  from samclip_jax.clip_model import save_clip
+  key = _keys(exp.config.seed, exp.config.prng_impl)["clip"]
+  params = jax.jit(functools.partial(_random_clip_params, exp))(key)
+  save_clip(os.path.join(directory, TEXT_MODEL_DIR), exp.clip_config, params,
+            name=f"random {exp.config.model.clip_variant}", extra={"seed": exp.config.seed})
 
 
 def _run_facts(exp: Experiment) -> dict:

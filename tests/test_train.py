@@ -62,6 +62,27 @@ def _finalized_steps(ckpt_dir):
   return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
 
 
+def _check_user_api(workdir, env):
+  """A random-teacher export carries its own text tower (export/text_model/): the user API
+  classifies and the predict CLI draws class overlays with no open_clip directory given."""
+  from PIL import Image
+  from samclip_jax import api, predict
+  assert os.path.isfile(os.path.join(workdir, "export", api.TEXT_MODEL_DIR, "vocab.json"))
+  image = np.asarray(Image.open(_sample_image(env)).convert("RGB"))
+  probs = api.SamClip.from_checkpoint(workdir).classify(image, ["circle", "square"], templates="photo", resolution=64)
+  assert sorted(n for n, _ in probs) == ["circle", "square"]
+  np.testing.assert_allclose(sum(p for _, p in probs), 1.0, rtol=1e-5)
+  out = os.path.join(workdir, "overlay.png")
+  assert predict.main(["--checkpoint", workdir, "--image", _sample_image(env), "--output", out,
+                       "--classes", "circle,square", "--templates", "photo"]) == 0
+  assert Image.open(out).format == "PNG"
+
+
+def _sample_image(env):
+  d = os.path.join(env["sample"], "coco", "images")
+  return os.path.join(d, sorted(os.listdir(d))[0])
+
+
 def test_merge_end_to_end_resume_and_sigkill(env):
   """One test on purpose (xdist would otherwise rerun the reference run per worker):
   the tiny merge runs 8 steps straight, the loss goes down, the export loads; a run stopped
@@ -82,6 +103,7 @@ def test_merge_end_to_end_resume_and_sigkill(env):
   cfg, params = sc.load_samclip(os.path.join(workdir, "export"))
   assert cfg.out_dim == 16 and cfg.sam.image_size == 64
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  _check_user_api(workdir, env)
 
   # -- graceful stop at step 3, resume to 8: same params and optimizer state, bit for bit
   workdir = str(env["root"] / "resumed")
