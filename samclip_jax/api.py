@@ -12,7 +12,8 @@ The CLIP text encoder stays the frozen teacher's: a merged model directory carri
 `text_model/` sub-directory (an open_clip model directory with its tokenizer), or names
 one in config.json under "text_model" or "clip_checkpoint" (train.py's export records the
 converted teacher there; a path relative to the model directory or absolute);
-`from_checkpoint(..., text_model=DIR)` overrides them.
+`from_checkpoint(..., text_model=DIR)` overrides them. A training workdir read before its
+export uses WORKDIR/text_model/ (train.py writes it at the start of a random-teacher run).
 """
 import dataclasses
 import functools
@@ -194,7 +195,7 @@ def model_type(path: str) -> str:
 
 
 def _text_model_path(base: str, meta: dict) -> str | None:
-  """The CLIP text tower of a merged model: text_model/ sub-directory, then config keys."""
+  """The CLIP text tower of a merged model or workdir: text_model/ sub-directory, then config keys."""
   sub = os.path.join(base, TEXT_MODEL_DIR)
   if os.path.isfile(os.path.join(sub, checkpoint.CONFIG_FILE)):
     return sub

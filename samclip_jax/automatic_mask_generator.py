@@ -3,13 +3,14 @@
 A port of segment_anything/automatic_mask_generator.py + utils/amg.py: a point grid is
 prompted in fixed-size batches, masks are filtered by predicted IoU and stability score, and
 duplicates removed by box NMS (numpy, same rule as torchvision.ops.batched_nms). Mask
-post-processing (stability score, binarisation, boxes) runs jitted on the device; only the
-surviving masks come back to the host. Optional crop layers and small-region clean-up
-(scipy instead of OpenCV) are supported as in the reference.
+post-processing (upscaling, stability score, binarisation, boxes) runs jitted on the device;
+only scores, boxes and the surviving boolean masks come back to the host. Optional crop layers
+and small-region clean-up (scipy instead of OpenCV) are supported as in the reference.
 
-The predictor needs `set_image(image)`, `predict_batch(point_coords [N,1,2], point_labels
-[N,1], multimask_output=True, return_logits=True) -> (masks [N,M,H,W], iou [N,M], ...)`
-with coordinates in the original image frame, and `mask_threshold` (default 0.0).
+With a samclip_jax SamPredictor the generator asks for low-res logits and upscales them on the
+device. Any other predictor needs `set_image(image)`, `predict_batch(point_coords [N,1,2],
+point_labels [N,1], multimask_output=True, return_logits=True) -> (masks [N,M,H,W], iou
+[N,M], ...)` with coordinates in the original image frame, and `mask_threshold` (default 0.0).
 """
 import functools
 import itertools
@@ -19,6 +20,8 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from samclip_jax.predictor import SamPredictor, postprocess_masks
 
 
 # -- point grids and crops -----------------------------------------------------------------
@@ -221,6 +224,14 @@ def _binarise(masks, mask_threshold: float, offset: float):
   return stability, binary, batched_mask_to_box(binary)
 
 
+@functools.partial(jax.jit, static_argnames=("mask_threshold", "offset", "image_size", "input_size",
+                                             "original_size"))
+def _binarise_low_res(low_res, mask_threshold: float, offset: float, image_size: int,
+                      input_size: tuple[int, int], original_size: tuple[int, int]):
+  """Low-res logits [N,h,w] -> `_binarise` of their full-res upscale; the logits stay on the device."""
+  return _binarise(postprocess_masks(low_res, image_size, input_size, original_size), mask_threshold, offset)
+
+
 # -- the generator -------------------------------------------------------------------------
 
 class SamAutomaticMaskGenerator:
@@ -323,12 +334,21 @@ class SamAutomaticMaskGenerator:
     n = len(points)
     # Pad to a fixed batch so the jitted model and post-processing compile once.
     padded = np.concatenate([points, np.repeat(points[-1:], self.points_per_batch - n, axis=0)])
-    masks, iou_preds = self.predictor.predict_batch(
-        point_coords=padded[:, None, :], point_labels=np.ones((len(padded), 1), np.int32),
-        multimask_output=True, return_logits=True)[:2]
-    m = masks.shape[1]
-    masks = jnp.asarray(masks).reshape(-1, *masks.shape[-2:])
-    stability, binary, boxes = _binarise(masks, self.mask_threshold, float(self.stability_score_offset))
+    prompts = dict(point_coords=padded[:, None, :], point_labels=np.ones((len(padded), 1), np.int32),
+                   multimask_output=True, return_logits=True)
+    offset = float(self.stability_score_offset)
+    if isinstance(self.predictor, SamPredictor):
+      # Full-res float logits (GBs for a large image) are only ever built on the device.
+      _, iou_preds, low_res = self.predictor.predict_batch(**prompts, output="low_res")
+      m = low_res.shape[1]
+      stability, binary, boxes = _binarise_low_res(
+          jnp.asarray(low_res).reshape(-1, *low_res.shape[-2:]), self.mask_threshold, offset,
+          self.predictor.image_size, self.predictor.input_size, self.predictor.original_size)
+    else:
+      masks, iou_preds = self.predictor.predict_batch(**prompts)[:2]
+      m = masks.shape[1]
+      stability, binary, boxes = _binarise(jnp.asarray(masks).reshape(-1, *masks.shape[-2:]),
+                                           self.mask_threshold, offset)
     valid = np.arange(len(padded) * m) < n * m
     iou_preds = np.asarray(iou_preds, np.float32).reshape(-1)
     stability, boxes = np.asarray(stability), np.asarray(boxes)

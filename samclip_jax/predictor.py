@@ -187,12 +187,16 @@ class SamPredictor:
     return masks[0], iou[0], low_res[0]
 
   def predict_batch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
-                    multimask_output: bool = True, return_logits: bool = False):
+                    multimask_output: bool = True, return_logits: bool = False, output: str = "masks"):
     """B prompts at once -> (masks BxCxHxW, iou BxC, low-res logits BxCx256x256).
 
     point_coords BxNx2 and point_labels BxN (label -1 pads rows with fewer points), boxes Bx4
     XYXY, mask_input Bx1x256x256; all in the original image's pixels, B shared by all given.
+    output="low_res" skips the full-resolution masks (returned as None): callers that upscale
+    on the device themselves (the automatic mask generator) then never hold them on the host.
     """
+    if output not in ("masks", "low_res"):
+      raise ValueError(f"output must be 'masks' or 'low_res', got {output!r}")
     self._check_image()
     if point_coords is not None:
       point_coords = _as_float(point_coords, "point_coords")
@@ -217,14 +221,14 @@ class SamPredictor:
     if len(set(sizes.values())) > 1:
       raise ValueError(f"prompt batch sizes differ: {sizes}")
     return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
-                         allowed_labels=(-1, 0, 1))
+                         allowed_labels=(-1, 0, 1), upscale=output == "masks")
 
   def _check_image(self):
     if not self.is_image_set:
       raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
 
   def _predict(self, point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
-               allowed_labels):
+               allowed_labels, upscale=True):
     """Batched prompts (K leading) in original-image pixels -> numpy outputs with K leading."""
     if point_coords is not None and point_labels is None:
       raise ValueError("point_labels must be supplied if point_coords is supplied.")
@@ -248,6 +252,8 @@ class SamPredictor:
     low_res, iou = self._decode(self.params, self.features, coords[None], labels[None], mask)
     sl = slice(1, None) if multimask_output else slice(0, 1)  # as MaskDecoder.forward
     low_res, iou = np.asarray(low_res)[:, sl], np.asarray(iou)[:, sl]
+    if not upscale:
+      return None, iou, low_res
     masks = self._post(low_res, input_size=self.input_size, original_size=self.original_size,
                        return_logits=bool(return_logits))
     return np.asarray(masks), iou, low_res

@@ -704,6 +704,21 @@ def write_model_config(exp: Experiment, workdir: str) -> None:
   os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
 
 
+def write_text_model(exp: Experiment, workdir: str) -> None:
+  """WORKDIR/text_model/ for a random CLIP teacher, once, so SamClip.from_checkpoint(WORKDIR) works pre-export."""
+  from samclip_jax.api import TEXT_MODEL_DIR
+  if exp.config.clip_checkpoint:  # a real teacher is found through model_config.json's clip_checkpoint
+    return
+  exists = os.path.isfile(os.path.join(workdir, TEXT_MODEL_DIR, checkpoint.CONFIG_FILE))
+  if jax.process_count() > 1:
+    # Process 0 decides for all: save_model is collective, and a process that looked after
+    # process 0 had written the directory would otherwise skip it and hang the others.
+    from jax.experimental import multihost_utils
+    exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
+  if not exists:
+    _export_random_text_model(exp, workdir)
+
+
 # ----------------------------------------------------------------------------- loop
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
                        devices=None) -> dict:
@@ -719,6 +734,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   os.makedirs(workdir, exist_ok=True)
   exp = create_experiment(config, devices)
   write_model_config(exp, workdir)
+  write_text_model(exp, workdir)
   writer = MetricWriter(workdir)
   writer.print(f"mesh {dict(exp.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
                f"device(s), {jax.process_count()} process(es); stage {config.stage}; "

@@ -116,8 +116,13 @@ def test_merge_end_to_end_resume_and_sigkill(env):
         "model_type", "sam", "head_depth", "head_mlp_hidden", "out_dim")}) == cfg
   from samclip_jax import api
   jax.tree.map(np.testing.assert_array_equal, api.restore_workdir_params(workdir, 3), _params(first["state"]))
+  # The random teacher's text tower is written at the first start, so the workdir has one pre-export.
+  assert api.SamClip.from_checkpoint(workdir).text_model is not None
+  text_config = os.path.join(workdir, api.TEXT_MODEL_DIR, "config.json")
+  stamp = os.stat(text_config).st_mtime_ns
   second = train.train_and_evaluate(tiny(env), workdir, devices=one_device())
   assert second["step"] == 8
+  assert os.stat(text_config).st_mtime_ns == stamp   # a resume keeps it
   jax.tree.map(np.testing.assert_array_equal, _params(second["state"]), ref_params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(second["state"].opt_state),
                jax.device_get(ref["state"].opt_state))
