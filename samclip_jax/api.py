@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from samclip_jax import checkpoint
+from samclip_jax.interpolate import linear_matrix, linear_taps
 from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, build_sparse_prompt
 from samclip_jax.models.samclip import (MODEL_TYPE, SamClipConfig, SamClipNet, load_samclip,
                                         sam_params_from_samclip)
@@ -449,34 +450,13 @@ class SamClip:
     return SamAutomaticMaskGenerator(self.predictor(), **kwargs)
 
 
-def _taps(in_size: int, out_size: int):
-  """Source indices / weights of torch's bilinear resize (align_corners=False), float32 as
-  torch computes them; the same as jax.image.resize "bilinear" when upsampling."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
-                   np.float32(0.0))
-  i0 = np.minimum(src.astype(np.int64), in_size - 1)
-  i1 = np.minimum(i0 + 1, in_size - 1)
-  w1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
-  return i0, i1, np.float32(1.0) - w1, w1
-
-
 def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   """[..., h, w] -> [..., H, W] float32 on the host (no compile per image size)."""
   x = np.asarray(x, np.float32)
-  i0, i1, w0, w1 = _taps(x.shape[-1], out_hw[1])
+  i0, i1, w0, w1 = linear_taps(x.shape[-1], out_hw[1])
   x = x[..., i0] * w0 + x[..., i1] * w1
-  i0, i1, w0, w1 = _taps(x.shape[-2], out_hw[0])
+  i0, i1, w0, w1 = linear_taps(x.shape[-2], out_hw[0])
   return x[..., i0, :] * w0[:, None] + x[..., i1, :] * w1[:, None]
-
-
-def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] matrix of a 1-D bilinear resize (torch's taps)."""
-  i0, i1, w0, w1 = _taps(in_size, out_size)
-  m = np.zeros((out_size, in_size), np.float32)
-  np.add.at(m, (np.arange(out_size), i0), w0)
-  np.add.at(m, (np.arange(out_size), i1), w1)
-  return m
 
 
 def upscale_low_res(low: np.ndarray, image_size: int, input_size: tuple[int, int],
@@ -489,6 +469,6 @@ def upscale_low_res(low: np.ndarray, image_size: int, input_size: tuple[int, int
   """
   low = np.asarray(low, np.float32)
   h, w = low.shape[-2:]
-  a_h = _resize_matrix(input_size[0], original_size[0]) @ _resize_matrix(h, image_size)[:input_size[0]]
-  a_w = _resize_matrix(input_size[1], original_size[1]) @ _resize_matrix(w, image_size)[:input_size[1]]
+  a_h = linear_matrix(input_size[0], original_size[0]) @ linear_matrix(h, image_size)[:input_size[0]]
+  a_w = linear_matrix(input_size[1], original_size[1]) @ linear_matrix(w, image_size)[:input_size[1]]
   return np.matmul(a_h, np.matmul(low, a_w.T))
