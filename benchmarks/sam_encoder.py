@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # convert/ beside samclip_jax/
+
 
 def _cpu_seconds():
   r = resource.getrusage(resource.RUSAGE_SELF)
@@ -47,29 +49,18 @@ def torch_encoder(cfg):
   return enc.eval()
 
 
-def torch_to_flax(module):
-  """State dict -> Flax params by the project's naming rule (Linear/Conv transposed)."""
-  tree = {}
-  for name, t in module.state_dict().items():
-    path = []
-    for part in name.split("."):
-      if part.isdigit():
-        path[-1] += f"_{part}"
-      else:
-        path.append(part)
-    a = t.detach().cpu().numpy()
-    if path[-1] == "weight":
-      if a.ndim == 4:
-        path[-1], a = "kernel", a.transpose(2, 3, 1, 0)
-      elif a.ndim == 2:
-        path[-1], a = "kernel", a.T
-      elif not path[-2].startswith("neck_"):
-        path[-1] = "scale"
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = np.ascontiguousarray(a)
-  return {"params": tree}
+def torch_to_flax(enc, cfg):
+  """The encoder's weights through convert/sam.py's table, as users convert them."""
+  import flax.linen as nn
+  import jax
+  from convert.common import apply_table
+  from convert.sam import RULES
+  from samclip_jax.models import vit_det
+  state = {f"image_encoder.{k}": v.detach().cpu().numpy() for k, v in enc.state_dict().items()}
+  skeleton = jax.eval_shape(vit_det.ImageEncoderViT(cfg).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, cfg.img_size, cfg.img_size, 3), np.float32))
+  skeleton = {"image_encoder": nn.unbox(skeleton)["params"]}
+  return {"params": apply_table(state, RULES, skeleton)["image_encoder"]}
 
 
 def main(argv=None):
@@ -90,7 +81,7 @@ def main(argv=None):
 
   cfg = vit_det.ImageEncoderConfig.from_name(args.model)
   enc = torch_encoder(cfg)
-  variables = jax.device_put(torch_to_flax(enc))
+  variables = jax.device_put(torch_to_flax(enc, cfg))
   model = vit_det.ImageEncoderViT(cfg, dtype=jnp.dtype(args.dtype))
   # Only the embeddings leave the jit, so XLA drops the unused intermediates.
   apply = jax.jit(lambda v, x: model.apply(v, x)[0])
