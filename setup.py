@@ -7,7 +7,7 @@ setup(
     description="SAM-CLIP: merge CLIP into SAM by multi-task distillation, in JAX/Flax.",
     python_requires=">=3.11",
     packages=find_packages(include=["samclip_jax", "samclip_jax.*", "convert", "configs", "configs.*"]),
-    package_data={"samclip_jax": ["assets/*", "data/assets/*"]},
+    package_data={"samclip_jax": ["assets/*"]},  # the CLIP BPE vocabulary
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
