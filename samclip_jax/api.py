@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from samclip_jax import checkpoint
+from samclip_jax.data import transforms
 from samclip_jax.interpolate import linear_matrix, linear_taps
 from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, build_sparse_prompt
 from samclip_jax.models.samclip import (MODEL_TYPE, SamClipConfig, SamClipNet, load_samclip,
@@ -51,7 +52,7 @@ def load_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as im:
       im.load()
-      return np.asarray(im.convert("RGB"))
+      return np.asarray(transforms.to_rgb(im))
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot read {path} as an image: {e}") from e
 
@@ -59,7 +60,7 @@ def load_image(path: str) -> np.ndarray:
 def as_rgb_uint8(image) -> np.ndarray:
   """PIL image or array (HxW, HxWx1/3/4 uint8) -> uint8 [H,W,3]."""
   if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"))
+    return np.asarray(transforms.to_rgb(image))
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"images must be uint8 RGB, got dtype {image.dtype}")

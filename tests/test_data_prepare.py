@@ -249,3 +249,44 @@ def test_kill_and_rerun_no_duplicates_or_losses(tmp_path):
   assert json.load(open(os.path.join(out, "manifest.json")))["skipped"] == \
       json.load(open(os.path.join(ref, "manifest.json")))["skipped"]
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def _png16(arr):
+  """A 16-bit PNG (gray [H,W] or RGB [H,W,3] uint16) written by hand: PIL cannot save 16-bit RGB."""
+  import struct
+  import zlib
+  h, w = arr.shape[:2]
+  chunk = lambda t, d: (struct.pack(">I", len(d)) + t + d  # noqa: E731
+                        + struct.pack(">I", zlib.crc32(t + d)))
+  rows = arr.astype(">u2").reshape(h, -1).view(np.uint8)
+  raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], 1).tobytes()
+  ihdr = struct.pack(">IIBBBBB", w, h, 16, 2 if arr.ndim == 3 else 0, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+          + chunk(b"IEND", b""))
+
+
+def test_wide_images_keep_their_range(tmp_path):
+  from samclip_jax import api
+  from samclip_jax.data import transforms
+  rng = np.random.default_rng(0)
+  gray = rng.integers(0, 65536, (12, 10)).astype(np.uint16)
+  rgb = rng.integers(0, 65536, (12, 10, 3)).astype(np.uint16)
+  flt = rng.random((12, 10)).astype(np.float32)
+  src = tmp_path / "in"
+  _write(str(src / "gray16.png"), _png16(gray))
+  _write(str(src / "rgb16.png"), _png16(rgb))
+  os.makedirs(src, exist_ok=True)
+  Image.fromarray(flt).save(str(src / "float.tiff"))
+  want = {"gray16.png": np.repeat(np.rint(gray / 257.0)[..., None], 3, -1),
+          "rgb16.png": rgb >> 8,  # PIL keeps the high byte of 16-bit RGB
+          "float.tiff": np.repeat(np.rint(flt * 255.0)[..., None], 3, -1)}
+  out = str(tmp_path / "out")
+  prepare.prepare("folder", str(src), out, val_fraction=0.0, log=_quiet)
+  recs = {x["key"]: x for x in _all_records(out)}
+  assert set(recs) == set(want)
+  for name, expect in want.items():
+    # Stored pixels (decoded by the loaders) and the API / predict reader agree with the range.
+    np.testing.assert_array_equal(transforms.decode_image(recs[name]["image"]), expect, err_msg=name)
+    np.testing.assert_array_equal(api.load_image(str(src / name)), expect, err_msg=name)
+    with Image.open(str(src / name)) as im:
+      np.testing.assert_array_equal(api.as_rgb_uint8(im), expect, err_msg=name)

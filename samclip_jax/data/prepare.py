@@ -32,7 +32,7 @@ import zlib
 
 from PIL import Image
 
-from samclip_jax.data import records
+from samclip_jax.data import records, transforms
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SIDECAR_EXTS = {".txt", ".json"}
@@ -86,12 +86,13 @@ def _split_ext(name):
 
 # ----------------------------------------------------------------------------- validation
 def checked_image(data: bytes) -> tuple[bytes, int, int]:
-  """Fully decodes the image (catches corrupt/truncated files); non JPEG/PNG -> PNG."""
+  """Fully decodes the image (catches corrupt/truncated files); non JPEG/PNG or wide
+  (16-bit, float) samples -> 8-bit RGB PNG, so every reader decodes the same pixels."""
   try:
     with Image.open(io.BytesIO(data)) as im:
-      fmt = im.format
+      reencode = im.format not in ("JPEG", "PNG") or im.mode in transforms.WIDE_MODES
       im.load()
-      rgb = im.convert("RGB")
+      rgb = transforms.to_rgb(im)
   except Image.UnidentifiedImageError:
     raise Skip("corrupt image: not a recognised image format") from None
   except Exception as e:  # PIL raises many types on bad data
@@ -99,7 +100,7 @@ def checked_image(data: bytes) -> tuple[bytes, int, int]:
   w, h = rgb.size
   if w < 1 or h < 1:
     raise Skip("empty image")
-  if fmt not in ("JPEG", "PNG"):
+  if reencode:
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     data = buf.getvalue()

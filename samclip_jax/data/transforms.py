@@ -14,6 +14,20 @@ from PIL import Image
 # web images carry little of the caption's content and waste teacher compute.
 CROP_SCALE = (0.4, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# PIL modes with samples wider than 8 bits -> the sample value that is white. PIL's own
+# convert("RGB") clips these at 255, so a 16-bit image came out almost white. 16-bit PNGs
+# open as I;16 (older Pillow: I); float images (F) follow the 0..1 convention.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535,
+              "F": 1.0}
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+  """Any PIL image -> 8-bit RGB; wide samples (16-bit, int32, float) scaled from their range."""
+  white = WIDE_MODES.get(im.mode)
+  if white is None:
+    return im.convert("RGB")
+  x = np.nan_to_num(np.asarray(im, np.float64)) * (255.0 / white)
+  return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 def decode_image(data, min_long_side: int | None = None) -> np.ndarray:
@@ -37,7 +51,7 @@ def decode_image(data, min_long_side: int | None = None) -> np.ndarray:
       if factor >= 2:
         im.draft("RGB", (int(im.size[0] / factor), int(im.size[1] / factor)))
     im.load()
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(to_rgb(im))
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
@@ -127,7 +141,7 @@ def render_view_encoded(data, box, flip: bool, resolution: int) -> np.ndarray:
       # PIL picks the largest of 1/2, 1/4, 1/8 whose result is still >= the size asked for.
       im.draft("RGB", (int(w / factor), int(h / factor)))
     sx, sy = im.size[0] / w, im.size[1] / h
-    rgb = im.convert("RGB")
+    rgb = to_rgb(im)
   out = rgb.resize((resolution, resolution), Image.BILINEAR,
                    box=(x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy))
   out = np.asarray(out)
