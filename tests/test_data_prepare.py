@@ -290,3 +290,41 @@ def test_wide_images_keep_their_range(tmp_path):
     np.testing.assert_array_equal(api.load_image(str(src / name)), expect, err_msg=name)
     with Image.open(str(src / name)) as im:
       np.testing.assert_array_equal(api.as_rgb_uint8(im), expect, err_msg=name)
+
+
+def test_coco_bad_geometry_and_entries_are_skipped_and_counted(tmp_path):
+  h, w = 40, 50
+  _write(str(tmp_path / "images" / "1.jpg"), _img(h, w))
+  box = [10, 5, 30, 5, 30, 20, 10, 20]
+  coco = {
+      "images": [{"id": 1, "file_name": "1.jpg", "height": h, "width": w}, "2.jpg",
+                 {"id": 1, "file_name": "other.jpg"}],
+      "annotations": [
+          {"id": 20, "image_id": 1, "category_id": 1, "segmentation": [box]},
+          {"id": 21, "image_id": 1, "category_id": 1, "segmentation": [[1e9, 5, 30, 5, 30, 20]]},
+          {"id": 22, "image_id": 1, "category_id": 1,
+           "segmentation": [[float("nan"), 5, 30, 5, 30, 20]]},
+          {"id": 23, "image_id": 1, "category_id": 1, "segmentation": [box, [5, 5, 6, 5, 6, -1e7]]},
+          {"id": 24, "image_id": 99, "category_id": 1, "segmentation": [box]},
+      ],
+      "categories": [{"id": 1, "name": "a"}],
+  }
+  _write(str(tmp_path / "ann.json"), json.dumps(coco))  # NaN is written as the NaN token
+  out = str(tmp_path / "out")
+  # A subprocess: the unchecked polygon hangs or kills pycocotools' caller.
+  run = subprocess.run([sys.executable, "-m", "samclip_jax.data.prepare", "--source", "coco",
+                        "--input", str(tmp_path / "images"), "--annotations",
+                        str(tmp_path / "ann.json"), "--output", out, "--val-fraction", "0"],
+                       capture_output=True, text=True, timeout=60)
+  assert run.returncode == 0, run.stderr[-2000:]
+  m = json.load(open(os.path.join(out, "manifest.json")))
+  r = _reasons(m)
+  assert r["1#ann21"].startswith("invalid polygon: coordinate 1e+09 is beyond")
+  assert r["1#ann22"] == "invalid polygon: non-finite coordinate"
+  assert r["1#ann23"].startswith("invalid polygon: coordinate 1e+07")
+  assert r["99#ann24"] == "annotation refers to missing image id 99"
+  assert r["images[1]"].startswith("image entry is not an object")
+  assert r["images[2]"] == "duplicate image id 1"
+  assert m["num_skipped_inputs"] == 2 and m["num_skipped_annotations"] == 4
+  recs = _all_records(out)
+  assert [x["key"] for x in recs] == ["1"] and len(recs[0]["masks"]) == 1

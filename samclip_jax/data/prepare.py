@@ -6,14 +6,16 @@
 Sources (inputs are listed in sorted order, so the shard of every input is fixed):
   folder  a directory tree of images; key.txt beside key.jpg is its caption; if every image
           sits in a first-level class folder, "label" is the class index (classes in manifest)
-  coco    --input image directory, --annotations COCO instances JSON (polygons or RLE)
+  coco    --input image directory, --annotations COCO instances JSON (polygons or RLE);
+          crowd annotations (iscrowd=1) are left out by design
   sa1b    an extracted SA-1B tar (sa_*.jpg + sa_*.json per image), a .tar or a folder of .tar
   wds     webdataset shards (.tar files, a folder of them or a glob): key.jpg|png [+ key.txt]
           [+ key.json with "caption"]
 Output: DIR/{train,val}-XXXXX-of-YYYYY.array_record, DIR/{train,val}.json (split manifests
 the loaders take), DIR/manifest.json (counts, sizes, skipped inputs with reasons).
 A bad input (corrupt or truncated image, unsupported file, malformed or mismatched
-annotation, missing image) is skipped, counted and listed; it never stops the run.
+annotation, polygon with non-finite or far out-of-image coordinates, malformed COCO image
+entry, annotation of a missing image) is skipped, counted and listed; it never stops the run.
 Resumable: each shard is written to a temporary file and renamed, then committed by a
 progress file (DIR/progress/<shard>.json); a rerun skips committed shards and rewrites any
 other, so a killed run neither duplicates nor loses records. Splits: an input goes to val
@@ -30,6 +32,7 @@ import tarfile
 import time
 import zlib
 
+import numpy as np
 from PIL import Image
 
 from samclip_jax.data import records, transforms
@@ -40,6 +43,9 @@ PROGRESS = "progress"
 # Test hook: exit (as a kill would) after this many shard files were renamed into place,
 # before their progress file is written, i.e. at the worst moment.
 STOP_ENV = "SAMCLIP_PREPARE_STOP_AFTER_SHARDS"
+# Polygon coordinates may overshoot the image a little (they are clipped when rasterised);
+# beyond this multiple of its longest side they are corrupt.
+POLYGON_LIMIT = 4
 
 
 class Skip(Exception):
@@ -114,6 +120,22 @@ def _decode_text(data: bytes) -> str:
     return data.decode("latin-1").strip()
 
 
+def _checked_polygon(poly, h, w) -> list[float]:
+  """Polygon coordinates as floats; ValueError unless finite and near the image.
+
+  pycocotools rasterises without bounds checks: a coordinate of 1e9 makes it hang or
+  crash the process, NaN gives an empty mask.
+  """
+  xy = np.asarray(poly, np.float64)
+  if not np.isfinite(xy).all():
+    raise ValueError("non-finite coordinate")
+  limit = POLYGON_LIMIT * max(h, w)
+  if np.abs(xy).max() > limit:
+    raise ValueError(f"coordinate {np.abs(xy).max():g} is beyond {POLYGON_LIMIT}x the image size "
+                     f"{h}x{w}")
+  return xy.tolist()
+
+
 def _segmentation_to_rle(seg, h, w):
   """COCO segmentation (polygons, uncompressed or compressed RLE) -> JSON RLE of size h, w."""
   from pycocotools import mask as mask_utils
@@ -122,7 +144,8 @@ def _segmentation_to_rle(seg, h, w):
     if not polys or len(polys) != len(seg):
       raise Skip("invalid polygon")
     try:
-      rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in polys], h, w))
+      polys = [_checked_polygon(p, h, w) for p in polys]
+      rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
     except (TypeError, ValueError) as e:
       raise Skip(f"invalid polygon: {e}") from None
     return records.rle_to_json(rle)
@@ -192,24 +215,62 @@ def build_folder(item):
 
 
 def list_coco(image_dir, annotations):
+  """Items of a COCO set; bad image entries and orphan annotations are skipped and listed."""
   try:
     with open(annotations) as f:
       coco = json.load(f)
-    images = coco["images"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    images, anns_in = coco["images"], coco.get("annotations", [])
+    cats = coco.get("categories", [])
+    if not all(isinstance(v, list) for v in (images, anns_in, cats)):
+      raise TypeError('"images", "annotations" and "categories" must be lists')
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise SystemExit(f"prepare: cannot read COCO annotations {annotations}: {e}")
+  entries, keys, skipped = {}, set(), []
+  for i, im in enumerate(images):
+    problem = _coco_image_problem(im, keys)
+    if problem:
+      skipped.append({"item": f"images[{i}]", "kind": "input", "reason": problem})
+    else:
+      entries[im["id"]] = im
+      keys.add(str(im["id"]))
   anns = {}
-  for a in coco.get("annotations", []):
-    if isinstance(a, dict):
-      anns.setdefault(a.get("image_id"), []).append(a)
+  for i, a in enumerate(anns_in):
+    iid = a.get("image_id") if isinstance(a, dict) else None
+    if not isinstance(a, dict):
+      skipped.append({"item": f"annotations[{i}]", "kind": "annotation",
+                      "reason": "annotation is not an object"})
+    elif not isinstance(iid, (int, str)) or iid not in entries:
+      skipped.append({"item": f"{iid}#ann{a.get('id', i)}", "kind": "annotation",
+                      "reason": f"annotation refers to missing image id {iid!r}"})
+    elif not a.get("iscrowd", 0):  # crowd regions are not object masks: left out by design
+      anns.setdefault(iid, []).append(a)
   items = []
-  for im in sorted(images, key=lambda m: (str(m.get("file_name")), str(m.get("id")))):
-    items.append({"key": str(im.get("id")), "file_name": im.get("file_name"),
+  for iid, im in sorted(entries.items(), key=lambda e: (e[1]["file_name"], str(e[0]))):
+    items.append({"key": str(iid), "file_name": im["file_name"],
                   "height": im.get("height"), "width": im.get("width"),
-                  "image": (os.path.join(image_dir, str(im.get("file_name"))), None, None),
-                  "anns": [a for a in anns.get(im.get("id"), []) if not a.get("iscrowd", 0)]})
-  cats = sorted(coco.get("categories", []), key=lambda c: c.get("id", 0))
-  return items, {"categories": cats}
+                  "image": (os.path.join(image_dir, im["file_name"]), None, None),
+                  "anns": anns.get(iid, [])})
+  cats = sorted((c for c in cats if isinstance(c, dict)), key=_category_order)
+  return items, {"categories": cats, "skipped": skipped}
+
+
+def _category_order(cat):
+  """Numeric ids in order, then any others by their text."""
+  cid = cat.get("id", 0)
+  return (0, cid, "") if isinstance(cid, (int, float)) else (1, 0, str(cid))
+
+
+def _coco_image_problem(im, keys) -> str | None:
+  """Why a COCO image entry cannot be used (keys: the ids taken, as str), or None."""
+  if not isinstance(im, dict):
+    return f"image entry is not an object: {im!r:.80}"
+  if not isinstance(im.get("id"), (int, str)) or isinstance(im.get("id"), bool):
+    return f"image entry without a valid id: {im.get('id')!r:.80}"
+  if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+    return f"image {im['id']} has no file_name"
+  if str(im["id"]) in keys:
+    return f"duplicate image id {im['id']!r}"
+  return None
 
 
 def build_coco(item):
@@ -410,8 +471,10 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
 
 
 def _finalize(output, source, split_files, extra, val_fraction, shard_size, log):
+  extra = dict(extra)
+  listing_skips = extra.pop("skipped", [])  # found while listing the inputs, in no shard
   manifest = {"source": source, "val_fraction": val_fraction, "shard_size": shard_size,
-              "splits": {}, "skipped": [], **extra}
+              "splits": {}, "skipped": list(listing_skips), **extra}
   for split, files in split_files.items():
     infos = []
     for path in files:
