@@ -328,3 +328,33 @@ def test_coco_bad_geometry_and_entries_are_skipped_and_counted(tmp_path):
   assert m["num_skipped_inputs"] == 2 and m["num_skipped_annotations"] == 4
   recs = _all_records(out)
   assert [x["key"] for x in recs] == ["1"] and len(recs[0]["masks"]) == 1
+
+
+def _tar(path, members):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+    for name, data in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tf.addfile(info, io.BytesIO(data))
+
+
+def test_non_utf8_names_are_stored_safely(tmp_path):
+  src = os.fsencode(str(tmp_path / "in"))
+  os.makedirs(src)
+  for name, data in ((b"caf\xe9.jpg", _img(seed=1)), (b"caf\xe9.txt", b"latin-1 name"),
+                     (b"ok.jpg", _img(seed=2))):
+    _write(os.path.join(src, name), data)
+  out = str(tmp_path / "out")
+  m = prepare.prepare("folder", os.fsdecode(src), out, val_fraction=0.5, log=_quiet)
+  assert m["skipped"] == []
+  recs = {x["key"]: x for x in _all_records(out)}
+  assert set(recs) == {"caf\\xe9.jpg", "ok.jpg"}
+  assert recs["caf\\xe9.jpg"]["caption"] == "latin-1 name"
+  # Tar member names too; two tars named alike give one key twice: the second is skipped.
+  for d in ("a", "b"):
+    _tar(str(tmp_path / d / "part-000.tar"), {"\udcff.jpg": _img(seed=3)})
+  m = prepare.prepare("wds", str(tmp_path / "[ab]" / "part-000.tar"), str(tmp_path / "out2"),
+                      val_fraction=0.0, log=_quiet)
+  assert [x["key"] for x in _all_records(str(tmp_path / "out2"))] == ["part-000/\\xff"]
+  assert m["skipped"] == [{"item": "part-000/\\xff", "kind": "input", "reason": "duplicate key"}]

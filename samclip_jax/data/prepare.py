@@ -84,6 +84,15 @@ def _tar_files(path):
   return [path]
 
 
+def safe_name(name: str) -> str:
+  """A file name as valid UTF-8 text: bytes that are not UTF-8 (which os and tarfile hand
+  over as lone surrogates) become \\xNN escapes, so keys can be encoded and stored."""
+  try:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  except UnicodeEncodeError:  # other lone surrogates
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _split_ext(name):
   base = os.path.basename(name)
   stem, ext = os.path.splitext(base)
@@ -193,13 +202,13 @@ def list_folder(root):
     stem, ext = _split_ext(f)
     if ext in SIDECAR_EXTS and any(stem + e in fileset for e in IMAGE_EXTS):
       continue  # caption/metadata of an image
-    item = {"key": f, "image": (os.path.join(root, f), None, None), "ext": ext}
+    item = {"key": safe_name(f), "image": (os.path.join(root, f), None, None), "ext": ext}
     if stem + ".txt" in fileset:
       item["caption"] = (os.path.join(root, stem + ".txt"), None, None)
     if labelled and os.sep in f:
       item["label"] = subdirs.index(f.split(os.sep)[0])
     items.append(item)
-  return items, {"classes": subdirs} if labelled else {}
+  return items, {"classes": [safe_name(d) for d in subdirs]} if labelled else {}
 
 
 def build_folder(item):
@@ -285,7 +294,8 @@ def build_coco(item):
 
 
 def _grouped_members(input_path, from_tar):
-  """{key: {ext: blob ref}} of a folder or of tar files, keys in sorted order."""
+  """[{key, files: {ext: blob ref}}] of a folder or of tar files, sorted by key. Groups are
+  per tar, so two tars that share a name give one key twice (skipped as duplicate, not merged)."""
   groups = {}
   if from_tar:
     for tar in _tar_files(input_path):
@@ -293,18 +303,18 @@ def _grouped_members(input_path, from_tar):
       try:
         members = _tar_members(tar)
       except (tarfile.TarError, OSError) as e:
-        groups.setdefault(f"{prefix}/", {})["__error__"] = f"unreadable tar: {e}"
+        groups.setdefault((f"{prefix}/", tar), {})["__error__"] = f"unreadable tar: {e}"
         continue
       for name, ref in members:
         stem, ext = _split_ext(name)
-        groups.setdefault(f"{prefix}/{stem}", {})[ext] = ref
+        groups.setdefault((f"{prefix}/{stem}", tar), {})[ext] = ref
   else:
     for d, _, fs in os.walk(input_path):
       for f in fs:
         p = os.path.join(d, f)
         stem, ext = _split_ext(os.path.relpath(p, input_path))
-        groups.setdefault(stem, {})[ext] = (p, None, None)
-  return [dict(key=k, files=groups[k]) for k in sorted(groups)]
+        groups.setdefault((stem, ""), {})[ext] = (p, None, None)
+  return [dict(key=safe_name(k), files=groups[k, t]) for k, t in sorted(groups)]
 
 
 def _is_tar_input(path):
@@ -406,6 +416,18 @@ def write_one_shard(source: str, items, path: str, progress_path: str):
           "skipped": skipped, "bytes": os.path.getsize(path)}, progress_path
 
 
+def _unique_keys(items):
+  """(items with the first of each key, skips for the others): keys identify records."""
+  seen, unique, skipped = set(), [], []
+  for item in items:
+    if item["key"] in seen:
+      skipped.append({"item": item["key"], "kind": "input", "reason": "duplicate key"})
+    else:
+      seen.add(item["key"])
+      unique.append(item)
+  return unique, skipped
+
+
 def _commit(progress_path, info):
   tmp = progress_path + ".tmp"
   with open(tmp, "w") as f:
@@ -425,6 +447,8 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
   if not os.path.exists(input_path) and not any(c in input_path for c in "*?["):
     raise SystemExit(f"prepare: input {input_path} does not exist")
   items, extra = SOURCES[source][0](args)
+  items, duplicates = _unique_keys(items)
+  extra = dict(extra, skipped=extra.get("skipped", []) + duplicates)
   os.makedirs(os.path.join(output, PROGRESS), exist_ok=True)
   jobs = []
   split_files = {}
