@@ -239,7 +239,8 @@ def test_kill_and_rerun_no_duplicates_or_losses(tmp_path):
   # Killed after the 2nd shard file is in place but before it is committed.
   killed = subprocess.run(args + ["--output", out], env=env, capture_output=True, text=True)
   assert killed.returncode == 3, killed.stderr
-  assert len(os.listdir(os.path.join(out, "progress"))) == 1
+  assert len([n for n in os.listdir(os.path.join(out, "progress"))
+              if n.endswith(".array_record.json")]) == 1
   rerun = subprocess.run(args + ["--output", out], capture_output=True, text=True, check=True)
   assert "1 shards already done" in rerun.stdout
   got, want = _all_records(out), _all_records(ref)
@@ -358,3 +359,39 @@ def test_non_utf8_names_are_stored_safely(tmp_path):
                       val_fraction=0.0, log=_quiet)
   assert [x["key"] for x in _all_records(str(tmp_path / "out2"))] == ["part-000/\\xff"]
   assert m["skipped"] == [{"item": "part-000/\\xff", "kind": "input", "reason": "duplicate key"}]
+
+
+def test_resume_after_the_inputs_changed(tmp_path):
+  src = tmp_path / "in"
+  for i in range(12):
+    _write(str(src / f"{i:03d}.jpg"), _img(8, 8, seed=i))
+  out = str(tmp_path / "out")
+  run = lambda o: prepare.prepare("folder", str(src), o, shard_size=4, val_fraction=0.0,  # noqa: E731
+                                  log=_quiet)
+  run(out)
+  # Interrupted before the last shard was committed, then the input listing changed:
+  # 3 inputs gone from the middle, 3 new at the end (same shard names, other contents).
+  os.remove(os.path.join(out, "progress", "train-00002-of-00003.array_record.json"))
+  for i in (4, 5, 6):
+    os.remove(str(src / f"{i:03d}.jpg"))
+  for n in ("z0", "z1", "z2"):
+    _write(str(src / f"{n}.jpg"), _img(8, 8, seed=len(n)))
+
+  def check():
+    m = run(out)
+    ref = str(tmp_path / f"ref{len(os.listdir(src))}")
+    want = run(ref)
+    assert [x["key"] for x in _all_records(out)] == [x["key"] for x in _all_records(ref)]
+    assert m["splits"] == want["splits"]
+    # No stale shard left for a directory glob to pick up.
+    assert sorted(records.resolve_files(out)) == sorted(records.resolve_files(
+        os.path.join(out, "train.json")))
+
+  check()
+  # The number of shards changes (new names): the old shard files are ours and go; a file
+  # the user put in the output directory stays.
+  for i in range(20, 25):
+    _write(str(src / f"{i:03d}.jpg"), _img(8, 8, seed=i))
+  _write(os.path.join(out, "notes.txt"), "mine")
+  check()
+  assert os.path.exists(os.path.join(out, "notes.txt"))

@@ -17,16 +17,21 @@ A bad input (corrupt or truncated image, unsupported file, malformed or mismatch
 annotation, polygon with non-finite or far out-of-image coordinates, malformed COCO image
 entry, annotation of a missing image) is skipped, counted and listed; it never stops the run.
 Resumable: each shard is written to a temporary file and renamed, then committed by a
-progress file (DIR/progress/<shard>.json); a rerun skips committed shards and rewrites any
-other, so a killed run neither duplicates nor loses records. Splits: an input goes to val
+progress file (DIR/progress/<shard>.json) holding a fingerprint of the shard's input listing;
+a rerun skips a shard committed with the same fingerprint and rewrites any other, and removes
+the shard files of an earlier listing that the current one no longer has (only ours: those
+named in DIR/progress), so neither a killed run nor inputs changed in between duplicate or
+lose records. Splits: an input goes to val
 when crc32(key) / 2**32 < val_fraction (stable under reruns and input growth).
 """
 import argparse
 import concurrent.futures
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import time
@@ -40,6 +45,8 @@ from samclip_jax.data import records, transforms
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SIDECAR_EXTS = {".txt", ".json"}
 PROGRESS = "progress"
+LISTING = "listing.json"  # in PROGRESS: the shard files the latest run planned
+SHARD_RE = re.compile(r"(train|val)-\d{5}-of-\d{5}\.array_record")
 # Test hook: exit (as a kill would) after this many shard files were renamed into place,
 # before their progress file is written, i.e. at the worst moment.
 STOP_ENV = "SAMCLIP_PREPARE_STOP_AFTER_SHARDS"
@@ -397,8 +404,8 @@ def split_of(key: str, val_fraction: float) -> str:
   return "val" if zlib.crc32(key.encode("utf-8")) / 2**32 < val_fraction else "train"
 
 
-def write_one_shard(source: str, items, path: str, progress_path: str):
-  """Builds the records of one shard's inputs, writes it atomically, commits progress."""
+def write_one_shard(source: str, items, path: str, progress_path: str, fingerprint: str):
+  """Builds the records of one shard's inputs and writes it atomically; returns its progress."""
   build = SOURCES[source][1]
   encoded, skipped = [], []
   for item in items:
@@ -413,7 +420,64 @@ def write_one_shard(source: str, items, path: str, progress_path: str):
                       "reason": f"unexpected {type(e).__name__}: {e}"})
   n = records.write_shard(path, encoded)
   return {"file": os.path.basename(path), "records": n, "inputs": len(items),
-          "skipped": skipped, "bytes": os.path.getsize(path)}, progress_path
+          "skipped": skipped, "bytes": os.path.getsize(path),
+          "fingerprint": fingerprint}, progress_path
+
+
+def _identity(value):
+  """An item as JSON-able data, blob refs reduced to (file name, offset, size): what the
+  input is, not where the input directory lies."""
+  if isinstance(value, tuple):
+    return [os.path.basename(value[0]), value[1], value[2]]
+  if isinstance(value, dict):
+    return {k: _identity(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_identity(v) for v in value]
+  return value
+
+
+def shard_fingerprint(source: str, items) -> str:
+  """Hash of a shard's input listing (keys, file names, tar offsets and sizes, annotations)."""
+  text = json.dumps([source, _identity(list(items))], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _committed_fingerprint(progress_path):
+  """The fingerprint a shard was committed with; None when it is not committed."""
+  try:
+    with open(progress_path) as f:
+      return json.load(f).get("fingerprint", "")
+  except (OSError, ValueError):
+    return None
+
+
+def _listed_before(output) -> set[str]:
+  """Shard files earlier runs planned or committed here: ours to replace."""
+  names = set()
+  try:
+    with open(os.path.join(output, PROGRESS, LISTING)) as f:
+      names.update(json.load(f)["shards"])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  names.update(n[:-len(".json")] for n in os.listdir(os.path.join(output, PROGRESS)))
+  return {n for n in names if isinstance(n, str) and SHARD_RE.fullmatch(n)}
+
+
+def _remove_stale(output, split_files) -> list[str]:
+  """Removes our shard files (and their progress, split manifests) that the plan dropped."""
+  planned = {os.path.basename(p) for files in split_files.values() for p in files}
+  stale = sorted(_listed_before(output) - planned)
+  for name in stale:
+    for path in (os.path.join(output, name), os.path.join(output, name + ".tmp"),
+                 os.path.join(output, PROGRESS, name + ".json")):
+      if os.path.exists(path):
+        os.remove(path)
+  for split, files in split_files.items():
+    manifest = os.path.join(output, split + ".json")
+    if not files and any(n.startswith(split + "-") for n in stale) and os.path.exists(manifest):
+      os.remove(manifest)
+  _commit(os.path.join(output, PROGRESS, LISTING), {"shards": sorted(planned)})
+  return stale
 
 
 def _unique_keys(items):
@@ -450,7 +514,7 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
   items, duplicates = _unique_keys(items)
   extra = dict(extra, skipped=extra.get("skipped", []) + duplicates)
   os.makedirs(os.path.join(output, PROGRESS), exist_ok=True)
-  jobs = []
+  jobs, changed = [], []
   split_files = {}
   for split in ("train", "val"):
     sitems = [it for it in items if split_of(it["key"], val_fraction) == split]
@@ -461,8 +525,18 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
       path = os.path.join(output, name)
       split_files[split].append(path)
       prog = os.path.join(output, PROGRESS, name + ".json")
-      if not os.path.exists(prog):
-        jobs.append((split, sitems[j * shard_size:(j + 1) * shard_size], path, prog))
+      chunk = sitems[j * shard_size:(j + 1) * shard_size]
+      fingerprint = shard_fingerprint(source, chunk)
+      committed = _committed_fingerprint(prog)
+      if committed != fingerprint:
+        jobs.append((split, chunk, path, prog, fingerprint))
+        if committed is not None:
+          changed.append(name)
+  stale = _remove_stale(output, split_files)
+  if changed or stale:
+    log(f"[prepare] the inputs changed since the previous run: redoing {len(changed)} shards "
+        f"whose inputs differ {changed[:3]}, removed {len(stale)} shards of the old listing "
+        f"{stale[:3]}")
   total = sum(len(j[1]) for j in jobs)
   log(f"[prepare] {source}: {len(items)} inputs, "
       f"{sum(len(v) for v in split_files.values()) - len(jobs)} shards already done, "
@@ -485,12 +559,12 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
 
   if workers > 0:
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-      futures = [pool.submit(write_one_shard, source, it, p, g) for _, it, p, g in jobs]
+      futures = [pool.submit(write_one_shard, source, *job[1:]) for job in jobs]
       for fut in concurrent.futures.as_completed(futures):
         finish(*fut.result())
   else:
-    for _, it, p, g in jobs:
-      finish(*write_one_shard(source, it, p, g))
+    for job in jobs:
+      finish(*write_one_shard(source, *job[1:]))
   return _finalize(output, source, split_files, extra, val_fraction, shard_size, log)
 
 
