@@ -119,17 +119,61 @@ def unflatten(flat: Mapping[str, object]) -> dict:
   return out
 
 
+def _shape_problem(name, value, array, path, want):
+  """The transformed tensor must have the parameter's shape."""
+  if tuple(array.shape) != tuple(want.shape):
+    return f"{name} {tuple(value.shape)} -> {path}: got {tuple(array.shape)}, model expects {tuple(want.shape)}"
+
+
+def _is_float(dtype) -> bool:
+  """float16/32/64 and bfloat16 alike."""
+  return np.dtype(dtype).kind == "f" or "float" in np.dtype(dtype).name  # bfloat16's kind is 'V'
+
+
+def _dtype_problem(name, value, array, path, want):
+  """Float tensors for float parameters only (or integers for integer ones)."""
+  # Casting integers to float weights (or back) would be a silent wrong answer, not a conversion.
+  if _is_float(value.dtype) != _is_float(want.dtype):
+    return f"{name} {value.dtype} -> {path}: model expects {np.dtype(want.dtype).name}"
+
+
+def _finite_problem(name, value, array, path, want):
+  """No NaN or infinite weights: they would make every output NaN, with exit 0."""
+  if _is_float(value.dtype):
+    bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+    if bad:
+      return f"{name}: {bad} of {np.size(value)} values are NaN or infinite"
+
+
+# Checks of each mapped tensor, in order; a tensor failing one is reported under its title only.
+TENSOR_CHECKS = (
+  ("shape mismatches", _shape_problem),
+  ("dtype mismatches (integer or bool where the model holds floats, or the reverse)", _dtype_problem),
+  ("non-finite tensors", _finite_problem),
+)
+
+
+def _first_problem(name, value, array, path, want):
+  """(title, description) of the first of TENSOR_CHECKS the tensor fails, or None."""
+  for title, check in TENSOR_CHECKS:
+    problem = check(name, value, array, path, want)
+    if problem:
+      return title, problem
+  return None
+
+
 def apply_table(state: Mapping[str, np.ndarray], rules: Sequence[Rule], skeleton: Mapping,
                 ignore: Sequence[str] = (), source: str = "checkpoint") -> dict:
   """Maps every PyTorch tensor through the first rule that matches its full name.
 
   `skeleton` is the Flax params tree (arrays or ShapeDtypeStructs) the result must fill
-  exactly. Unmapped, missing and mis-shaped entries are collected and raised together.
+  exactly. Unmapped, missing and rejected (TENSOR_CHECKS) entries are collected and raised together.
   """
   compiled = [(re.compile(p), t, f) for p, t, f in rules]
   ignored = [re.compile(p) for p in ignore]
   expected = flatten(skeleton)
-  out, unmapped, misshaped, unknown = {}, [], [], []
+  out, unmapped, unknown, rejected = {}, [], [], set()
+  failed = {title: [] for title, _ in TENSOR_CHECKS}
   for name, value in state.items():
     if any(r.fullmatch(name) for r in ignored):
       continue
@@ -145,17 +189,17 @@ def apply_table(state: Mapping[str, np.ndarray], rules: Sequence[Rule], skeleton
       unknown.append(f"{name} -> {path} (no such Flax parameter)")
       continue
     array = transform(value)
-    want = tuple(expected[path].shape)
-    if tuple(array.shape) != want:
-      misshaped.append(f"{name} {tuple(value.shape)} -> {path}: got {tuple(array.shape)}, model expects {want}")
+    problem = _first_problem(name, value, array, path, expected[path])
+    if problem:
+      failed[problem[0]].append(problem[1])
+      rejected.add(path)
       continue
     out[path] = np.asarray(array, dtype=expected[path].dtype)
-  misshaped_paths = {m.split(" -> ")[1].split(":")[0] for m in misshaped}
-  missing = sorted(set(expected) - set(out) - misshaped_paths)
+  missing = sorted(set(expected) - set(out) - rejected)  # a rejected parameter is reported once
   problems = []
   for title, items in (("unexpected keys (no rule maps them)", unmapped),
                        ("keys mapped to parameters the model does not have", unknown),
-                       ("shape mismatches", misshaped),
+                       *failed.items(),
                        ("parameters missing from the checkpoint", missing)):
     if items:
       problems.append(f"{len(items)} {title}:\n    " + "\n    ".join(items[:50])
@@ -163,6 +207,22 @@ def apply_table(state: Mapping[str, np.ndarray], rules: Sequence[Rule], skeleton
   if problems:
     raise CheckpointError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
   return unflatten(out)
+
+
+def check_output(output: str, checkpoint: str, overwrite: bool) -> None:
+  """Refuses, before anything is read, an --output whose replacement would destroy what we did not write."""
+  from samclip_jax import checkpoint as ckpt  # Orbax and jax: only for converting.
+  out = os.path.realpath(output)
+  for what, path in (("the input checkpoint", os.path.realpath(checkpoint)),
+                     ("the current directory", os.path.realpath(os.getcwd()))):
+    if os.path.commonpath([out, path]) == out:
+      raise CheckpointError(f"--output {output} would replace {what} ({path}); choose a new directory")
+  if ckpt.is_model_dir(out) and not overwrite:
+    raise CheckpointError(f"--output {output} holds a previous model "
+                          f"({ckpt.load_config(out)['model_type']!r}); pass --overwrite to replace it")
+  refusal = ckpt.replace_refusal(out)
+  if refusal:
+    raise CheckpointError(f"--output: {refusal}")
 
 
 def summary(params) -> str:

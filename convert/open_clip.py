@@ -1,6 +1,6 @@
 """Converts an OpenCLIP ViT checkpoint to a samclip_jax model directory.
 
-  python -m convert.open_clip --model ViT-L-14 --checkpoint open_clip_pytorch_model.bin --output DIR
+  python -m convert.open_clip --model ViT-L-14 --checkpoint open_clip_pytorch_model.bin --output DIR [--overwrite]
 
 --checkpoint: an open_clip state dict (.bin / .pt / .pth via torch.load(weights_only=True), or
 .safetensors), optionally wrapped in {"state_dict": ...} and with "module." prefixes.
@@ -16,7 +16,9 @@ merges.txt) when given; otherwise from the OpenAI BPE table samclip_jax bundles
 merges.txt with no network), which is the tokenizer every OpenAI-BPE OpenCLIP model uses.
 
 Every tensor of the checkpoint must map to a parameter and every parameter must be filled; all
-problems are reported together, the exit status is non-zero and DIR is not created.
+problems are reported together, the exit status is non-zero and DIR is not created. DIR must be
+new or empty, or, with --overwrite, a model directory an earlier conversion wrote (replaced
+atomically; nothing samclip_jax did not write is ever deleted).
 """
 import argparse
 import importlib.util
@@ -133,8 +135,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "c
 
 
 def convert_open_clip(model, checkpoint: str, output: str, vocab: str | None = None,
-                      merges: str | None = None, log=print) -> dict:
-  """Converts `checkpoint` for open_clip `model` into the model directory `output`; returns params."""
+                      merges: str | None = None, log=print, overwrite: bool = False) -> dict:
+  """Converts `checkpoint` for open_clip `model` into the model directory `output`; returns params.
+
+  `overwrite` lets a previous model directory at `output` be replaced."""
   from samclip_jax.clip_model import save_clip
   if (vocab is None) != (merges is None):
     raise CheckpointError("--vocab and --merges go together")
@@ -142,6 +146,7 @@ def convert_open_clip(model, checkpoint: str, output: str, vocab: str | None = N
     if path is not None and not os.path.isfile(path):
       raise CheckpointError(f"tokenizer file not found: {path}")
   name, config = resolve_config(model)
+  common.check_output(output, checkpoint, overwrite)
   t0 = time.time()
   log(f"[open_clip] reading {checkpoint}")
   state = common.load_state_dict(checkpoint)
@@ -159,13 +164,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m convert.open_clip", description=__doc__.splitlines()[0])
   parser.add_argument("--model", required=True, help="open_clip model name or model config .json")
   parser.add_argument("--checkpoint", required=True, help=".bin/.pt/.pth/.safetensors state dict")
-  parser.add_argument("--output", required=True, help="model directory to write")
+  parser.add_argument("--output", required=True, help="model directory to write: new or empty")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --output if it is a model directory of ours (nothing else is ever replaced)")
   parser.add_argument("--vocab", help="CLIP vocab.json (default: from the bundled OpenAI BPE)")
   parser.add_argument("--merges", help="CLIP merges.txt (with --vocab)")
   args = parser.parse_args(argv)
   try:
     convert_open_clip(args.model, args.checkpoint, args.output, args.vocab, args.merges,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+                      log=lambda m: print(m, file=sys.stderr, flush=True), overwrite=args.overwrite)
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

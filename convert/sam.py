@@ -1,10 +1,11 @@
 """Meta's SAM checkpoint (sam_vit_{b,l,h}_*.pth or .safetensors) -> samclip_jax model directory.
 
-  python -m convert.sam --checkpoint sam_vit_b_01ec64.pth --output ckpt/sam_vit_b [--model vit_b]
+  python -m convert.sam --checkpoint sam_vit_b_01ec64.pth --output ckpt/sam_vit_b [--model vit_b] [--overwrite]
 
 The variant is read from the checkpoint's shapes (embed dim and depth) unless --model is
 given. Every tensor must map onto a parameter of the Flax model and every parameter must be
-filled; all problems are reported in one error and nothing is written.
+filled; all problems are reported in one error and nothing is written. --output must be new or
+empty, or, with --overwrite, a model directory an earlier conversion wrote (replaced atomically).
 """
 import argparse
 import os
@@ -12,7 +13,8 @@ import re
 import sys
 import time
 
-from convert.common import CheckpointError, apply_table, conv, conv_transpose, identity, linear, load_state_dict, summary
+from convert.common import (CheckpointError, apply_table, check_output, conv, conv_transpose, identity, linear,
+                            load_state_dict, summary)
 
 VARIANTS = ("vit_b", "vit_l", "vit_h")
 
@@ -95,11 +97,13 @@ def infer_variant(state) -> tuple[str | None, str]:
   return None, f"embed dim {dim}, depth {depth} match no released SAM (vit_b 768/12, vit_l 1024/24, vit_h 1280/32)"
 
 
-def convert_sam(checkpoint: str, output: str, model: str | None = None, config=None, verbose: bool = True):
+def convert_sam(checkpoint: str, output: str, model: str | None = None, config=None, verbose: bool = True,
+                overwrite: bool = False):
   """Converts a SAM checkpoint into a model directory; returns (SamConfig, params).
 
   `model` names the variant (inferred from the shapes when None); `config`, a SamConfig,
-  overrides both (non-standard sizes, as tiny test models).
+  overrides both (non-standard sizes, as tiny test models). `overwrite` lets a previous
+  model directory at `output` be replaced.
   """
   from samclip_jax import checkpoint as ckpt
   from samclip_jax.models.sam import SamConfig, abstract_params
@@ -107,6 +111,7 @@ def convert_sam(checkpoint: str, output: str, model: str | None = None, config=N
   t0 = time.time()
   if model is not None and model not in VARIANTS:
     raise CheckpointError(f"unknown model {model!r}; expected one of {', '.join(VARIANTS)}")
+  check_output(output, checkpoint, overwrite)
   log(f"reading {checkpoint}")
   state = load_state_dict(checkpoint)
   log(f"  {len(state)} tensors")
@@ -142,11 +147,13 @@ def convert_sam(checkpoint: str, output: str, model: str | None = None, config=N
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m convert.sam", description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True, help="sam_vit_*.pth (weights_only) or .safetensors")
-  parser.add_argument("--output", required=True, help="model directory to write (replaced whole)")
+  parser.add_argument("--output", required=True, help="model directory to write: new or empty")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --output if it is a model directory of ours (nothing else is ever replaced)")
   parser.add_argument("--model", choices=VARIANTS, default=None, help="variant; inferred from shapes if omitted")
   args = parser.parse_args(argv)
   try:
-    convert_sam(args.checkpoint, args.output, args.model)
+    convert_sam(args.checkpoint, args.output, args.model, overwrite=args.overwrite)
   except CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -2,14 +2,18 @@
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from samclip_jax.tokenizer import MERGES_FILE, VOCAB_FILE
+
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+# What save_model and its callers put in a model directory: nothing else is ever replaced.
+OWN_FILES = (CONFIG_FILE, PARAMS_DIR, VOCAB_FILE, MERGES_FILE)
 
 
 def _sync(name: str) -> None:
@@ -35,22 +39,28 @@ def save_model(directory: str, params, config: Mapping[str, Any],
   hosts (each process writes its shards). `config` must hold a "model_type" key ("sam",
   "open_clip", "samclip") and be JSON. `extra_files` maps a file name inside `directory` to a
   source path to copy (by process 0). The directory is assembled in `.<name>.tmp-save` beside
-  it, a name identical on all processes, and renamed into place by process 0; an existing
-  `directory` is replaced only on success.
+  it, a name identical on all processes, and swapped into place by process 0. An existing
+  `directory` is replaced only on success, and only when it is empty or a model directory
+  holding nothing but what save_model writes (see replace_refusal); anything else is refused.
   """
   if "model_type" not in config:
     raise ValueError("model config needs a 'model_type' key")
   # Serialise first: a bad config then fails on every process alike, before any collective.
   config_text = json.dumps(dict(config), indent=2, sort_keys=True)
-  directory = os.path.abspath(directory)
+  name = os.path.abspath(directory)  # as given: the barriers' name, identical on all processes
+  directory = os.path.realpath(directory)  # a symlinked output is written where it points
   parent = os.path.dirname(directory)
   tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-save")
   primary = jax.process_index() == 0
+  # Process 0 decides for all: processes looking at different moments could disagree and hang.
+  refusal = replace_refusal(directory, extra_files or ()) if primary else None
+  if not _primary_says(refusal is None):
+    raise ValueError(refusal or f"process 0 refused to replace {directory} (see its error)")
   if primary:
     os.makedirs(parent, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-    os.makedirs(tmp)
-  _sync(f"samclip_save_model_start:{directory}")
+    os.makedirs(tmp)  # mode from the umask, like every file written below
+  _sync(f"samclip_save_model_start:{name}")
   try:
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_DIR), jax.tree.map(_savable, params))
@@ -58,17 +68,84 @@ def save_model(directory: str, params, config: Mapping[str, Any],
     if primary:
       with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         f.write(config_text)
-      for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, os.path.join(tmp, name))
-      if os.path.exists(directory):
-        shutil.rmtree(directory)
-      os.rename(tmp, directory)
+      for file_name, src in (extra_files or {}).items():
+        shutil.copyfile(src, os.path.join(tmp, file_name))
+      _swap_in(tmp, directory)
   except BaseException:
     if primary:
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   # Nobody returns (and, say, reads the directory) before process 0 has put it in place.
-  _sync(f"samclip_save_model_done:{directory}")
+  _sync(f"samclip_save_model_done:{name}")
+
+
+def _primary_says(flag: bool) -> bool:
+  """Process 0's value of `flag`, on every process."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _swap_in(tmp: str, directory: str) -> None:
+  """Puts the finished `tmp` at `directory`; a previous one is removed only once the new one is in place."""
+  if not os.path.lexists(directory):
+    os.rename(tmp, directory)
+    return
+  old = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.old-save")
+  shutil.rmtree(old, ignore_errors=True)  # left by a save that was killed mid-swap
+  os.rename(directory, old)
+  try:
+    os.rename(tmp, directory)
+  except BaseException:
+    os.rename(old, directory)  # put the previous one back
+    raise
+  shutil.rmtree(old)
+
+
+def is_model_dir(directory: str) -> bool:
+  """True for a directory save_model wrote: config.json with a "model_type", and params/."""
+  if not os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+    return False
+  try:
+    config = load_config(directory)
+  except (OSError, ValueError):  # absent, unreadable, not JSON
+    return False
+  return isinstance(config, dict) and "model_type" in config
+
+
+def replace_refusal(directory: str, extra_names: Iterable[str] = ()) -> str | None:
+  """Why save_model must not replace `directory`, or None: it is absent, empty, or a model
+  directory of ours holding only what save_model writes (nested model dirs, as text_model/, included)."""
+  if not os.path.lexists(directory):
+    return None
+  if os.path.islink(directory) or not os.path.isdir(directory):
+    return f"{directory} exists and is not a directory; refusing to replace it"
+  if not os.listdir(directory):
+    return None
+  if not is_model_dir(directory):
+    return (f"{directory} is not empty and is not a samclip_jax model directory "
+            f"({CONFIG_FILE} with a model_type, and {PARAMS_DIR}/); refusing to replace it")
+  foreign = _foreign_entries(directory, set(OWN_FILES) | set(extra_names))
+  if foreign:
+    shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+    return (f"{directory} is a samclip_jax model directory but also holds files samclip_jax did not "
+            f"write ({shown}); refusing to replace it: move them elsewhere first")
+  return None
+
+
+def _foreign_entries(directory: str, ours: set[str]) -> list[str]:
+  """Entries of a model directory that save_model did not write, searching nested model dirs."""
+  out = []
+  for entry in sorted(os.listdir(directory)):
+    path = os.path.join(directory, entry)
+    if entry in ours:
+      continue
+    if os.path.isdir(path) and not os.path.islink(path) and is_model_dir(path):
+      out += [os.path.join(entry, e) for e in _foreign_entries(path, ours)]
+    else:
+      out.append(entry)
+  return out
 
 
 def load_config(directory: str) -> dict:

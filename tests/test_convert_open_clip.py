@@ -212,3 +212,40 @@ def test_every_rule_is_used_and_buffers_are_ignored(reference):
   assert len(_flat(params)) == len(state)
   with pytest.raises(CheckpointError, match="logit_bias"):
     convert.convert_state_dict(dict(numpy_state, logit_bias=np.zeros(())), config)
+
+
+def test_int64_and_nan_tensors_refused(reference):
+  """Integer tensors were cast to float weights and NaN tensors converted, silently."""
+  _, state, _ = reference
+  config = clip.ClipConfig.from_open_clip_config(TINY)
+  numpy_state = {k: v.numpy() for k, v in state.items()}
+  numpy_state["ln_final.weight"] = numpy_state["ln_final.weight"].astype(np.int64)
+  numpy_state["visual.proj"] = np.full_like(numpy_state["visual.proj"], np.nan)
+  with pytest.raises(CheckpointError) as err:
+    convert.convert_state_dict(numpy_state, config, source="tiny.pth")
+  msg = str(err.value)
+  assert "1 dtype mismatches" in msg and "ln_final.weight int64 -> ln_final/scale: model expects float32" in msg
+  assert "1 non-finite tensors" in msg and "visual.proj: 512 of 512 values are NaN or infinite" in msg
+
+
+def test_output_never_deletes_what_we_did_not_write(reference, tmp_path, capsys):
+  """--output holding the checkpoint was emptied; a previous output is replaced only with --overwrite."""
+  _, state, config_path = reference
+  ck = tmp_path / "ck"
+  ck.mkdir()
+  ckpt = _write(str(ck / "tiny.pth"), state, "pth")
+  (ck / "notes.txt").write_text("mine")
+  for flags in ([], ["--overwrite"]):
+    assert convert.main(["--model", config_path, "--checkpoint", ckpt, "--output", str(ck), *flags]) == 1
+    assert "would replace the input checkpoint" in capsys.readouterr().err
+    assert sorted(os.listdir(ck)) == ["notes.txt", "tiny.pth"]
+  out = tmp_path / "out"
+  assert convert.main(["--model", config_path, "--checkpoint", ckpt, "--output", str(out)]) == 0
+  (out / "params" / "stale_shard").write_text("from an older save")
+  assert convert.main(["--model", config_path, "--checkpoint", ckpt, "--output", str(out)]) == 1
+  assert "pass --overwrite" in capsys.readouterr().err
+  assert convert.main(["--model", config_path, "--checkpoint", ckpt, "--output", str(out), "--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == ["config.json", "merges.txt", "params", "vocab.json"]
+  assert not os.path.exists(out / "params" / "stale_shard")
+  assert clip.load_clip(str(out))[0] == clip.ClipConfig.from_open_clip_config(TINY)
+  assert sorted(os.listdir(tmp_path)) == ["ck", "out"]

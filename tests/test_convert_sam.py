@@ -149,23 +149,43 @@ def test_arbitrary_object_pickle_is_refused(tmp_path):
   assert not os.path.exists(marker)
 
 
-def test_extra_missing_misshaped_reported_together(tiny_state, tmp_path):
+def test_extra_missing_misshaped_reported_together(tiny_state, tiny_pth, tmp_path):
   state = dict(tiny_state)
   state["mask_decoder.extra_head.weight"] = torch.zeros(3, 3)
   del state["mask_decoder.iou_token.weight"]
   state["prompt_encoder.no_mask_embed.weight"] = torch.zeros(1, TINY.prompt_embed_dim + 1)
   out = tmp_path / "out"
-  out.mkdir()
-  (out / "keep.txt").write_text("previous conversion")
+  _, previous = convert_sam(tiny_pth, str(out), config=TINY, verbose=False)
+  before = sorted(os.listdir(out))
   with pytest.raises(CheckpointError) as e:
-    convert_sam(_save(state, tmp_path), str(out), config=TINY, verbose=False)
+    convert_sam(_save(state, tmp_path), str(out), config=TINY, verbose=False, overwrite=True)
   msg = str(e.value)
   assert "1 unexpected keys" in msg and "mask_decoder.extra_head.weight (3, 3)" in msg
   # A mis-shaped parameter is reported once, as a mismatch, not again as missing.
   assert "1 parameters missing" in msg and "mask_decoder/iou_token/embedding" in msg
   assert "1 shape mismatches" in msg and "prompt_encoder.no_mask_embed.weight" in msg
-  assert (out / "keep.txt").read_text() == "previous conversion"  # an existing output is left alone
+  # A failed conversion leaves the previous output whole, even with overwrite.
+  assert sorted(os.listdir(out)) == before
+  for k, v in flatten(load_sam(str(out))[1]).items():
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(flatten(previous)[k]), err_msg=k)
   assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_int64_and_nan_tensors_refused_together(tiny_state, tmp_path):
+  """Integer weights were cast to float and NaN weights converted, both silently."""
+  state = dict(tiny_state)
+  state["mask_decoder.iou_token.weight"] = state["mask_decoder.iou_token.weight"].long()
+  nan = state["image_encoder.neck.1.bias"].clone()
+  nan[0] = float("nan")
+  state["image_encoder.neck.1.bias"] = nan
+  state["prompt_encoder.no_mask_embed.weight"] = torch.full_like(state["prompt_encoder.no_mask_embed.weight"],
+                                                                 float("inf"))
+  msg = _convert_error(_save(state, tmp_path), str(tmp_path / "out"), config=TINY)
+  assert "1 dtype mismatches" in msg and "mask_decoder.iou_token.weight int64" in msg
+  assert "2 non-finite tensors" in msg
+  assert f"image_encoder.neck.1.bias: 1 of {nan.numel()} values are NaN or infinite" in msg
+  assert "prompt_encoder.no_mask_embed.weight" in msg
+  assert "parameters missing" not in msg  # a rejected tensor is reported once
 
 
 @pytest.mark.parametrize("mutate", ["extra", "missing"])
@@ -200,3 +220,73 @@ def test_cli_rejects_unknown_model(tiny_pth, tmp_path):
   assert e.value.code != 0
   assert main(["--checkpoint", tiny_pth, "--output", str(tmp_path / "out")]) == 1  # tiny: no variant fits
   _assert_nothing_written(str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- where the output goes
+def _files(root):
+  """{relative path: bytes} of every file under root."""
+  return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_holding_the_checkpoint_is_refused(tiny_pth, tmp_path, overwrite):
+  """--output ck for ck/sam.pth used to delete ck/ whole, the checkpoint and the user's files."""
+  ck = tmp_path / "ck"
+  ck.mkdir()
+  (ck / "sam.pth").write_bytes(open(tiny_pth, "rb").read())
+  (ck / "notes.txt").write_text("mine")
+  before = _files(tmp_path)
+  with pytest.raises(CheckpointError, match="would replace the input checkpoint"):
+    convert_sam(str(ck / "sam.pth"), str(ck), config=TINY, verbose=False, overwrite=overwrite)
+  assert _files(tmp_path) == before
+
+
+def test_output_cwd_or_user_directory_is_refused(tiny_pth, tmp_path, monkeypatch, capsys):
+  """--output . emptied the current directory; any other non-empty directory is refused too."""
+  from convert.sam import main
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "data.txt").write_text("mine")
+  monkeypatch.chdir(work)
+  with pytest.raises(CheckpointError, match="would replace the current directory"):
+    convert_sam(tiny_pth, ".", config=TINY, verbose=False, overwrite=True)
+  assert main(["--checkpoint", tiny_pth, "--output", "."]) == 1
+  assert "would replace the current directory" in capsys.readouterr().err
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "data.txt").write_text("mine too")
+  with pytest.raises(CheckpointError, match="not a samclip_jax model directory"):
+    convert_sam(tiny_pth, str(other), config=TINY, verbose=False, overwrite=True)
+  assert os.listdir(work) == ["data.txt"] and os.listdir(other) == ["data.txt"]
+  assert sorted(os.listdir(tmp_path)) == ["other", "work"]
+
+
+def test_overwrite_replaces_only_a_previous_output(tiny_state, tiny_pth, tmp_path):
+  """A previous conversion needs --overwrite; then nothing of it stays, and files of others are never replaced."""
+  out = tmp_path / "sam"
+  convert_sam(tiny_pth, str(out), config=TINY, verbose=False)
+  first = _files(out)
+  (out / "params" / "stale_shard").write_bytes(b"from an older save")  # ours: params/ is replaced whole
+  (out / "vocab.json").write_text("{}")                                 # ours: an earlier CLIP conversion's
+  changed = {k: v + 1 if v.is_floating_point() else v for k, v in tiny_state.items()}
+  path = _save(changed, tmp_path, "changed.pth")
+  with pytest.raises(CheckpointError, match="pass --overwrite"):
+    convert_sam(path, str(out), config=TINY, verbose=False)
+  old_umask = os.umask(0o002)
+  try:
+    _, params = convert_sam(path, str(out), config=TINY, verbose=False, overwrite=True)
+  finally:
+    os.umask(old_umask)
+  assert sorted(os.listdir(out)) == ["config.json", "params"]
+  assert not os.path.exists(out / "params" / "stale_shard")
+  assert _files(out) != first
+  for k, v in flatten(load_sam(str(out))[1]).items():
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(flatten(params)[k]), err_msg=k)
+  assert oct(os.stat(out).st_mode & 0o777) == oct(0o775)                 # the umask, not 0700
+  assert oct(os.stat(out / "config.json").st_mode & 0o777) == oct(0o664)
+  assert sorted(os.listdir(tmp_path)) == ["changed.pth", "sam"]          # no temporary left
+  (out / "README.md").write_text("my notes")                            # not ours: never replaced
+  with pytest.raises(CheckpointError, match="README.md"):
+    convert_sam(path, str(out), config=TINY, verbose=False, overwrite=True)
+  assert (out / "README.md").read_text() == "my notes"
