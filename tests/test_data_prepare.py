@@ -2,9 +2,11 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -395,3 +397,48 @@ def test_resume_after_the_inputs_changed(tmp_path):
   _write(os.path.join(out, "notes.txt"), "mine")
   check()
   assert os.path.exists(os.path.join(out, "notes.txt"))
+
+
+def _proc_stat(pid):
+  """(parent pid, state) of a process from /proc, or None once it is gone."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+  return int(fields[1]), fields[0]
+
+
+def test_killed_parallel_prepare_leaves_no_workers(tmp_path):
+  if not os.path.isdir("/proc/self"):
+    pytest.skip("needs /proc")
+  src = tmp_path / "in"
+  for i in range(4):
+    _write(str(src / f"{i}.jpg"), _img(8, 8, seed=i))
+  os.mkfifo(str(src / "0_hold.jpg"))  # reading it blocks: the run is busy when it is killed
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "samclip_jax.data.prepare", "--source", "folder", "--input",
+       str(src), "--output", str(tmp_path / "out"), "--shard-size", "1", "--workers", "2"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  workers = []
+  alive = lambda: [w for w in workers if (_proc_stat(w) or (0, "Z"))[1] not in "ZX"]  # noqa: E731
+  try:
+    deadline = time.time() + 30
+    while len(workers) < 2 and time.time() < deadline:
+      workers = [int(p) for p in os.listdir("/proc")
+                 if p.isdigit() and (_proc_stat(p) or (0,))[0] == proc.pid]
+      time.sleep(0.05)
+    assert len(workers) == 2, "prepare did not start its 2 workers"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+      time.sleep(0.05)
+    assert not alive(), "workers outlived the killed prepare"
+  finally:
+    for pid in [proc.pid] + alive():
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
