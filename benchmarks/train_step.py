@@ -21,7 +21,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import merge  # noqa: E402
-from samclip_jax import train  # noqa: E402
+from samclip_jax import loop  # noqa: E402
+from samclip_jax.tasks import merge as merge_task  # noqa: E402
 
 # Dense peak FLOP/s per chip (bf16 tensor cores / MXU), vendor figures.
 PEAK_FLOPS = {
@@ -63,8 +64,8 @@ def abstract_inputs(exp, clip_res, offline_teacher):
   """ShapeDtypeStructs (with shardings) of (state, teachers, batches): lowering needs no memory."""
   state = exp.abstract_state()
   teachers = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          exp.abstract_teachers, exp.teacher_shardings)
-  host = train.fake_batches(exp, 0, clip_resolution=clip_res)
+                          exp.abstract_teachers, exp.aux_shardings)
+  host = exp.fake_batches(0, clip_resolution=clip_res)
   if offline_teacher and "clip" in host:
     host["clip"]["teacher_embedding"] = np.zeros((exp.config.clip_batch_size, exp.clip_config.embed_dim),
                                                  np.float32)
@@ -75,8 +76,8 @@ def abstract_inputs(exp, clip_res, offline_teacher):
 
 def step_flops(args, stage, clip_batch, sam_batch, clip_res, masks=None):
   """FLOPs of one train step of that shape, from the lowered HLO (no compile, no run)."""
-  exp = train.create_experiment(make_config(args, stage, clip_batch, sam_batch, clip_res, masks))
-  lowered = train.make_train_step(exp).lower(*abstract_inputs(exp, clip_res, args.offline_teacher))
+  exp = merge_task.create(make_config(args, stage, clip_batch, sam_batch, clip_res, masks))
+  lowered = loop.make_train_step(exp).lower(*abstract_inputs(exp, clip_res, args.offline_teacher))
   return float(lowered.cost_analysis()["flops"])
 
 
@@ -114,15 +115,15 @@ def project(flops, mfu):
 
 
 def run_timing(args):
-  exp = train.create_experiment(make_config(args))
-  teachers = train.init_teachers(exp)
-  state = train.init_state(exp, teachers)
-  step = train.make_train_step(exp)
-  host = train.fake_batches(exp, 0)
+  exp = merge_task.create(make_config(args))
+  teachers = exp.init_aux()
+  state = exp.init_state(teachers)
+  step = loop.make_train_step(exp)
+  host = exp.fake_batches(0)
   if args.offline_teacher and "clip" in host:
     host["clip"]["teacher_embedding"] = np.random.default_rng(0).normal(
         size=(args.clip_batch, exp.clip_config.embed_dim)).astype(np.float32)
-  batches = train.device_batches(exp, host)
+  batches = exp.device_batches(host)
   t0 = time.perf_counter()
   compiled = step.lower(state, teachers, batches).compile()
   compile_s = time.perf_counter() - t0

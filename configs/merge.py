@@ -22,6 +22,7 @@ STAGES = ("distill", "probe", "resolution")
 
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "merge"  # the training task (samclip_jax/train.py TASKS)
   c.stage = "distill"  # which stage this is ("probe" | "distill" | "resolution"); informative
   c.seed = 0  # init of the CLIP head MLP / random teachers and the data order; all randomness
   #             is a function of (seed, step): no other randomness exists on device

@@ -120,18 +120,19 @@ def test_sharded_step_matches_single_device_and_fsdp_memory():
   The initial state and teachers are built once (one device) and laid out on each mesh with
   device_put, so the comparison isolates the sharded step itself.
   """
-  from samclip_jax import train
-  single = train.create_experiment(_tiny_merge_config(data=-1, fsdp=1), jax.devices()[:1])
-  sharded = train.create_experiment(_tiny_merge_config(data=2, fsdp=4))
-  teachers = train.init_teachers(single)
-  state = jax.device_get(train.init_state(single, teachers))  # host copy: steps donate theirs
-  host = train.fake_batches(single, seed=3, sam_frame=128)  # 128 px frame: exercises the resize
+  from samclip_jax import loop
+  from samclip_jax.tasks import merge as merge_task
+  single = merge_task.create(_tiny_merge_config(data=-1, fsdp=1), jax.devices()[:1])
+  sharded = merge_task.create(_tiny_merge_config(data=2, fsdp=4))
+  teachers = single.init_aux()
+  state = jax.device_get(single.init_state(teachers))  # host copy: steps donate theirs
+  host = single.fake_batches(seed=3, sam_frame=128)  # 128 px frame: exercises the resize
   out = {}
   for name, exp in (("single", single), ("sharded", sharded)):
     s = jax.device_put(state, exp.state_shardings)
-    t = jax.device_put(teachers, exp.teacher_shardings)
+    t = jax.device_put(teachers, exp.aux_shardings)
     nbytes = sharding.per_device_bytes((s.params, s.frozen, s.opt_state))
-    s, metrics = train.make_train_step(exp)(s, t, train.device_batches(exp, host))
+    s, metrics = loop.make_train_step(exp)(s, t, exp.device_batches(host))
     out[name] = dict(state=s, metrics=jax.device_get(metrics), bytes=nbytes)
   one, many = out["single"], out["sharded"]
 
@@ -148,7 +149,7 @@ def test_sharded_step_matches_single_device_and_fsdp_memory():
 
   # Memory: one device holds everything (= the replicated per-device size).
   replicated = one["bytes"]
-  fsdp8 = train.create_experiment(_tiny_merge_config(data=1, fsdp=8))
+  fsdp8 = merge_task.create(_tiny_merge_config(data=1, fsdp=8))
   s8 = jax.device_put(state, fsdp8.state_shardings)
   fsdp = sharding.per_device_bytes((s8.params, s8.frozen, s8.opt_state))
   assert fsdp <= replicated / 6, (fsdp, replicated, fsdp / replicated)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import merge
-from samclip_jax import optim, train
+from samclip_jax import loop, optim, train
+from samclip_jax.tasks import merge as merge_task
 from samclip_jax.models import samclip as sc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +112,7 @@ def test_merge_end_to_end_resume_and_sigkill(env):
   assert first["step"] == 3 and "export" not in os.listdir(workdir)
   # A run without an export is described by WORKDIR/model_config.json, and its checkpoint
   # holds the student (samclip_jax.api loads unfinished runs this way).
-  with open(os.path.join(workdir, train.MODEL_CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, merge_task.MODEL_CONFIG_FILE)) as f:
     assert sc.SamClipConfig.from_dict({k: v for k, v in json.load(f).items() if k in (
         "model_type", "sam", "head_depth", "head_mlp_hidden", "out_dim")}) == cfg
   from samclip_jax import api
@@ -158,23 +159,23 @@ def test_merge_end_to_end_resume_and_sigkill(env):
 # ----------------------------------------------------------------------------- step level
 @pytest.fixture(scope="module")
 def probe(env):
-  exp = train.create_experiment(tiny(env, "probe,tiny"), one_device())
-  teachers = train.init_teachers(exp)
-  return exp, teachers, train.make_train_step(exp)
+  exp = merge_task.create(tiny(env, "probe,tiny"), one_device())
+  teachers = exp.init_aux()
+  return exp, teachers, loop.make_train_step(exp)
 
 
 def test_freezing_really_freezes(probe):
   exp, teachers, step = probe
   assert all(p.startswith("clip_head/") for p in exp.trainable_paths)
   assert any(p.startswith("image_encoder/") for p in exp.frozen_paths)
-  state = train.init_state(exp, teachers)
+  state = exp.init_state(teachers)
   frozen0 = jax.tree.map(np.asarray, state.frozen)
   train0 = jax.tree.map(np.asarray, state.params)
   # No optimizer state for frozen params: every params-like leaf is a clip_head tensor.
   mu = state.opt_state[1][0].mu  # chain(clip, adamw(scale_by_adam, ...), ...)
   assert set(optim.flat_paths(mu)) == set(exp.trainable_paths)
   for i in range(2):
-    state, metrics = step(state, teachers, train.device_batches(exp, train.fake_batches(exp, i)))
+    state, metrics = step(state, teachers, exp.device_batches(exp.fake_batches(i)))
   assert bool(metrics["finite"])
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.frozen), frozen0)
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, train0))
@@ -183,22 +184,22 @@ def test_freezing_really_freezes(probe):
 
 def test_nan_step_is_skipped_and_counted(probe):
   exp, teachers, step = probe
-  state = train.init_state(exp, teachers)
+  state = exp.init_state(teachers)
   before = jax.tree.map(np.asarray, state.params)
-  batches = train.fake_batches(exp, 0)
+  batches = exp.fake_batches(0)
   batches["clip"]["teacher_embedding"] = np.full((exp.config.clip_batch_size, 16), np.nan, np.float32)
-  state, metrics = step(state, teachers, train.device_batches(exp, batches))
+  state, metrics = step(state, teachers, exp.device_batches(batches))
   m = jax.device_get(metrics)
   assert not m["finite"] and int(state.nonfinite) == 1 and int(state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
   with pytest.raises(FloatingPointError, match="at step 5"):
-    train.check_finite(m, 5, "stop")
-  assert train.check_finite(m, 5, "skip") is True
+    loop.check_finite(m, 5, "stop")
+  assert loop.check_finite(m, 5, "skip") is True
 
 
 def test_nan_policy_stop_in_the_loop(env, monkeypatch):
   """A NaN teacher embedding in batch 3 stops the run with that step number."""
-  real = train.make_loaders
+  real = merge_task.MergeTask.make_loaders
 
   def poisoned(exp, paths, split="train"):
     loaders = real(exp, paths, split=split)
@@ -206,7 +207,7 @@ def test_nan_policy_stop_in_the_loop(env, monkeypatch):
       loaders["clip"] = _Poison(loaders["clip"], at=3, dim=exp.clip_config.embed_dim)
     return loaders
 
-  monkeypatch.setattr(train, "make_loaders", poisoned)
+  monkeypatch.setattr(merge_task.MergeTask, "make_loaders", poisoned)
   # Same config as the `probe` fixture's but for the logging: the compiled step is reused.
   cfg = tiny(env, "probe,tiny", log_every_steps=8, eval_every_steps=0)
   with pytest.raises(FloatingPointError, match="at step 3"):
@@ -250,12 +251,12 @@ class _PoisonIter:
 def test_grad_accumulation_matches_one_big_batch(env, probe):
   """2 micro-batches (lax.scan) == one batch of twice the size (CLIP head probe: cheap backward)."""
   exp1, teachers, step1 = probe
-  exp2 = train.create_experiment(tiny(env, "probe,tiny", grad_accum_steps=2), one_device())
-  step2 = train.make_train_step(exp2)
+  exp2 = merge_task.create(tiny(env, "probe,tiny", grad_accum_steps=2), one_device())
+  step2 = loop.make_train_step(exp2)
   out = []
   for exp, step in ((exp1, step1), (exp2, step2)):
-    state = train.init_state(exp, teachers)
-    state, m = step(state, teachers, train.device_batches(exp, train.fake_batches(exp, 7)))
+    state = exp.init_state(teachers)
+    state, m = step(state, teachers, exp.device_batches(exp.fake_batches(7)))
     out.append((_params(state), jax.device_get(m)))
   (p1, m1), (p2, m2) = out
   np.testing.assert_allclose(m1["clip_loss"], m2["clip_loss"], rtol=1e-5)
@@ -271,19 +272,19 @@ def test_config_errors_fail_before_compiling(env, tmp_path):
   with pytest.raises(ValueError, match="unknown config arg"):
     merge.get_config("prob")
   with pytest.raises(FileNotFoundError, match="sam_checkpoint"):
-    train.validate_config(tiny(env, sam_checkpoint=str(tmp_path / "missing")))
+    merge_task.validate_config(tiny(env, sam_checkpoint=str(tmp_path / "missing")))
   with pytest.raises(ValueError, match="nan_policy"):
-    train.validate_config(tiny(env, nan_policy="ignore"))
+    merge_task.validate_config(tiny(env, nan_policy="ignore"))
   bad_mesh = tiny(env)
   bad_mesh.mesh.fsdp = 3
   with pytest.raises(ValueError, match="do not divide the 8 available devices"):
-    train.create_experiment(bad_mesh)
+    merge_task.create(bad_mesh)
   with pytest.raises(ValueError, match="sam_batch_size=2 .* data-parallel size 8"):
-    train.create_experiment(tiny(env))  # 8 devices, data=-1 -> 8-way; 2 SAM images
+    merge_task.create(tiny(env))  # 8 devices, data=-1 -> 8-way; 2 SAM images
   with pytest.raises(ValueError, match="matches no parameter"):
     cfg = tiny(env)
     cfg.optim.frozen = ["promt_encoder/.*"]
-    train.create_experiment(cfg, one_device())
+    merge_task.create(cfg, one_device())
 
 
 def test_stage_configs():

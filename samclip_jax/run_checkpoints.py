@@ -1,0 +1,136 @@
+"""A run's Orbax checkpoints (train state + data-iterator states): save, verify, restore.
+
+Every finished step directory gets a checksum record (sha256 of each file) in
+CHECKPOINTS/checksums/STEP.json. Restoring walks the steps newest first and takes the first
+one that verifies and loads with finite values; a corrupt, truncated or half-deleted step is
+reported (with the reason) and skipped, so a run resumes exactly from its newest good step.
+"""
+import hashlib
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+CHECKSUM_DIR = "checksums"
+
+
+def manager(workdir, config):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.max_checkpoints_to_keep, create=True,
+      enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+class _Snapshot:
+  """An iterator state captured now, saved later (async checkpoints must not see later batches)."""
+
+  def __init__(self, iterator):
+    self._state = iterator.get_state()
+
+  def get_state(self):
+    return self._state
+
+
+def _step_dir(mngr, step):
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def _record_path(mngr, step):
+  return os.path.join(str(mngr.directory), CHECKSUM_DIR, f"{step}.json")
+
+
+def _file_digests(directory):
+  """{relative path: sha256} of every file under a step directory."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          h.update(chunk)
+      out[os.path.relpath(path, directory)] = h.hexdigest()
+  return out
+
+
+def record_checksums(mngr):
+  """Writes the checksum record of every finished step that has none (process 0; cheap to call)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(str(mngr.directory), CHECKSUM_DIR), exist_ok=True)
+  for step in mngr.all_steps():
+    path = _record_path(mngr, step)
+    if not os.path.exists(path):
+      with open(path + ".tmp", "w") as f:
+        json.dump(_file_digests(_step_dir(mngr, step)), f)
+      os.replace(path + ".tmp", path)
+  for name in os.listdir(os.path.join(str(mngr.directory), CHECKSUM_DIR)):
+    stem = name.split(".")[0]
+    if stem.isdigit() and int(stem) not in mngr.all_steps():
+      os.remove(os.path.join(str(mngr.directory), CHECKSUM_DIR, name))  # ours; its step is gone
+
+
+def verify(mngr, step) -> str | None:
+  """None if step's files match their checksum record (or it has none yet), else the problem."""
+  path = _record_path(mngr, step)
+  if not os.path.exists(path):
+    return None  # saved but killed before recording: the load and finiteness checks decide
+  with open(path) as f:
+    want = json.load(f)
+  got = _file_digests(_step_dir(mngr, step))
+  bad = sorted(k for k in want if got.get(k) != want[k])
+  extra = sorted(set(got) - set(want))
+  if bad or extra:
+    return f"{len(bad)} file(s) differ from their checksum ({', '.join((bad + extra)[:3])}...)"
+  return None
+
+
+def save(mngr, step, state, iterators, force=False):
+  """Saves state + iterator states at `step`; earlier saves get their checksum records first."""
+  args = {"state": ocp.args.StandardSave(state)}
+  for name, it in iterators.items():
+    args[f"{name}_iter"] = grain.checkpoint.CheckpointSave(_Snapshot(it))
+  # Orbax waits for the previous save before starting this one anyway: record it meanwhile.
+  finish(mngr)
+  return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def finish(mngr):
+  """Waits for pending saves and records their checksums."""
+  mngr.wait_until_finished()
+  record_checksums(mngr)
+
+
+def _restore_step(mngr, step, abstract_state, iterators):
+  args = {"state": ocp.args.StandardRestore(abstract_state)}
+  for name, it in iterators.items():
+    args[f"{name}_iter"] = grain.checkpoint.CheckpointRestore(it)
+  state = mngr.restore(step, args=ocp.args.Composite(**args))["state"]
+  finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(jax.device_get(state))
+               if np.issubdtype(np.asarray(x).dtype, np.floating))
+  if not finite:
+    raise ValueError("it holds non-finite values")
+  return state
+
+
+def restore_latest(mngr, abstract_state, make_iterators, say=print):
+  """(step, state, iterators) from the newest good checkpoint, or (None, None, fresh iterators).
+
+  make_iterators() gives fresh iterators (a failed restore may leave them half-set).
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    problem = verify(mngr, step)
+    iterators = make_iterators()
+    if problem is None:
+      try:
+        return step, _restore_step(mngr, step, abstract_state, iterators), iterators
+      except Exception as e:  # noqa: BLE001 - any failure to load means: not a good checkpoint
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    msg = f"checkpoint step {step} in {_step_dir(mngr, step)} is unusable ({problem}); trying an older one"
+    logging.warning(msg)
+    say(msg)
+  return None, None, make_iterators()

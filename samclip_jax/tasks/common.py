@@ -1,0 +1,83 @@
+"""What every task shares: model configs from a run config, image normalisation, resizing."""
+import jax
+import jax.numpy as jnp
+
+from samclip_jax import checkpoint
+from samclip_jax.models import samclip as samclip_lib
+from samclip_jax.models.clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig, TextConfig, VisionConfig
+from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, SamConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def sam_config_from(config) -> SamConfig:
+  """The SAM config: the checkpoint's, or the variant named by config.model."""
+  if config.sam_checkpoint:
+    return SamConfig.from_dict(checkpoint.load_config(config.sam_checkpoint))
+  m = config.model
+  if m.sam_variant == "tiny":
+    return samclip_lib.tiny_sam_config(config.sam_image_size, m.tiny_embed_dim, m.tiny_depth,
+                                       m.tiny_num_heads, m.tiny_window_size, m.tiny_prompt_embed_dim)
+  return SamConfig.from_name(m.sam_variant)
+
+
+def clip_config_from(config) -> ClipConfig:
+  """The CLIP config: the checkpoint's, or the variant named by config.model."""
+  if config.clip_checkpoint:
+    return ClipConfig.from_dict(checkpoint.load_config(config.clip_checkpoint)["config"])
+  m = config.model
+  if m.clip_variant == "tiny":
+    vision = VisionConfig(image_size=config.clip_teacher_image_size or 224, patch_size=m.tiny_clip_patch,
+                          width=m.tiny_clip_width, layers=m.tiny_clip_layers, head_width=32)
+    # Text tower as small as the image tower: export/text_model/ gives the API its text encoder.
+    text = TextConfig(width=m.tiny_clip_width, heads=max(1, m.tiny_clip_width // 32), layers=m.tiny_clip_layers)
+    return ClipConfig(embed_dim=m.tiny_clip_embed_dim, vision=vision, text=text)
+  return ClipConfig.from_name(m.clip_variant)
+
+
+def resize(images, size):
+  """[B,H,W,C] float -> [B,size,size,C], antialiased bilinear (no-op when already that size)."""
+  if images.shape[1] == size and images.shape[2] == size:
+    return images
+  return jax.image.resize(images, images.shape[:1] + (size, size) + images.shape[3:], "linear",
+                          antialias=True)
+
+
+def normalize_sam(images, content_hw=None):
+  """uint8 [B,S,S,3] -> SAM-normalised float32, the padding region set to 0 as SAM pads."""
+  x = (images.astype(jnp.float32) - jnp.array(PIXEL_MEAN)) / jnp.array(PIXEL_STD)
+  if content_hw is not None:
+    s = x.shape[1]
+    rows = jnp.arange(s)[None, :, None] < content_hw[:, 0, None, None]
+    cols = jnp.arange(x.shape[2])[None, None, :] < content_hw[:, 1, None, None]
+    x = jnp.where((rows & cols)[..., None], x, 0.0)
+  return x
+
+
+def normalize_clip(images):
+  """uint8 [B,R,R,3] -> OpenAI-CLIP-normalised float32."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.array(OPENAI_DATASET_MEAN)) / jnp.array(OPENAI_DATASET_STD)
+
+
+def sam_inputs(config, sam_batch):
+  """SAM batch (pipeline frame) -> (normalised images, coords, labels, valid) at sam_image_size."""
+  images = sam_batch["image"]
+  coords = sam_batch["point_coords"].astype(jnp.float32)
+  content = sam_batch.get("image_size")
+  s0, s = images.shape[1], config.sam_image_size
+  if s0 != s:
+    # Pipeline frame (1024) -> the model's side: resize on device, rescale the prompts.
+    scale = s / s0
+    images = resize(images.astype(jnp.float32), s)
+    coords = coords * scale
+    if content is not None:
+      content = jnp.ceil(content.astype(jnp.float32) * scale).astype(jnp.int32)
+  return normalize_sam(images, content), coords, sam_batch["point_labels"], sam_batch["prompt_valid"]
+
+
+def validate_batches(config, names=("clip_batch_size", "sam_batch_size")) -> None:
+  """Batch sizes are >= 0 (0 disables that set); a negative one is a typo, not 'off'."""
+  for name in names:
+    if name in config and int(config[name]) < 0:
+      raise ValueError(f"{name} must be >= 0 (0 disables it), got {config[name]}")
