@@ -8,9 +8,10 @@ training loader uses (data/transforms.py); the teacher sees it normalised and re
 device to teacher_image_size. Output (data/teacher_store.py): shards of shard_size records
 (keys, views, fp16/bf16 embeddings) + manifest. Each process handles the shards with
 index % process_count == process_index over a mesh of its local devices (the teacher
-forward needs no cross-host traffic). A shard is written whole (tmp dir + rename), so a
-killed run resumes at shard granularity; a final verify checks every shard and marks the
-manifest complete.
+forward needs no cross-host traffic). A shard is written whole (tmp dir + rename) with
+checksums of its files, so a killed run resumes at shard granularity; a rerun redoes any
+shard that fails its checks, and a final verify checks every shard and marks the manifest
+complete.
 """
 import collections
 import concurrent.futures
@@ -147,36 +148,39 @@ def _open_output(out_dir, expected):
 
 
 def verify(out_dir: str) -> dict:
-  """Checks every shard (keys contiguous, shapes, finite values); marks the manifest complete."""
+  """Checks every shard (checksums, keys, shapes, values); marks the manifest complete, or
+  incomplete and raises naming each bad shard's path."""
   m = teacher_store.read_manifest(out_dir)
-  n, s, v, d = m["num_records"], m["shard_size"], m["views_per_image"], m["dim"]
-  problems, total = [], 0
-  for i in range(teacher_store.num_shards(m)):
-    sd = teacher_store.shard_dir(out_dir, i)
-    if not os.path.isdir(sd):
-      problems.append(f"missing shard {i}")
-      continue
-    keys = np.load(os.path.join(sd, "keys.npy"))
-    views = np.load(os.path.join(sd, "views.npy"))
-    emb = np.load(os.path.join(sd, "embeddings.npy"))
-    count = min(s, n - i * s)
-    if not np.array_equal(keys, np.arange(i * s, i * s + count)):
-      problems.append(f"shard {i}: keys are not {i * s}..{i * s + count - 1}")
-    if views.shape != (count, v, 6) or emb.shape != (count, v, d):
-      problems.append(f"shard {i}: shapes {views.shape} {emb.shape}")
-    elif m["dtype"] == "float16" and not np.isfinite(emb).all():
-      problems.append(f"shard {i}: non-finite embeddings")
-    elif not set(np.unique(views[..., 5]).tolist()) <= set(m["resolutions"]):
-      problems.append(f"shard {i}: unexpected resolutions")
-    total += len(keys)
-  if total != n and not problems:
-    problems.append(f"{total} records stored, {n} expected")
+  problems = [p for i in range(teacher_store.num_shards(m))
+              for p in teacher_store.shard_problems(out_dir, m, i)]
   if problems:
-    raise RuntimeError(f"teacher embeddings in {out_dir} failed verification: " + "; ".join(problems))
+    if m["complete"]:
+      m["complete"] = False
+      teacher_store.write_manifest(out_dir, m)
+    raise RuntimeError(f"teacher embeddings in {out_dir} failed verification (rerun the "
+                       "extraction to redo the bad shards): " + "; ".join(problems))
   if not m["complete"]:
     m["complete"] = True
     teacher_store.write_manifest(out_dir, m)
   return m
+
+
+def _shards_to_do(out_dir, manifest, mine) -> list[int]:
+  """This process's shards that are missing or fail their checks; bad ones are removed."""
+  todo = []
+  for i in mine:
+    if not teacher_store.shard_done(out_dir, i):
+      todo.append(i)
+      continue
+    problems = teacher_store.shard_problems(out_dir, manifest, i)
+    if problems:
+      print(f"[extract] redoing shard {i}: " + "; ".join(problems), flush=True)
+      shutil.rmtree(teacher_store.shard_dir(out_dir, i))
+      todo.append(i)
+  if todo and manifest["complete"] and jax.process_index() == 0:
+    manifest["complete"] = False  # until the final verify
+    teacher_store.write_manifest(out_dir, manifest)
+  return todo
 
 
 def run(config, workdir: str) -> dict:
@@ -198,7 +202,7 @@ def run(config, workdir: str) -> dict:
       shutil.rmtree(os.path.join(out_dir, name))
   n_shards = teacher_store.num_shards(manifest)
   mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
-  todo = [i for i in mine if not teacher_store.shard_done(out_dir, i)]
+  todo = _shards_to_do(out_dir, manifest, mine)
 
   mesh = _local_mesh()
   n_dev = mesh.devices.size

@@ -1,6 +1,8 @@
 """Teacher-embedding extraction: kill + resume, verify, and exact replay by the CLIP loader."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,3 +129,27 @@ def test_rerun_on_finished_output_is_a_no_op(extracted, tmp_path):
   other.views_per_image = 4
   with pytest.raises(ValueError, match="different"):
     extract.run(other, str(tmp_path))
+
+
+def test_corrupt_shards_are_reported_and_redone(extracted, tmp_path):
+  paths, out, man, _ = extracted
+  copy = str(tmp_path / "emb")
+  shutil.copytree(out, copy)
+  files = {i: os.path.join(teacher_store.shard_dir(copy, i), "embeddings.npy") for i in (1, 2)}
+  want = {i: np.load(f) for i, f in files.items()}
+  os.truncate(files[1], os.path.getsize(files[1]) - 7)  # a truncated file
+  with open(files[2], "r+b") as f:  # zeroed data behind an intact header
+    f.seek(os.path.getsize(files[2]) - want[2].nbytes)
+    f.write(bytes(want[2].nbytes))
+  with pytest.raises(RuntimeError) as e:
+    extract.verify(copy)
+  assert files[1] in str(e.value) and files[2] in str(e.value)
+  assert not teacher_store.read_manifest(copy)["complete"]  # loaders refuse it now
+  with pytest.raises(ValueError, match=re.escape(files[1])):
+    teacher_store.TeacherStore(copy).lookup(8)
+  # A rerun redoes exactly the bad shards.
+  untouched = os.path.getmtime(teacher_store.shard_dir(copy, 0))
+  assert extract.run(_config(paths["clip_train"], copy), str(tmp_path))["complete"]
+  assert os.path.getmtime(teacher_store.shard_dir(copy, 0)) == untouched
+  for i, f in files.items():
+    np.testing.assert_array_equal(np.load(f), want[i])
