@@ -13,6 +13,8 @@ paper's epochs over Merged-41M where it says so.
 """
 import ml_collections
 
+from configs import common
+
 # Paper: D_CLIP has 40.6M images; D_SAM is 5.7% of SA-1B (~11M images x ~100 masks).
 CLIP_IMAGES = 40_600_000
 PAPER_CLIP_BATCH = 2048
@@ -24,48 +26,16 @@ def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "merge"  # the training task (samclip_jax/train.py TASKS)
   c.stage = "distill"  # which stage this is ("probe" | "distill" | "resolution"); informative
-  c.seed = 0  # init of the CLIP head MLP / random teachers and the data order; all randomness
-  #             is a function of (seed, step): no other randomness exists on device
-  # PRNG for parameter init: threefry gives the same values whatever the mesh; "unsafe_rbg"
-  # compiles ~3x faster (CPU runs) but its values may depend on the sharding.
-  c.prng_impl = "threefry2x32"
-
-  # ---- loop
+  common.loop_fields(c)
   c.total_steps = 16 * CLIP_IMAGES // PAPER_CLIP_BATCH  # optimizer updates (stage 2: 16 epochs)
-  c.log_every_steps = 50  # console + TensorBoard scalars every this many steps
   c.eval_every_steps = 5000  # validation (cosine to CLIP teacher, mask IoU to SAM teacher), and
   #                            at the last step; 0 disables validation
-  c.eval_batches = 8  # validation batches per evaluation (each of clip and sam)
-  c.checkpoint_every_steps = 1000  # Orbax checkpoint (state + both data iterators)
-  c.max_checkpoints_to_keep = 3  # older checkpoints are deleted
-  c.async_checkpointing = True  # write checkpoints in the background (atomic either way)
-  c.export = True  # write the merged model dir (model_type "samclip") to workdir/export at the end
-  c.nan_policy = "stop"  # non-finite loss/grad: "stop" raises with the step; "skip" drops the update
-
-  # ---- devices
-  # Mesh axis sizes; -1 fills the devices left. Same config on 1 CPU, 8 fake CPUs, a GPU or
-  # a TPU slice: ("data", "fsdp", "model"). Pure data parallelism by default (ViT-B + head:
-  # ~1.8 GB of fp32 params + Adam); {"data": 1, "fsdp": -1} shards them FSDP-style.
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  # Logical axis name -> mesh axes; earlier rules win, later ones for the same name are
-  # fallbacks when that mesh axis is taken by another dim, has size 1, or does not divide
-  # the dim (sharding.logical_to_mesh_spec).
-  c.logical_axis_rules = [
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "model"),
-      ("heads", "model"),
-      ("conv_out", "fsdp"),
-      ("conv_in", "fsdp"),
-      ("vocab", "model"),
-      ("mlp", "fsdp"),
-      ("heads", "fsdp"),
-      ("norm", None),
-      ("pos", None),
-  ]
-  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (when env says multi-process) | "always" | "never"
+  c.learning_rate = 4e-5  # peak LR (stage 2: 4e-5)
+  c.warmup_steps = 2000  # linear warmup (paper silent; our choice), then cosine to end_lr_factor
+  c.optim.groups = [("clip_head/.*", 1.0), ("image_encoder/.*|mask_decoder/.*", 0.1)]
+  c.optim.frozen = ["prompt_encoder/.*"]  # no gradient, no optimizer state
+  c.lambda_sam = 10.0  # L = L_CLIP + lambda_sam * L_SAM (paper: 10)
   c.compute_dtype = "bfloat16"  # activations / matmuls; parameters and optimizer stay float32
-  c.remat = False  # rematerialise each transformer block in the backward pass (less memory)
 
   # ---- batches (global, over all processes)
   c.clip_batch_size = PAPER_CLIP_BATCH  # CLIP-set images per step (L_CLIP); 0 disables
@@ -76,24 +46,9 @@ def _base() -> ml_collections.ConfigDict:
   c.clip_teacher_image_size = 224  # teacher sees the view resized to this (0: same as student)
   c.sam_image_size = 1024  # SAM input side (student and teacher); pipeline frame is rescaled
   c.sam_multimask = False  # distil the single-mask output (False) or all 3 multimask slots
-  c.grad_accum_steps = 1  # micro-batches per step (lax.scan); batches must divide by it
 
   # ---- loss and optimizer
   c.lambda_sam = 10.0  # L = L_CLIP + lambda_sam * L_SAM (paper: 10)
-  c.learning_rate = 4e-5  # peak LR (stage 2: 4e-5)
-  c.warmup_steps = 2000  # linear warmup (paper silent; our choice), then cosine to end_lr_factor
-  c.grad_clip_norm = 1.0  # global-norm clipping of the summed gradient (<= 0 disables)
-  c.optim = ml_collections.ConfigDict()
-  # (regex over "/"-joined param paths, LR multiplier); first match wins, unmatched -> 1.0.
-  c.optim.groups = [("clip_head/.*", 1.0), ("image_encoder/.*|mask_decoder/.*", 0.1)]
-  c.optim.frozen = ["prompt_encoder/.*"]  # no gradient, no optimizer state
-  c.optim.no_decay = [".*pos_embed", ".*rel_pos_.*"]  # besides biases/norms (1-D), no decay here
-  c.optim.weight_decay = 0.1  # AdamW decoupled weight decay (paper silent)
-  c.optim.b1 = 0.9  # Adam first-moment decay
-  c.optim.b2 = 0.95  # Adam second-moment decay (0.95: steadier with large batches)
-  c.optim.eps = 1e-8  # Adam epsilon
-  c.optim.end_lr_factor = 0.0  # cosine ends at learning_rate * this
-
   # ---- models
   c.sam_checkpoint = ""  # converted SAM dir (convert/sam.py): teacher + student init; "" = random (model.sam_variant)
   c.clip_checkpoint = ""  # converted OpenCLIP dir (convert/open_clip.py); "" = random (model.clip_variant)

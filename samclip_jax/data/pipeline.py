@@ -26,14 +26,17 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from samclip_jax.data import prompts, records, teacher_store, transforms
+from samclip_jax.data import prompts, records, teacher_store, transforms, world
 from samclip_jax.data.teacher_store import TeacherStore
 
 SAM_IMAGE_SIZE = 1024
 
 
 def data_source(paths):
-  """An ArrayRecordDataSource over the split's files, or `paths` if it is a source already."""
+  """An ArrayRecordDataSource over the split's files, a world split ('world:SPLIT:N', see
+  world.py), or `paths` if it is a source already."""
+  if world.is_world(paths):
+    return world.source(paths)
   if hasattr(paths, "__getitem__") and hasattr(paths, "__len__") and not isinstance(
       paths, (str, list, tuple)):
     return paths
@@ -124,7 +127,8 @@ class SamPrepare(grain.transforms.RandomMap):
   """Decodes, resizes to image_size (1024) + pads, and samples K prompts from the record's masks."""
 
   def __init__(self, masks_per_image: int, points_per_prompt: int, box_prob: float = 0.5,
-               image_size: int = SAM_IMAGE_SIZE, return_index: bool = False):
+               image_size: int = SAM_IMAGE_SIZE, return_index: bool = False, gt_mask_size: int = 0):
+    self.gt_mask_size = gt_mask_size
     self.masks_per_image = masks_per_image
     self.points_per_prompt = points_per_prompt
     self.box_prob = box_prob
@@ -137,13 +141,30 @@ class SamPrepare(grain.transforms.RandomMap):
     h, w = transforms.image_size(rec["image"])
     image = transforms.decode_image(rec["image"], min_long_side=self.image_size)
     padded, (nh, nw) = transforms.resize_longest_pad(image, self.image_size, (h, w))
-    coords, labels, valid, _ = prompts.sample_prompts(
+    coords, labels, valid, mask_index = prompts.sample_prompts(
         rng, rec.get("masks", []), (h, w), (nh, nw), self.masks_per_image,
         self.points_per_prompt, box_prob=self.box_prob)
     out = {"image": padded, "point_coords": coords, "point_labels": labels,
            "prompt_valid": valid, "image_size": np.array([nh, nw], np.int32)}
+    if self.gt_mask_size:
+      out["gt_masks"] = self._gt_masks(rec.get("masks", []), mask_index, (nh, nw))
     if self.return_index:
       out["index"] = np.int32(key)
+    return out
+
+  def _gt_masks(self, masks, mask_index, new_hw):
+    """The mask behind each prompt slot in the padded S frame, area-downsampled to
+    gt_mask_size (SAM's low-res logits grid): bool [K, m, m], all False for padding slots."""
+    s, m = self.image_size, self.gt_mask_size
+    if s % m:
+      raise ValueError(f"gt_mask_size {m} must divide the SAM image size {s}")
+    out = np.zeros((len(mask_index), m, m), bool)
+    for k, i in enumerate(mask_index):
+      if i < 0:
+        continue
+      full = np.zeros((s, s), np.float32)
+      full[:new_hw[0], :new_hw[1]] = prompts.full_resized_mask(records.decode_mask(masks[i]), *new_hw)
+      out[k] = full.reshape(m, s // m, m, s // m).mean(axis=(1, 3)) >= 0.5
     return out
 
 
@@ -155,7 +176,7 @@ def _ensure_flags_parsed(worker_count):
       flags.FLAGS.mark_as_parsed()
 
 
-def _loader(source, operations, *, seed, shard_index, shard_count, num_epochs,
+def make_loader(source, operations, *, seed, shard_index, shard_count, num_epochs,
             worker_count, shuffle=True):
   _ensure_flags_parsed(worker_count)
   shard = _shard_options(shard_index, shard_count)
@@ -183,7 +204,7 @@ def clip_loader(paths, *, batch_size: int, seed: int, resolutions=(224, 448),
          grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder,
                                 batch_fn=_as_list),
          ClipRender(resolutions, return_index)]
-  return _loader(source, ops, seed=seed, shard_index=shard_index, shard_count=shard_count,
+  return make_loader(source, ops, seed=seed, shard_index=shard_index, shard_count=shard_count,
                  num_epochs=num_epochs, worker_count=worker_count, shuffle=shuffle)
 
 
@@ -191,16 +212,17 @@ def sam_loader(paths, *, batch_size: int, masks_per_image: int, points_per_promp
                seed: int, shard_index: int = 0, shard_count: int = 1, num_epochs=None,
                worker_count: int = 0, box_prob: float = 0.5, drop_remainder: bool = True,
                shuffle: bool = True, return_index: bool = False,
-               image_size: int = SAM_IMAGE_SIZE) -> grain.DataLoader:
+               image_size: int = SAM_IMAGE_SIZE, gt_mask_size: int = 0) -> grain.DataLoader:
   """SAM batches: image uint8 [B,S,S,3] (S = image_size: longest side resized to S, zero
   padded bottom/right), point_coords f32 [B,K,P,2] (x, y in that S frame), point_labels
   i32 [B,K,P], prompt_valid bool [B,K], image_size i32 [B,2] (resized content h, w before
-  padding); return_index adds "index" int32 [B] (record indices)."""
+  padding); return_index adds "index" int32 [B] (record indices); gt_mask_size=m adds
+  "gt_masks" bool [B,K,m,m], each slot's ground-truth mask (pretraining SAM itself)."""
   # Small S (CPU configs) keeps the host from decoding and padding at 1024 only to shrink later.
   ops = [SamPrepare(masks_per_image, points_per_prompt, box_prob, image_size=int(image_size),
-                    return_index=return_index),
+                    return_index=return_index, gt_mask_size=int(gt_mask_size)),
          grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
-  return _loader(KeyedSource(data_source(paths)), ops, seed=seed, shard_index=shard_index,
+  return make_loader(KeyedSource(data_source(paths)), ops, seed=seed, shard_index=shard_index,
                  shard_count=shard_count, num_epochs=num_epochs, worker_count=worker_count,
                  shuffle=shuffle)
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from samclip_jax.data import records
 
@@ -25,7 +25,7 @@ COLOURS = {
     "yellow": (230, 210, 40), "purple": (140, 60, 180), "orange": (240, 140, 30),
     "white": (245, 245, 245), "black": (20, 20, 20),
 }
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MIN_AREA = 48  # instances occluded below this many visible pixels are dropped
 DEFAULTS = dict(seed=0, num_clip_train=160, num_clip_val=32, num_sam_train=96,
                 num_sam_val=32, min_side=320, max_side=640, train_shards=2)
@@ -37,7 +37,7 @@ def _shape_mask(rng, cls: str, h: int, w: int) -> np.ndarray:
   d = ImageDraw.Draw(m)
   s = min(h, w)
   cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
-  r = rng.uniform(0.08, 0.25) * s
+  r = rng.uniform(0.07, 0.28) * s
   if cls == "circle":
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
   elif cls == "ellipse":
@@ -62,18 +62,40 @@ def _shape_mask(rng, cls: str, h: int, w: int) -> np.ndarray:
   return np.asarray(m, dtype=bool)
 
 
+def _smooth(rng, sh: int, sw: int, amplitude: float) -> np.ndarray:
+  """Low-frequency noise [sh, sw] (a random coarse grid, bilinearly upsampled)."""
+  grid = rng.uniform(-amplitude, amplitude, (int(rng.integers(2, 10)), int(rng.integers(2, 10))))
+  return np.asarray(Image.fromarray(grid.astype(np.float32), "F").resize((sw, sh), Image.BILINEAR))
+
+
 def _background(rng, h: int, w: int) -> np.ndarray:
-  """Gradient between two colours plus smooth low-frequency texture, int16 [H,W,3]."""
-  # Both parts are smooth: draw them at 1/8 size and let PIL's bilinear upsample do the rest.
+  """A random background, int16 [H,W,3]: gradient, stripes, checkerboard or blotches, with texture.
+
+  Varied on purpose: the teachers and the merged model must not learn one renderer's look.
+  """
+  # Smooth parts are drawn at 1/8 size and upsampled; patterns at full size.
   sh, sw = -(-h // 8), -(-w // 8)
-  c0, c1 = rng.uniform(30, 225, (2, 3))
+  c0, c1 = rng.uniform(20, 235, (2, 3))
+  kind = rng.choice(["gradient", "gradient", "stripes", "checker", "blotches"])
   ang = rng.uniform(0, 2 * np.pi)
-  t = np.arange(sw)[None, :] * np.cos(ang) + np.arange(sh)[:, None] * np.sin(ang)
-  t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
-  grid = rng.uniform(-30, 30, (int(rng.integers(3, 9)), int(rng.integers(3, 9)))).astype(np.float32)
-  tex = np.asarray(Image.fromarray(grid, "F").resize((sw, sh), Image.BILINEAR))
-  small = np.clip(c0 + t[..., None] * (c1 - c0) + tex[..., None], 0, 255).astype(np.uint8)
-  return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR)).astype(np.int16)
+  if kind == "gradient":
+    t = np.arange(sw)[None, :] * np.cos(ang) + np.arange(sh)[:, None] * np.sin(ang)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+    t = np.asarray(Image.fromarray(t.astype(np.float32), "F").resize((w, h), Image.BILINEAR))
+  elif kind == "stripes":
+    period = rng.uniform(0.05, 0.3) * min(h, w)
+    t = np.arange(w)[None, :] * np.cos(ang) + np.arange(h)[:, None] * np.sin(ang)
+    t = 0.5 + 0.5 * np.sin(2 * np.pi * t / period) * rng.uniform(0.3, 1.0)
+  elif kind == "checker":
+    cell = max(int(rng.uniform(0.04, 0.2) * min(h, w)), 2)
+    t = ((np.arange(h)[:, None] // cell + np.arange(w)[None, :] // cell) % 2).astype(np.float32)
+    t = t * rng.uniform(0.3, 1.0)
+  else:
+    t = np.asarray(Image.fromarray(_smooth(rng, sh, sw, 1.0), "F").resize((w, h), Image.BILINEAR))
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+  tex = np.asarray(Image.fromarray(_smooth(rng, sh, sw, rng.uniform(5, 35)), "F").resize((w, h), Image.BILINEAR))
+  img = c0 + t[..., None] * (c1 - c0) + tex[..., None]
+  return np.clip(img, 0, 255).astype(np.int16)
 
 
 def draw_scene(seed: int, index: int, min_side: int = 320, max_side: int = 640) -> dict:
@@ -83,16 +105,22 @@ def draw_scene(seed: int, index: int, min_side: int = 320, max_side: int = 640) 
   img = _background(rng, h, w)
   inst = np.zeros((h, w), np.int32)
   shapes = []
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
   for i in range(int(rng.integers(1, 7))):
     cls = CLASSES[int(rng.integers(len(CLASSES)))]
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     m = _shape_mask(rng, cls, h, w)
-    shade = np.clip(np.asarray(COLOURS[colour]) * rng.uniform(0.85, 1.1), 0, 255).astype(np.int16)
-    img[m] = shade
+    # Shading: a brightness factor and a linear light gradient across the shape.
+    ang = rng.uniform(0, 2 * np.pi)
+    light = rng.uniform(-0.12, 0.12) * ((xx * np.cos(ang) + yy * np.sin(ang)) / max(h, w) - 0.5)
+    factor = rng.uniform(0.85, 1.1) + light[m][:, None]
+    img[m] = np.clip(np.asarray(COLOURS[colour])[None, :] * factor, 0, 255).astype(np.int16)
     inst[m] = i + 1
     shapes.append((cls, colour))
-  img += rng.integers(-10, 11, img.shape, dtype=np.int16)  # fine texture
+  img += rng.integers(-10, 11, img.shape, dtype=np.int16) * np.int16(rng.integers(0, 3))  # sensor noise
   img = np.clip(img, 0, 255).astype(np.uint8)
+  if rng.uniform() < 0.25:  # slight defocus now and then
+    img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))))
   masks, classes, colours = [], [], []
   for i, (cls, colour) in enumerate(shapes):
     m = inst == i + 1

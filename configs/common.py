@@ -1,0 +1,64 @@
+"""The fields every training task shares (loop, devices, optimizer): configs start from these."""
+import ml_collections
+
+
+def loop_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the loop, device and optimizer fields with their defaults to `c`."""
+  c.seed = 0  # parameter init and the data order; all randomness
+  #             is a function of (seed, step): no other randomness exists on device
+  # PRNG for parameter init: threefry gives the same values whatever the mesh; "unsafe_rbg"
+  # compiles ~3x faster (CPU runs) but its values may depend on the sharding.
+  c.prng_impl = "threefry2x32"
+
+  # ---- loop
+  c.total_steps = 1000  # optimizer updates
+  c.log_every_steps = 50  # console + TensorBoard scalars every this many steps
+  c.eval_every_steps = 500  # held-out validation (the task's metrics), and at the last step; 0: none
+  c.eval_batches = 8  # validation batches per evaluation (each of clip and sam)
+  c.checkpoint_every_steps = 1000  # Orbax checkpoint (state + both data iterators)
+  c.max_checkpoints_to_keep = 3  # older checkpoints are deleted
+  c.async_checkpointing = True  # write checkpoints in the background (atomic either way)
+  c.export = True  # write the task's model dir to workdir/export at the end
+  c.nan_policy = "stop"  # non-finite loss/grad: "stop" raises with the step; "skip" drops the update
+
+  # ---- devices
+  # Mesh axis sizes; -1 fills the devices left. Same config on 1 CPU, 8 fake CPUs, a GPU or
+  # a TPU slice: ("data", "fsdp", "model"). Pure data parallelism by default (ViT-B + head:
+  # ~1.8 GB of fp32 params + Adam); {"data": 1, "fsdp": -1} shards them FSDP-style.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  # Logical axis name -> mesh axes; earlier rules win, later ones for the same name are
+  # fallbacks when that mesh axis is taken by another dim, has size 1, or does not divide
+  # the dim (sharding.logical_to_mesh_spec).
+  c.logical_axis_rules = [
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("conv_out", "fsdp"),
+      ("conv_in", "fsdp"),
+      ("vocab", "model"),
+      ("mlp", "fsdp"),
+      ("heads", "fsdp"),
+      ("norm", None),
+      ("pos", None),
+  ]
+  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (when env says multi-process) | "always" | "never"
+  c.compute_dtype = "float32"  # activations / matmuls; parameters and optimizer stay float32
+  c.remat = False  # rematerialise each transformer block in the backward pass (less memory)
+
+  c.grad_accum_steps = 1  # micro-batches per step (lax.scan); batches must divide by it
+  c.learning_rate = 1e-3  # peak LR
+  c.warmup_steps = 100  # linear warmup, then cosine to end_lr_factor
+  c.grad_clip_norm = 1.0  # global-norm clipping of the summed gradient (<= 0 disables)
+  c.optim = ml_collections.ConfigDict()
+  # (regex over "/"-joined param paths, LR multiplier); first match wins, unmatched -> 1.0.
+  c.optim.groups = []
+  c.optim.frozen = []  # regexes of params with no gradient and no optimizer state
+  c.optim.no_decay = [".*pos_embed", ".*rel_pos_.*"]  # besides biases/norms (1-D), no decay here
+  c.optim.weight_decay = 0.1  # AdamW decoupled weight decay (paper silent)
+  c.optim.b1 = 0.9  # Adam first-moment decay
+  c.optim.b2 = 0.95  # Adam second-moment decay (0.95: steadier with large batches)
+  c.optim.eps = 1e-8  # Adam epsilon
+  c.optim.end_lr_factor = 0.0  # cosine ends at learning_rate * this
+
+  return c

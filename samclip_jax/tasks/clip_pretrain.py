@@ -1,0 +1,222 @@
+"""Pretraining a small CLIP (OpenCLIP towers, the BPE tokenizer) contrastively on captions.
+
+Symmetric InfoNCE over the batch with a learned temperature, as open_clip: logits =
+exp(logit_scale) * normalised image . text embeddings, logit_scale clamped to ln(100).
+Held-out metrics: zero-shot top-1 on the largest shape (class names in OpenAI's 80
+templates, averaged) and caption retrieval R@1 within each held-out batch.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from samclip_jax import loop, sharding
+from samclip_jax.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig, init_variables
+from samclip_jax.tasks import common
+
+MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature here
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale):
+  """Symmetric InfoNCE (image->text and text->image cross-entropy, averaged)."""
+  img = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
+  txt = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+  logits = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE)) * img @ txt.T
+  labels = jnp.arange(logits.shape[0])
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  return 0.5 * (jnp.mean(ce(logits, labels)) + jnp.mean(ce(logits.T, labels)))
+
+
+class CaptionRender(grain.transforms.RandomMap):
+  """Record -> the whole image at `resolution` (random flip when training), caption tokens, label."""
+
+  def __init__(self, resolution: int, context_length: int, flip: bool):
+    self.resolution, self.context_length, self.flip = resolution, context_length, flip
+    self._tokenizer = None
+
+  def random_map(self, element, rng):
+    from samclip_jax.data import records, transforms
+    from samclip_jax.tokenizer import Tokenizer
+    if self._tokenizer is None:  # built in the worker that uses it (not pickled)
+      self._tokenizer = Tokenizer.default(self.context_length)
+    _, raw = element
+    rec = records.decode(raw)
+    h, w = transforms.image_size(rec["image"])
+    flip = self.flip and bool(rng.integers(2))
+    image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
+    return {"image": image, "tokens": self._tokenizer(rec["caption"])[0],
+            "label": np.int32(rec.get("label", -1))}
+
+
+@dataclasses.dataclass
+class ClipPretrainTask:
+  config: Any
+  mesh: Any
+  rules: tuple
+  clip_config: ClipConfig
+  model: CLIP
+  tx: Any
+  schedule: Any
+  state_shardings: Any
+  aux_shardings: Any
+  trainable_paths: list
+  frozen_paths: list
+  class_names: tuple
+  log_keys = ("total_loss", "logit_scale")
+  metric_names = ("total_loss", "logit_scale")
+
+  @property
+  def images_per_step(self):
+    return self.config.clip_batch_size
+
+  def describe(self):
+    v, t = self.clip_config.vision, self.clip_config.text
+    return (f"CLIP pretraining: image {v.image_size} px patch {v.patch_size} width {v.width} x {v.layers}, "
+            f"text width {t.width} x {t.layers}, embed {self.clip_config.embed_dim}; mesh "
+            f"{dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+  def abstract_state(self):
+    params = nn.unbox(jax.eval_shape(lambda: init_variables(self.clip_config))["params"])
+    return loop.abstract_state(self.tx, self.config.optim.frozen, params, self.state_shardings)
+
+  def init_aux(self):
+    """Tokenised zero-shot prompts [classes * templates, L] for the held-out top-1."""
+    from samclip_jax.templates import get_templates
+    from samclip_jax.tokenizer import Tokenizer
+    templates = get_templates(self.config.zero_shot_templates)
+    texts = [t.format(c) if "{}" in t else t(c) for c in self.class_names for t in templates]
+    tokens = Tokenizer.default(self.clip_config.text.context_length)(texts)
+    return {"class_tokens": jax.device_put(tokens, self.aux_shardings["class_tokens"])}
+
+  def init_state(self, aux):
+    del aux
+    key = jax.random.key(self.config.seed, impl=self.config.prng_impl)
+    init = lambda k: loop.make_state(self.tx, self.config.optim.frozen,
+                                     nn.unbox(init_variables(self.clip_config, k))["params"])
+    return jax.jit(init, out_shardings=self.state_shardings)(key)
+
+  def _embed(self, params, batch):
+    x = common.normalize_clip(batch["image"])
+    img = self.model.apply({"params": params}, x, method=CLIP.encode_image)
+    txt = self.model.apply({"params": params}, batch["tokens"], method=CLIP.encode_text)
+    return img.astype(jnp.float32), txt.astype(jnp.float32)
+
+  def micro_grads(self, trainable, frozen, aux, batches):
+    del aux
+    from samclip_jax import optim
+
+    def loss_fn(tp):
+      params = optim.merge_params(tp, frozen)
+      img, txt = self._embed(params, batches["clip"])
+      return contrastive_loss(img, txt, params["logit_scale"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    scale = optim.merge_params(trainable, frozen)["logit_scale"]
+    return grads, {"total_loss": loss, "logit_scale": jnp.exp(jnp.minimum(scale, MAX_LOGIT_SCALE))}
+
+  def eval_metrics(self, params, aux, batches):
+    b = batches["clip"]
+    img, txt = self._embed(params, b)
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+    cls = self.model.apply({"params": params}, aux["class_tokens"], method=CLIP.encode_text)
+    cls = cls / jnp.linalg.norm(cls, axis=-1, keepdims=True)
+    cls = cls.reshape(len(self.class_names), -1, cls.shape[-1]).mean(1)  # average the templates
+    pred = jnp.argmax(img @ cls.T, axis=-1)
+    labelled = b["label"] >= 0
+    top1 = jnp.sum((pred == b["label"]) & labelled) / jnp.maximum(jnp.sum(labelled), 1)
+    # Retrieval: the best caption for each image is its own (or an identical caption).
+    best = jnp.argmax(img @ txt.T, axis=-1)
+    r1 = jnp.mean(jnp.all(b["tokens"][best] == b["tokens"], axis=-1))
+    return {"top1": top1, "retrieval_r1": r1, "loss": contrastive_loss(img, txt, params["logit_scale"])}
+
+  def data_paths(self, workdir):
+    del workdir
+    return {"clip_train": self.config.data.clip_train, "clip_val": self.config.data.clip_val}
+
+  def make_loaders(self, paths, split="train"):
+    from samclip_jax.data import pipeline
+    cfg, nproc = self.config, jax.process_count()
+    is_train = split == "train"
+    source = pipeline.KeyedSource(pipeline.data_source(paths[f"clip_{split}"]))
+    ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, flip=is_train),
+           grain.transforms.Batch(batch_size=cfg.clip_batch_size // nproc, drop_remainder=True)]
+    return {"clip": pipeline.make_loader(
+        source, ops, seed=cfg.seed if is_train else cfg.seed + 1, shard_index=jax.process_index(),
+        shard_count=nproc, num_epochs=None if is_train else 1,
+        worker_count=cfg.data.worker_count if is_train else 0, shuffle=is_train)}
+
+  def device_batches(self, host):
+    return sharding.put_batch(host, self.mesh, self.rules)
+
+  def prepare_workdir(self, workdir):
+    del workdir
+
+  def export(self, state, directory):
+    """A CLIP model directory (convert/open_clip.py's format, with the bundled tokenizer)."""
+    from samclip_jax import optim
+    from samclip_jax.clip_model import save_clip
+    params = optim.merge_params(state.params, state.frozen)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.tree.map(np.asarray, params)
+    if self.config.zero_unused_tokens:
+      params = _zero_unused_token_rows(params, self.config)
+    save_clip(directory, self.clip_config, params, name="world CLIP",
+              extra={"source": f"pretrained on the embedded world ({self.config.data.clip_train}), "
+                               f"seed {self.config.seed}, {int(state.step)} steps"})
+
+
+def _zero_unused_token_rows(params, config):
+  """Token-embedding rows the world's captions and prompts never use were never trained:
+  zeroing them keeps the shipped model small (they compress away) and changes no output the
+  training could have shaped."""
+  from samclip_jax.data import sample
+  from samclip_jax.templates import get_templates
+  from samclip_jax.tokenizer import Tokenizer
+  words = list(sample.CLASSES) + list(sample.COLOURS) + ["a photo of a", "and", ",", "plain background"]
+  texts = words + [t.format(c) for c in sample.CLASSES for t in get_templates(config.zero_shot_templates)]
+  used = np.unique(Tokenizer.default(1024)(texts))
+  table = params["token_embedding"]["embedding"]
+  keep = np.zeros(table.shape[0], bool)
+  keep[used] = True
+  params = dict(params, token_embedding={"embedding": np.where(keep[:, None], table, 0).astype(table.dtype)})
+  return params
+
+
+def clip_config(config) -> ClipConfig:
+  m = config.model
+  vision = VisionConfig(image_size=config.clip_image_size, patch_size=m.patch_size, width=m.width,
+                        layers=m.layers, head_width=m.head_width)
+  text = TextConfig(context_length=m.context_length, width=m.text_width,
+                    heads=max(1, m.text_width // m.head_width), layers=m.text_layers)
+  return ClipConfig(embed_dim=m.embed_dim, vision=vision, text=text)
+
+
+def create(config, devices=None) -> ClipPretrainTask:
+  loop.validate_common(config)
+  common.validate_batches(config, ("clip_batch_size",))
+  if config.clip_batch_size < 2:
+    raise ValueError("clip_batch_size must be >= 2 (contrastive learning needs negatives)")
+  for key in ("clip_train", "clip_val"):
+    if not config.data[key]:
+      raise ValueError(f"config.data.{key} is empty (a world spec 'world:train:N' or a split manifest)")
+  from samclip_jax.data import sample
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  rules = sharding.normalize_rules(config.logical_axis_rules)
+  sharding.check_batch_divisible("clip_batch_size", config.clip_batch_size, mesh, rules, config.grad_accum_steps)
+  cfg = clip_config(config)
+  boxed = jax.eval_shape(lambda: init_variables(cfg))["params"]
+  tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)
+  return ClipPretrainTask(config=config, mesh=mesh, rules=rules, clip_config=cfg,
+                          model=CLIP(cfg, dtype=common.DTYPES[config.compute_dtype]), tx=tx,
+                          schedule=schedule, state_shardings=state_sh,
+                          aux_shardings={"class_tokens": sharding.replicated(mesh)},
+                          trainable_paths=trainable, frozen_paths=frozen, class_names=sample.CLASSES)
