@@ -2,6 +2,7 @@
 
     model = SamClip.from_checkpoint("workdir/export")      # or a training workdir
     model.classify(image, ["cat", "dog"])                  # [("cat", 0.93), ("dog", 0.07)]
+    model.encode_image([image1, image2])                   # unit CLIP-head embeddings [2, D]
     labels = model.segment_semantic(image, ["grass", "cat"], mode="clip+sam")   # [H,W]
     predictor = model.predictor()                          # SamPredictor, segment_anything's API
     predictor.set_image(image)
@@ -14,6 +15,10 @@ one in config.json under "text_model" or "clip_checkpoint" (train.py's export re
 converted teacher there; a path relative to the model directory or absolute);
 `from_checkpoint(..., text_model=DIR)` overrides them. A training workdir read before its
 export uses WORKDIR/text_model/ (train.py writes it at the start of a random-teacher run).
+
+Images go in raw (PIL, or uint8 HxW / HxWx3 / HxWx4 arrays) and are resized and normalised
+inside, as in ClipModel and SamPredictor; `encode_pixels` is the low-level call on uint8
+batches already at the model's input size.
 """
 import dataclasses
 import functools
@@ -28,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from samclip_jax import checkpoint
+from samclip_jax.clip_model import ClipModel, check_class_names, ranked
 from samclip_jax.data import transforms
 from samclip_jax.interpolate import linear_matrix, linear_taps
 from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, build_sparse_prompt
@@ -274,7 +280,6 @@ class SamClip:
     `text_model`: a ClipModel or an open_clip model directory (the teacher); default: the
     one the model directory carries or names (see the module docstring).
     """
-    from samclip_jax.clip_model import ClipModel
     where = resolve_checkpoint(path)
     meta = where["meta"]
     if meta.get("model_type") != MODEL_TYPE:
@@ -309,30 +314,32 @@ class SamClip:
     from samclip_jax.templates import get_templates
     if not class_names:
       raise ValueError("give at least one class name")
+    names = check_class_names(class_names)
     tpl = tuple(get_templates(templates) if isinstance(templates, str) else templates)
-    key = (tuple(class_names), tpl)
+    key = (tuple(names), tpl)
     if key not in self._classifiers:
-      self._classifiers[key] = self._require_text().zero_shot_classifier(list(class_names), tpl)
+      self._classifiers[key] = self._require_text().zero_shot_classifier(names, tpl)
     return self._classifiers[key]
 
   # -------------------------------------------------------------- image side
-  def image_embeddings(self, images_uint8) -> jax.Array:
-    """uint8 [B,R,R,3] (R a multiple of 16) -> unit pooled CLIP-head embeddings [B,D]."""
-    return self._pooled(self.params, images_uint8)
+  def encode_pixels(self, images_uint8, dense: bool = False) -> jax.Array:
+    """Low level: uint8 [B,R,R,3] at the input size (R a multiple of 16) -> unit pooled
+    CLIP-head embeddings [B,D], or per-patch ones [B,R/16,R/16,D] when dense."""
+    return (self._patches if dense else self._pooled)(self.params, images_uint8)
 
-  def patch_embeddings(self, images_uint8) -> jax.Array:
-    """uint8 [B,R,R,3] -> unit per-patch CLIP-head embeddings [B,R/16,R/16,D]."""
-    return self._patches(self.params, images_uint8)
+  def encode_image(self, images, resolution: int = CLASSIFY_RESOLUTION) -> jax.Array:
+    """Raw images (one, or a list) -> unit pooled CLIP-head embeddings [N,D] (shorter side
+    resized to `resolution`, center crop, as open_clip's eval transform)."""
+    if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
+      images = [images]
+    return self.encode_pixels(np.stack([resize_center_crop(as_rgb_uint8(im), resolution) for im in images]))
 
   def classify(self, image, class_names: Sequence[str], templates="imagenet80",
                resolution: int = CLASSIFY_RESOLUTION) -> list[tuple[str, float]]:
     """[(class name, probability)], most likely first (softmax over the given classes)."""
-    image = as_rgb_uint8(image)
     classifier = self.text_classifier(class_names, templates)
-    emb = self.image_embeddings(resize_center_crop(image, resolution)[None])
-    probs = np.asarray(jax.nn.softmax(self.logit_scale * emb @ classifier.T, axis=-1))[0]
-    order = np.argsort(-probs, kind="stable")
-    return [(class_names[i], float(probs[i])) for i in order]
+    emb = self.encode_image(image, resolution)
+    return ranked(list(class_names), jax.nn.softmax(self.logit_scale * emb @ classifier.T, axis=-1)[0])
 
   def semantic_logits(self, image, class_names: Sequence[str], templates="imagenet80",
                       resolution: int = CLIP_RESOLUTION) -> np.ndarray:
@@ -340,7 +347,7 @@ class SamClip:
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]
     classifier = self.text_classifier(class_names, templates)
-    patch = self.patch_embeddings(resize_square(image, resolution)[None])[0]
+    patch = self.encode_pixels(resize_square(image, resolution)[None], dense=True)[0]
     logits = self.logit_scale * jnp.einsum("hwd,cd->chw", patch, classifier, precision="highest")
     return resize_bilinear(np.asarray(logits), (h, w))
 
@@ -428,9 +435,15 @@ class SamClip:
 
   def label_masks(self, image, masks: Sequence[np.ndarray], class_names: Sequence[str],
                   templates="imagenet80") -> list[tuple[str, float]]:
-    """For each binary mask, the class whose CLIP-head logits are highest on average inside it."""
+    """For each binary mask [H,W] (the image's size), the class whose CLIP-head logits are
+    highest on average inside it, with its probability."""
     if len(masks) == 0:
       return []
+    image = as_rgb_uint8(image)
+    for i, m in enumerate(masks):
+      if np.shape(m) != image.shape[:2]:
+        raise ValueError(f"mask {i} has shape {np.shape(m)}; masks must be HxW like the image, "
+                         f"{image.shape[0]}x{image.shape[1]}")
     logits = self.semantic_logits(image, class_names, templates)            # [C,H,W]
     m = np.stack([np.asarray(x, np.float32) for x in masks])                  # [N,H,W]
     area = np.maximum(m.sum(axis=(1, 2)), 1.0)
@@ -460,16 +473,23 @@ def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   return x[..., i0, :] * w0[:, None] + x[..., i1, :] * w1[:, None]
 
 
+def upscale_matrices(low_hw: tuple[int, int], image_size: int, input_size: tuple[int, int],
+                     original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """SAM's postprocess_masks as two matrices: masks [H,W] = a_h [H,h] @ low [h,w] @ a_w.T [w,W].
+
+  Upscale to the padded input, crop the image part, resize to the original size, composed
+  per axis (agrees with samclip_jax.predictor.postprocess_masks to float rounding).
+  """
+  (h, w), (ih, iw), (oh, ow) = low_hw, input_size, original_size
+  a_h = linear_matrix(ih, oh) @ linear_matrix(h, image_size)[:ih]
+  a_w = linear_matrix(iw, ow) @ linear_matrix(w, image_size)[:iw]
+  return a_h.astype(np.float32), a_w.astype(np.float32)
+
+
 def upscale_low_res(low: np.ndarray, image_size: int, input_size: tuple[int, int],
                     original_size: tuple[int, int]) -> np.ndarray:
-  """SAM's postprocess_masks on the host: low-res [..., h, w] -> [..., H, W] float32.
-
-  Upscale to the padded input, crop the image part, resize to the original size: per axis
-  one composed [out, low] matrix, so no padded 1024x1024 intermediate and no compile per
-  image size (agrees with samclip_jax.predictor.postprocess_masks to float rounding).
-  """
+  """SAM's postprocess_masks on the host: low-res [..., h, w] -> [..., H, W] float32, with no
+  padded 1024x1024 intermediate and no compile per image size (see upscale_matrices)."""
   low = np.asarray(low, np.float32)
-  h, w = low.shape[-2:]
-  a_h = linear_matrix(input_size[0], original_size[0]) @ linear_matrix(h, image_size)[:input_size[0]]
-  a_w = linear_matrix(input_size[1], original_size[1]) @ linear_matrix(w, image_size)[:input_size[1]]
+  a_h, a_w = upscale_matrices(low.shape[-2:], image_size, input_size, original_size)
   return np.matmul(a_h, np.matmul(low, a_w.T))

@@ -11,7 +11,7 @@ import numpy as np
 from samclip_jax import tokenizer as tok
 from samclip_jax.models.clip import (CLIP, MODEL_TYPE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig,
                                      load_clip)
-from samclip_jax.templates import IMAGENET_TEMPLATES
+from samclip_jax.templates import IMAGENET_TEMPLATES, get_templates
 from samclip_jax.tokenizer import Tokenizer
 
 
@@ -40,6 +40,36 @@ def save_clip(directory: str, config: ClipConfig, params, name: str = "custom", 
                           extra_files={tok.VOCAB_FILE: vocab, tok.MERGES_FILE: merges})
 
 
+def check_class_names(class_names) -> list[str]:
+  """Distinct non-empty names as a list; a bare string is refused (not split into letters)."""
+  if isinstance(class_names, str):
+    raise ValueError(f"class names must be a list of names, got the string {class_names!r} "
+                     f"(for one class write [{class_names!r}])")
+  names = list(class_names)
+  if not names:
+    raise ValueError("give at least one class name")
+  bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+  if bad:
+    raise ValueError(f"class names must be non-empty strings, got {bad}")
+  # The tokenizer lowercases and collapses spaces: "Cat" and "cat " are the same class, and
+  # a class listed twice would split its probability between the copies.
+  seen, dups = {}, []
+  for n in names:
+    key = " ".join(n.lower().split())
+    if key in seen:
+      dups.append(f"{seen[key]!r} and {n!r}")
+    seen.setdefault(key, n)
+  if dups:
+    raise ValueError(f"class names repeat: {', '.join(dups)}; list each class once")
+  return names
+
+
+def ranked(class_names: Sequence[str], probs) -> list[tuple[str, float]]:
+  """[(class name, probability)], most likely first."""
+  probs = np.asarray(probs)
+  return [(class_names[i], float(probs[i])) for i in np.argsort(-probs, kind="stable")]
+
+
 def _l2_normalize(x, axis=-1):
   return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
 
@@ -63,7 +93,11 @@ def _batched(fn: Callable, x: np.ndarray, batch_size: int, dim: int) -> jax.Arra
 
 
 class ClipModel:
-  """OpenCLIP model in JAX: encode_image / encode_text / preprocess / zero_shot_classifier / classify."""
+  """OpenCLIP model in JAX: encode_image / encode_text / zero_shot_classifier / classify.
+
+  Images go in raw (PIL or uint8 HxWx3) and are preprocessed inside, as everywhere in the
+  API; encode_pixels / classify_pixels take already preprocessed pixels (see preprocess).
+  """
 
   def __init__(self, config: ClipConfig, params, tokenizer: Tokenizer | None = None,
                dtype: Any = jnp.float32, batch_size: int = 32, text_batch_size: int = 256):
@@ -95,8 +129,12 @@ class ClipModel:
     """exp(logit_scale): the temperature open_clip multiplies cosine similarities by."""
     return jnp.exp(self.params["logit_scale"])
 
-  def encode_image(self, pixels, normalize: bool = False) -> jax.Array:
-    """float32 [N, H, W, 3], already normalised (see preprocess) -> [N, D]."""
+  def encode_image(self, images, normalize: bool = False) -> jax.Array:
+    """Raw images (one or a list: PIL, uint8 HxWx3, or uint8 [N,H,W,3]) -> [N, D]."""
+    return self.encode_pixels(self.preprocess(images), normalize)
+
+  def encode_pixels(self, pixels, normalize: bool = False) -> jax.Array:
+    """float32 [N, H, W, 3], already preprocessed (see preprocess) -> [N, D]."""
     pixels = np.asarray(pixels, np.float32)
     out = _batched(lambda x: self._image_fn(self.params, x), pixels, self.batch_size, self.config.embed_dim)
     return _l2_normalize(out) if normalize else out
@@ -144,11 +182,17 @@ class ClipModel:
     return out
 
   def zero_shot_classifier(self, class_names: Sequence[str],
-                           templates: Sequence[str | Callable[[str], str]] = IMAGENET_TEMPLATES,
+                           templates: str | Sequence[str | Callable[[str], str]] = IMAGENET_TEMPLATES,
                            classes_per_batch: int = 16) -> jax.Array:
-    """[C, D] unit rows: per class, the mean of its normalised prompt embeddings, renormalised."""
-    if not class_names or not templates:
-      raise ValueError("zero_shot_classifier needs at least one class name and one template")
+    """[C, D] unit rows: per class, the mean of its normalised prompt embeddings, renormalised.
+
+    `templates`: a template set name (samclip_jax.templates, e.g. "imagenet80") or the templates.
+    """
+    class_names = check_class_names(class_names)
+    if isinstance(templates, str):
+      templates = get_templates(templates)
+    if not templates:
+      raise ValueError("zero_shot_classifier needs at least one template")
     fmt = lambda t, c: t.format(c) if isinstance(t, str) else t(c)
     rows = []
     for start in range(0, len(class_names), classes_per_batch):
@@ -157,8 +201,14 @@ class ClipModel:
       rows.append(_l2_normalize(emb.reshape(len(names), len(templates), -1).mean(axis=1)))
     return jnp.concatenate(rows)
 
-  def classify(self, pixels, classifier) -> tuple[jax.Array, jax.Array]:
-    """(logits, probabilities) [N, C]: exp(logit_scale) * cos(image, class) and its softmax."""
-    image = self.encode_image(pixels, normalize=True)
+  def classify(self, image, class_names: Sequence[str], templates="imagenet80") -> list[tuple[str, float]]:
+    """One raw image -> [(class name, probability)], most likely first (softmax over the classes)."""
+    _, probs = self.classify_pixels(self.preprocess(image), self.zero_shot_classifier(class_names, templates))
+    return ranked(list(class_names), probs[0])
+
+  def classify_pixels(self, pixels, classifier) -> tuple[jax.Array, jax.Array]:
+    """Preprocessed pixels [N,H,W,3], classifier [C,D] -> (logits, probabilities) [N, C]:
+    exp(logit_scale) * cos(image, class) and its softmax."""
+    image = self.encode_pixels(pixels, normalize=True)
     logits = self.logit_scale * jnp.einsum("nd,cd->nc", image, classifier, precision="highest")
     return logits, jax.nn.softmax(logits, axis=-1)

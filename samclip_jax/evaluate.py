@@ -144,7 +144,7 @@ def image_tower(model: Loaded, mesh, resolution: int) -> tuple[Callable[[np.ndar
   if model.kind == "samclip":
     sc = model.samclip
     sc.params = replicate(sc.params, mesh)
-    return (lambda x: np.asarray(sc.image_embeddings(shard_batch(x, mesh)))), resolution
+    return (lambda x: np.asarray(sc.encode_pixels(shard_batch(x, mesh)))), resolution
   from samclip_jax.models.clip import CLIP, normalize_images
   clip = model.clip
   module = CLIP(clip.config)

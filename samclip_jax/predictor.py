@@ -263,4 +263,6 @@ def _as_float(x, name: str) -> np.ndarray:
   x = np.asarray(x)
   if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
     raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+  if not np.isfinite(x).all():   # NaN / inf prompts would give empty masks and NaN scores
+    raise ValueError(f"{name} holds non-finite values (NaN or inf): {x.tolist() if x.size <= 8 else x.shape}")
   return x.astype(np.float64 if name != "mask_input" else np.float32)

@@ -172,7 +172,7 @@ def test_training_workdir(paths, tmp_path):
   """Latest Orbax step of a train.py workdir (state.params + state.frozen), or its export."""
   import optax
   import orbax.checkpoint as ocp
-  from samclip_jax.train import TrainState
+  from samclip_jax.loop import TrainState
   config, params = samclip_lib.load_samclip(paths["samclip"])
   params = jax.tree.map(lambda x: np.asarray(x) + 1.0, params)          # differs from the export
   trainable = {"clip_head": params["clip_head"]}
@@ -204,3 +204,51 @@ def test_training_workdir(paths, tmp_path):
   assert m.text_model is not None
   np.testing.assert_array_equal(np.asarray(m.params["clip_head"]["norm"]["scale"]),
                                 params["clip_head"]["norm"]["scale"])
+
+
+def test_non_finite_prompts_refused(model):
+  p = model.predictor()
+  p.set_image(_image())
+  with pytest.raises(ValueError, match="point_coords holds non-finite"):
+    p.predict(point_coords=np.array([[np.nan, 5.0]]), point_labels=np.array([1]))
+  with pytest.raises(ValueError, match="box holds non-finite"):
+    p.predict(box=np.array([0.0, 0.0, np.inf, 10.0]))
+  with pytest.raises(ValueError, match="boxes holds non-finite"):
+    p.predict_batch(boxes=np.array([[0.0, 0.0, 5.0, 5.0], [0.0, -np.inf, 5.0, 5.0]]))
+
+
+def test_class_names_refused(model):
+  img = _image()
+  with pytest.raises(ValueError, match="got the string 'cat'"):
+    model.classify(img, "cat", templates="photo", resolution=64)
+  with pytest.raises(ValueError, match="got the string 'cat'"):
+    model.segment_semantic(img, "cat", templates="photo", resolution=64)
+  # The tokenizer lowercases: "Cat" is "cat" again, and would halve its probability.
+  with pytest.raises(ValueError, match="repeat: 'cat' and 'Cat'"):
+    model.classify(img, ["cat", "dog", "Cat"], templates="photo", resolution=64)
+  with pytest.raises(ValueError, match="repeat"):
+    model.text_model.zero_shot_classifier(["dog", "dog"], "photo")
+
+
+def test_label_masks_wrong_shape(model):
+  img = _image()
+  with pytest.raises(ValueError, match=r"mask 1 has shape \(10, 10\).*150x210"):
+    model.label_masks(img, [np.ones(img.shape[:2], bool), np.ones((10, 10), bool)], NAMES, "photo")
+
+
+def test_raw_images_in_everywhere(model):
+  """ClipModel takes raw images as SamClip does; the pixel-level calls are named as such."""
+  from samclip_jax.templates import get_templates
+  clip, img = model.text_model, _image()
+  classifier = clip.zero_shot_classifier(NAMES, "photo")          # a template set name, as SamClip takes
+  np.testing.assert_allclose(classifier, clip.zero_shot_classifier(NAMES, get_templates("photo")), atol=1e-6)
+  _, probs = clip.classify_pixels(clip.preprocess(img), classifier)
+  got = clip.classify(img, NAMES, "photo")
+  assert [n for n, _ in got] == [NAMES[i] for i in np.argsort(-np.asarray(probs[0]), kind="stable")]
+  np.testing.assert_allclose([p for _, p in got], np.sort(np.asarray(probs[0]))[::-1], atol=1e-6)
+  np.testing.assert_allclose(clip.encode_image([img, img[:100]]),
+                             clip.encode_pixels(clip.preprocess([img, img[:100]])), atol=1e-6)
+  emb = model.encode_image([img, img[:, :120]], resolution=64)
+  assert emb.shape == (2, model.config.out_dim)
+  np.testing.assert_allclose(emb[1], model.encode_pixels(api.resize_center_crop(img[:, :120], 64)[None])[0],
+                             atol=1e-6)

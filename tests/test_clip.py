@@ -284,7 +284,7 @@ def clip_model(tiny, tmp_path_factory):
 def test_clip_model_encoders(tiny, clip_model):
   model, _, _ = tiny
   x = pixels(6, 32, 32, seed=7)  # 6 > batch_size 4: two padded chunks.
-  np.testing.assert_allclose(clip_model.encode_image(x), torch_image(model, x), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(clip_model.encode_pixels(x), torch_image(model, x), atol=1e-5, rtol=0)
   ref = torch_text(model, open_clip.tokenize(TEXTS).numpy())
   np.testing.assert_allclose(clip_model.encode_text(TEXTS), ref, atol=1e-5, rtol=0)
   unit = clip_model.encode_text(TEXTS, normalize=True)
@@ -302,7 +302,7 @@ def test_zero_shot_classifier_matches_open_clip(tiny, clip_model):
   np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-6)
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
   x = pixels(3, 32, 32, seed=8)
-  logits, probs = clip_model.classify(x, ours)
+  logits, probs = clip_model.classify_pixels(x, ours)
   with torch.no_grad():
     img = F.normalize(model.encode_image(torch.from_numpy(x).permute(0, 3, 1, 2)), dim=-1)
     ref_logits = (model.logit_scale.exp() * img @ torch.from_numpy(ref).T).numpy()

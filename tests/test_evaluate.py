@@ -68,7 +68,7 @@ def test_classification_teacher_matches_clip_model(env, tmp_path):
   items, names = evaluate.classification_items(cfg, str(tmp_path))
   clip = ClipModel.from_checkpoint(env["models"]["clip"])
   classifier = clip.zero_shot_classifier(names, get_templates("photo"))
-  logits, _ = clip.classify(clip.preprocess([api.load_image(p) for p, _ in items[:12]]), classifier)
+  logits, _ = clip.classify_pixels(clip.preprocess([api.load_image(p) for p, _ in items[:12]]), classifier)
   expected = metrics.topk_accuracy(np.asarray(logits), np.array([y for _, y in items[:12]]))
   assert res["metrics"]["top1"] == pytest.approx(expected["top1"])
   assert res["metrics"]["top5"] == pytest.approx(expected["top5"])
@@ -99,7 +99,7 @@ def test_retrieval(env, tmp_path, model):
   if model == "samclip":
     paths, captions, t2i = evaluate.retrieval_items(cfg, str(tmp_path))
     sc = api.SamClip.from_checkpoint(env["models"]["samclip"])
-    img = np.asarray(sc.image_embeddings(np.stack([api.resize_center_crop(api.load_image(p), 64) for p in paths])))
+    img = np.asarray(sc.encode_image([api.load_image(p) for p in paths], resolution=64))
     txt = np.asarray(sc.text_model.encode_text(captions, normalize=True))
     expected = metrics.retrieval_recall(img @ txt.T, t2i)
     assert {k: m[k] for k in expected} == pytest.approx(expected)
