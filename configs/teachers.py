@@ -17,7 +17,7 @@ TEACHERS = ("sam", "clip")
 
 def _sam(c):
   c.task = "sam_pretrain"
-  c.total_steps = 1500
+  c.total_steps = 1000
   c.learning_rate = 1e-3
   c.warmup_steps = 100
   c.sam_batch_size = 16  # world scenes per step
@@ -40,7 +40,7 @@ def _sam(c):
 
 def _clip(c):
   c.task = "clip_pretrain"
-  c.total_steps = 1500
+  c.total_steps = 1000
   c.learning_rate = 1e-3
   c.warmup_steps = 100
   c.clip_batch_size = 64  # contrastive batch (its other captions are the negatives)
@@ -100,10 +100,10 @@ def get_config(arg: str = "sam") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/teachers.py takes one of {TEACHERS} (and optionally ',tiny'), got {arg!r}")
   c = ml_collections.ConfigDict()
   common.loop_fields(c)
-  c.log_every_steps = 100
-  c.eval_every_steps = 1000
+  c.log_every_steps = 50
+  c.eval_every_steps = 250
   c.eval_batches = 4
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 250
   c.prng_impl = "unsafe_rbg"  # CPU: init compiles faster
   c.data = ml_collections.ConfigDict()
   c.data.worker_count = 1  # one process draws the world while the step runs; raise on big hosts

@@ -2,11 +2,11 @@
 
 Scene i of split s is drawn on demand from (seed, s, i) by sample.draw_scene: nothing is
 stored, every split is disjoint from the others, and any process draws the same scene for
-the same index. Records carry everything both loaders read (records.py keys): the encoded
-image, a caption and the largest shape's label (CLIP), the instance masks and classes (SAM).
+the same index. Records are dicts (as TFDS sources give) with everything both loaders read
+(records.py keys): the image as a uint8 array (nothing to encode or decode), a caption and the
+largest shape's label (CLIP), the instance masks (RLE) and classes (SAM).
 """
 import grain
-import numpy as np
 
 from samclip_jax.data import records, sample
 
@@ -37,18 +37,13 @@ class WorldSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index):
     scene = self.scene(int(index))
     h, w = scene["image"].shape[:2]
-    rec = {"key": f"world_{self.split}_{int(index):07d}", "image": _png(scene["image"]),
-           "height": h, "width": w, "caption": sample.caption(scene), "label": sample.label(scene),
-           "masks": records.encode_masks(scene["masks"]), "classes": list(scene["classes"])}
-    return records.encode(rec)
+    return {"key": f"world_{self.split}_{int(index):07d}", "image": scene["image"],
+            "height": h, "width": w, "caption": sample.caption(scene), "label": sample.label(scene),
+            "masks": records.encode_masks(scene["masks"]), "classes": list(scene["classes"])}
 
   def __repr__(self):  # grain checks it on restore: no paths, so a moved workdir resumes
     return (f"WorldSource(split={self.split!r}, num_records={self.num_records}, seed={self.seed}, "
             f"sides={self.min_side}..{self.max_side})")
-
-
-def _png(image: np.ndarray) -> bytes:
-  return sample._encode_image(image, png=True)
 
 
 def source(spec: str, default_seed: int = 0):

@@ -38,7 +38,7 @@ class CaptionRender(grain.transforms.RandomMap):
 
   def __init__(self, resolution: int, context_length: int, flip: bool):
     self.resolution, self.context_length, self.flip = resolution, context_length, flip
-    self._tokenizer = None
+    self._tokenizer, self._tokens = None, {}  # captions repeat: tokenise each once
 
   def random_map(self, element, rng):
     from samclip_jax.data import records, transforms
@@ -50,7 +50,9 @@ class CaptionRender(grain.transforms.RandomMap):
     h, w = transforms.image_size(rec["image"])
     flip = self.flip and bool(rng.integers(2))
     image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
-    return {"image": image, "tokens": self._tokenizer(rec["caption"])[0],
+    if rec["caption"] not in self._tokens:
+      self._tokens[rec["caption"]] = self._tokenizer(rec["caption"])[0]
+    return {"image": image, "tokens": self._tokens[rec["caption"]],
             "label": np.int32(rec.get("label", -1))}
 
 
