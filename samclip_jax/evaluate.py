@@ -3,8 +3,10 @@ semantic segmentation.
 
   python -m samclip_jax.evaluate --config=configs/eval/classification.py \
       --config.model=workdir/export --workdir=eval_out
-  python -m samclip_jax.evaluate --config=configs/eval/semantic_segmentation.py:local \
-      --config.model=DIR --workdir=/tmp/ev        # the embedded sample
+  python -m samclip_jax.evaluate --config=configs/eval/semantic_segmentation.py:local --workdir=/tmp/ev
+      # :local: the embedded sample, and by default the model of the README's main job
+      # (/tmp/samclip_local); any task: classification, retrieval, instance_segmentation
+  python -m samclip_jax.evaluate --config=configs/eval/classification.py:local --help   # the fields
 
 Writes WORKDIR/<task>.json (metrics, counts, config) and WORKDIR/<task>.md (a short table,
 also printed). The model is picked by its directory's config.json model_type: "samclip"
@@ -17,8 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from samclip_jax import api, metrics
+from samclip_jax import api, cli, metrics
 
 TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segmentation")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -62,22 +62,6 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- host input
-class Progress:
-  """One line per ~10% (and at the end) on stderr: items done, rate."""
-
-  def __init__(self, task: str, total: int):
-    self.task, self.total, self.done = task, total, 0
-    self.t0 = time.time()
-    self.next = 0
-
-  def update(self, n: int):
-    self.done += n
-    if self.done >= self.next or self.done >= self.total:
-      rate = self.done / max(time.time() - self.t0, 1e-9)
-      print(f"[{self.task}] {self.done}/{self.total} images ({rate:.1f}/s)", file=sys.stderr, flush=True)
-      self.next = self.done + max(1, self.total // 10)
-
-
 def prefetched_batches(items: Sequence[Any], load: Callable[[Any], Any], batch_size: int,
                        num_workers: int) -> Iterable[tuple[list, list]]:
   """(items, loaded) in chunks of batch_size; loading runs on threads, one chunk ahead."""
@@ -115,7 +99,12 @@ class Loaded:
 
 def load(config) -> Loaded:
   if not config.model:
-    raise ValueError("set --config.model to a model directory or a training workdir")
+    raise cli.UsageError("set --config.model to a model directory or a training workdir")
+  if not os.path.exists(config.model):
+    raise cli.UsageError(
+        f"no model at {config.model}: pass --config.model=DIR (a merged model directory, a training "
+        f"workdir or a teacher), or train one there first (the README's main job): "
+        f"python -m samclip_jax.main --config=configs/merge.py:local --workdir={config.model}")
   where = api.resolve_checkpoint(config.model)
   kind = where["meta"].get("model_type")
   model_dir = where["model_dir"]
@@ -172,7 +161,7 @@ def embed_images(model, mesh, config, paths: Sequence[str], task: str) -> np.nda
   embed, res = image_tower(model, mesh, config.resolution)
   gb = global_batch_size(config.batch_size, mesh)
   load_fn = lambda p: api.resize_center_crop(api.load_image(p), res)
-  out, progress = [], Progress(task, len(paths))
+  out, progress = [], cli.Progress(task, len(paths))
   for chunk, imgs in prefetched_batches(paths, load_fn, gb, config.num_workers):
     out.append(embed(pad_batch(np.stack(imgs), gb))[:len(chunk)])
     progress.update(len(chunk))
@@ -335,7 +324,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     return out, (nh, nw), (h, w)
 
   gb = global_batch_size(config.batch_size, mesh)
-  preds, progress = [], Progress("instance_segmentation", len(work))
+  preds, progress = [], cli.Progress("instance_segmentation", len(work))
   for chunk, loaded in prefetched_batches(work, load_fn, gb, config.num_workers):
     k = max(8, 1 << math.ceil(math.log2(max(len(prompts[i]) for i in chunk))))  # few compiled shapes
     boxes = np.zeros((gb, k, 4), np.float64)
@@ -402,7 +391,7 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   items = _limit(items, config)
   sc = model.samclip
   cm = metrics.ConfusionMatrix(len(names), config.data.ignore_index)
-  progress = Progress("semantic_segmentation", len(items))
+  progress = cli.Progress("semantic_segmentation", len(items))
   if config.mode == "clip":
     classifier = replicate(sc.text_classifier(names, config.templates), mesh)
     sc.params = replicate(sc.params, mesh)
@@ -467,22 +456,25 @@ def markdown(result: dict) -> str:
 
 
 def _write_atomic(path: str, text: str):
-  d = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-  with os.fdopen(fd, "w") as f:
+  with cli.atomic_write(path) as tmp, open(tmp, "w") as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 def evaluate(config, workdir: str) -> dict:
   """Runs config.task; writes WORKDIR/<task>.json and .md; returns the result dict."""
   if config.task not in RUNNERS:
     raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
-  os.makedirs(workdir, exist_ok=True)
-  mesh = data_mesh()
   t0 = time.time()
-  model = load(config)
-  metrics_, n = RUNNERS[config.task](config, workdir, model, mesh)
+  model = load(config)            # before the workdir exists: a bad model leaves nothing behind
+  mesh = data_mesh()
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    metrics_, n = RUNNERS[config.task](config, workdir, model, mesh)
+  except BaseException:
+    if created and not os.listdir(workdir):   # ours and still empty: leave no trace
+      os.rmdir(workdir)
+    raise
   result = {"task": config.task, "model": model.path, "model_type": model.kind, "num_images": n,
             "metrics": metrics_, "seconds": round(time.time() - t0, 2),
             "devices": mesh.devices.size, "config": config.to_dict()}
@@ -496,14 +488,18 @@ def evaluate(config, workdir: str) -> dict:
 def main(argv):
   from absl import flags
   del argv
-  evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except api.CheckpointNotFound as e:
+    raise cli.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+  # Defined here, not at import: tests import this module beside main.py, which defines them too.
   config_flags.DEFINE_config_file("config", None, "evaluation config (configs/eval/TASK.py[:local])",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "directory for TASK.json / TASK.md (and the sample)")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, __doc__)

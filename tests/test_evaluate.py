@@ -3,6 +3,7 @@ each task's numbers are checked against the same quantity computed through the u
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import eval_models
-from samclip_jax import api, evaluate, metrics
+from samclip_jax import api, cli, evaluate, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +52,8 @@ def test_classification_matches_api(env, tmp_path):
   res = evaluate.evaluate(cfg, str(tmp_path))
   saved, md = _files(str(tmp_path), "classification")
   assert saved["metrics"] == pytest.approx(res["metrics"]) and "| top1 |" in md
+  for f in ("classification.json", "classification.md"):     # as readable as open() makes them
+    assert os.stat(tmp_path / f).st_mode & 0o777 == 0o666 & ~cli._umask()
   assert res["devices"] == 8 and res["num_images"] == 12 and res["model_type"] == "samclip"
   items, names = evaluate.classification_items(cfg, str(tmp_path))
   model = api.SamClip.from_checkpoint(env["models"]["samclip"])
@@ -175,6 +178,24 @@ def test_errors(env, tmp_path):
     evaluate.evaluate(cfg, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config arg"):
     importlib.import_module("configs.eval.classification").get_config("remote")
+  # A data error after the model loaded leaves no empty workdir behind either.
+  cfg = _config("classification", env, **{"data.sample_dir": ""})
+  with pytest.raises(ValueError, match="set --config.data.image_dir"):
+    evaluate.evaluate(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("task", evaluate.TASKS)
+def test_local_defaults_to_the_main_job(task, tmp_path):
+  """`:local` evaluates the README main job's workdir; missing, it says what to run and writes nothing."""
+  cfg = importlib.import_module(f"configs.eval.{task}").get_config("local")
+  assert cfg.model == "/tmp/samclip_local" and cfg.data.sample_dir
+  cfg.model = str(tmp_path / "samclip_local")
+  with pytest.raises(cli.UsageError) as e:
+    evaluate.evaluate(cfg, str(tmp_path / "out"))
+  assert (f"--config.model=DIR" in str(e.value) and
+          f"python -m samclip_jax.main --config=configs/merge.py:local --workdir={cfg.model}" in str(e.value))
+  assert os.listdir(tmp_path) == []
 
 
 def test_command_line(env, tmp_path):
@@ -185,6 +206,11 @@ def test_command_line(env, tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert run.returncode == 0, run.stderr[-3000:]
   assert "| image_to_text_R@1 |" in run.stdout and "[retrieval] 6/6 images" in run.stderr
+  assert not re.search(r"^I\d{4} ", run.stderr, re.M), run.stderr[:2000]    # no Orbax INFO lines
+  missing = subprocess.run(cmd[:4] + [f"--config.model={tmp_path}/none", f"--workdir={tmp_path}/w"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert missing.returncode == 2 and missing.stderr.startswith(f"error: no model at {tmp_path}/none")
+  assert not os.path.exists(tmp_path / "w")
   result, _ = _files(str(tmp_path), "retrieval")
   assert result["num_images"] == 6 and result["config"]["max_images"] == 6
 

@@ -3,6 +3,7 @@
   python -m samclip_jax.evaluate --config=configs/eval/classification.py \
       --config.model=DIR --config.data.image_dir=imagenet/val --workdir=OUT
   ...classification.py:local   (the embedded sample's CLIP val images, 5 shape classes)
+  (:local: --config.model defaults to /tmp/samclip_local, the README main job's workdir)
 """
 from configs.eval import common
 

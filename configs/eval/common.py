@@ -1,9 +1,13 @@
 """Fields shared by every evaluation config (python -m samclip_jax.evaluate --config=...)."""
 import ml_collections
 
+# The README's main job writes here (python -m samclip_jax.main --config=configs/merge.py:local
+# --workdir=/tmp/samclip_local): the model ":local" evaluates unless --config.model is given.
+LOCAL_MODEL = "/tmp/samclip_local"
+
 
 def base(task: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The task's common fields; arg "local" points the data at the embedded sample."""
+  """The task's common fields; arg "local": the embedded sample and the main job's model."""
   arg = (arg or "").strip()
   if arg not in ("", "local"):
     raise ValueError(f"unknown config arg {arg!r}; use '' or 'local'")
@@ -12,7 +16,7 @@ def base(task: str, arg: str | None) -> ml_collections.ConfigDict:
   # A model directory or a training workdir. Its config.json model_type picks the model:
   # "samclip" (merged), "open_clip" (CLIP teacher: classification / retrieval), "sam"
   # (SAM teacher: instance segmentation).
-  c.model = ""
+  c.model = LOCAL_MODEL if arg == "local" else ""
   c.text_model = ""       # open_clip dir for a samclip model lacking its text tower ("" = its own)
   c.batch_size = 32       # global images per step; rounded up to a multiple of the devices
   c.max_images = 0        # evaluate the first N images only (0 = all)

@@ -4,6 +4,8 @@
       --config.model=DIR --config.data.image_dir=coco/val2017 \
       --config.data.annotations=coco/annotations/instances_val2017.json \
       --config.data.detections=vitdet_b_boxes.json --workdir=OUT
+  ...instance_segmentation.py:local   (the embedded sample's COCO export, ground-truth boxes)
+  (:local: --config.model defaults to /tmp/samclip_local, the README main job's workdir)
 """
 from configs.eval import common
 

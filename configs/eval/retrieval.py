@@ -2,6 +2,8 @@
 
   python -m samclip_jax.evaluate --config=configs/eval/retrieval.py --config.model=DIR \
       --config.data.image_dir=flickr30k/images --config.data.captions_file=test.json --workdir=OUT
+  ...retrieval.py:local   (the embedded sample's CLIP val images and their captions)
+  (:local: --config.model defaults to /tmp/samclip_local, the README main job's workdir)
 """
 from configs.eval import common
 

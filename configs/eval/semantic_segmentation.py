@@ -4,6 +4,7 @@
       --config.model=DIR --config.data.image_dir=VOC/JPEGImages --config.data.label_dir=VOC/Seg \
       --config.data.classes_file=voc_classes.txt --workdir=OUT
   ...semantic_segmentation.py:local    (embedded sample: background + 5 shapes)
+  (:local: --config.model defaults to /tmp/samclip_local, the README main job's workdir)
 """
 from configs.eval import common
 

@@ -1,0 +1,212 @@
+"""Glue shared by the command-line entry points: absl runs with quiet logs and a --help that
+exits 0 and lists the config's fields, usage errors as one line, progress lines, files
+written whole with the umask's permissions."""
+import contextlib
+import importlib.util
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+import tokenize
+
+EXIT_USAGE = 2
+HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
+class UsageError(ValueError):
+  """Bad command-line input or config (what to pass instead): one line on stderr, exit 2."""
+
+
+def plural(n: int, noun: str) -> str:
+  """'1 mask', '3 masks'."""
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# ----------------------------------------------------------------------------- files
+def _umask() -> int:
+  mask = os.umask(0)   # the only portable way to read it
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, suffix: str = "", prefix: str = ".tmp-"):
+  """Yields a temporary path beside `path`, renamed over it on success, removed on error.
+
+  mkstemp creates 0600 files: the result gets the permissions open() would give (0666 less
+  the umask), so a picture or report is as readable as any other file the user writes.
+  """
+  fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+# ----------------------------------------------------------------------------- progress
+def duration(seconds: float) -> str:
+  """h:mm:ss (the training loop's ETA format)."""
+  h, rem = divmod(int(max(seconds, 0)), 3600)
+  m, s = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class Progress:
+  """About one line per 10% (and the last) on stderr: done/total, rate, ETA, elapsed.
+
+  Rate and ETA are measured from the first update on, so the compile time of the first
+  batch does not inflate them (the first line shows the elapsed time only).
+  """
+
+  def __init__(self, task: str, total: int, unit: str = "images"):
+    self.task, self.total, self.unit, self.done = task, total, unit, 0
+    self.t0 = time.time()
+    self.first = None      # (time, done) at the first update
+    self.next = 0
+
+  def update(self, n: int):
+    self.done += n
+    now = time.time()
+    if self.first is None:
+      self.first = (now, self.done)
+    if self.done < self.next and self.done < self.total:
+      return
+    self.next = self.done + max(1, self.total // 10)
+    line = f"[{self.task}] {self.done}/{self.total} {self.unit}"
+    t1, d1 = self.first
+    if self.done > d1 and now > t1:
+      rate = (self.done - d1) / (now - t1)
+      line += f" ({rate:.1f}/s"
+      line += f", ETA {duration((self.total - self.done) / rate)})" if self.done < self.total else ")"
+    print(f"{line}, {duration(now - self.t0)} elapsed", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- config help
+def _comments(path: str) -> dict[str, str]:
+  """Dotted field -> its comment(s) in a config source: the block above `c.x.y = ...` and the
+  comment at the end of that line."""
+  with open(path) as f:
+    source = f.read()
+  lines = source.splitlines()
+  trailing, full = {}, set()
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      row, col = tok.start
+      text = tok.string.lstrip("#").strip()
+      if lines[row - 1][:col].strip():
+        trailing[row] = text
+      elif not text.startswith("-"):   # "# ---- section" headers describe no field
+        full.add(row)
+  out = {}
+  for row, line in enumerate(lines, 1):
+    m = re.match(r"\s*[A-Za-z_]\w*((?:\.\w+)+)\s*=(?!=)", line)
+    if not m:
+      continue
+    notes, r = [], row - 1
+    while r in full:
+      notes.insert(0, lines[r - 1].strip().lstrip("#").strip())
+      r -= 1
+    if row in trailing:
+      notes.append(trailing[row])
+    key = m.group(1)[1:]
+    if notes and key not in out:
+      out[key] = " ".join(notes)
+  return out
+
+
+def _leaves(config, prefix: str = ""):
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def config_help(spec: str) -> str:
+  """The fields of `--config=FILE[:ARG]` with their values and source comments."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UsageError(f"--config: no such file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("_config_for_help", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  # Comments from the file, then from the config modules it builds on (configs/eval/common.py).
+  comments = {}
+  sources = [path] + [getattr(v, "__file__", None) for v in vars(module).values()
+                      if type(v) is type(module) and str(getattr(v, "__name__", "")).startswith("configs")]
+  for src in sources:
+    if src:
+      for k, v in _comments(src).items():
+        comments.setdefault(k, v)
+  lines = [f"Fields of --config={spec} (override any with --config.FIELD=VALUE):"]
+  for key, value in _leaves(config):
+    lines.append(f"  {key} = {value!r}")
+    if key in comments:
+      lines.append(f"      {comments[key]}")
+  return "\n".join(lines)
+
+
+def _config_arg(argv) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def help_text(doc: str, argv) -> str:
+  """--help: the entry point's docstring, its flags, and how to see the config's fields."""
+  from absl import flags
+  prog = f"python -m {sys.modules['__main__'].__spec__.name}" if getattr(
+      sys.modules["__main__"], "__spec__", None) else os.path.basename(argv[0])
+  parts = [doc.strip(), "", "Flags:"]
+  for name in ("config", "workdir"):
+    if name in flags.FLAGS:
+      parts.append(f"  --{name}: {flags.FLAGS[name].help}")
+  parts.append("  --verbosity=0: show INFO logs (Orbax's per-checkpoint lines are hidden by default)")
+  spec = _config_arg(argv[1:])
+  if spec:
+    parts += ["", config_help(spec)]
+  else:
+    parts += ["", "Config fields: give --config=FILE[:ARG] with --help to list FILE's fields with their "
+              f"values and comments (`{prog} --config=FILE[:ARG] --help`); override any field with "
+              "--config.FIELD=VALUE. All absl flags: --helpfull."]
+  if "--helpfull" in argv:
+    parts += ["", flags.FLAGS.get_help()]
+  return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- running
+def run(main, doc: str):
+  """absl's app.run for an entry point: --help exits 0 (absl's exits 1) and lists the
+  config's fields; Orbax's INFO lines are hidden unless --verbosity is given; a UsageError
+  is printed as one line (exit 2)."""
+  from absl import app, flags, logging
+  argv = sys.argv
+  if any(a in HELP_ARGS for a in argv[1:]):
+    try:
+      print(help_text(doc, argv))
+    except UsageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(EXIT_USAGE)
+    sys.exit(0)
+
+  def quiet_main(args):
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
+    try:
+      return main(args)
+    except UsageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(EXIT_USAGE)
+
+  app.run(quiet_main)

@@ -1,0 +1,79 @@
+"""Command-line glue (samclip_jax/cli.py): --help exits 0 and shows the config's fields,
+files keep the umask's permissions, progress lines with ETA, counted nouns."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from samclip_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_help_exits_0_and_tells_how_to_see_the_fields():
+  run = _python("samclip_jax.main", "--help")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "--workdir" in run.stdout and "--config=FILE[:ARG] --help" in run.stdout
+
+
+def test_help_lists_config_fields_with_comments():
+  run = _python("samclip_jax.evaluate", "--config=configs/eval/retrieval.py:local", "--help")
+  assert run.returncode == 0, run.stderr[-2000:]
+  lines = run.stdout.splitlines()
+  i = lines.index("  data.captions_file = ''")
+  assert "JSON list of" in lines[i + 1]                     # the comment above the field
+  assert "  model = '/tmp/samclip_local'" in lines           # :local's default model
+  assert any("global images per step" in line for line in lines)   # from configs/eval/common.py
+  bad = _python("samclip_jax.evaluate", "--config=configs/eval/nope.py", "--help")
+  assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_comments_of_a_config(tmp_path):
+  src = tmp_path / "cfg.py"
+  src.write_text('import ml_collections\n\n\ndef get_config(arg=""):\n'
+                 '  c = ml_collections.ConfigDict()\n'
+                 '  # ---- section\n'
+                 '  # Two lines\n  # above.\n  c.a = 1  # and a # in it\n'
+                 '  c.b = "#not a comment"\n  c.s = ml_collections.ConfigDict()\n  c.s.x = 2  # nested\n'
+                 '  return c\n')
+  assert cli._comments(str(src)) == {"a": "Two lines above. and a # in it", "s.x": "nested"}
+  text = cli.config_help(str(src))
+  assert "  b = '#not a comment'" in text and "  s.x = 2\n      nested" in text
+
+
+def test_atomic_write_respects_umask(tmp_path):
+  old = os.umask(0o027)
+  try:
+    path = tmp_path / "out.json"
+    with cli.atomic_write(str(path)) as tmp, open(tmp, "w") as f:
+      f.write("{}")
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o640)
+    with pytest.raises(RuntimeError):
+      with cli.atomic_write(str(path)) as tmp:
+        open(tmp, "w").write("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "{}" and os.listdir(tmp_path) == ["out.json"]
+  finally:
+    os.umask(old)
+
+
+def test_progress_eta_after_the_first_update(capsys, monkeypatch):
+  clock = iter([0.0, 100.0, 110.0, 120.0, 130.0])    # the first update holds a 100 s compile
+  monkeypatch.setattr(cli.time, "time", lambda: next(clock))
+  p = cli.Progress("job", 4, "points")
+  for _ in range(4):
+    p.update(1)
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0] == "[job] 1/4 points, 0:01:40 elapsed"
+  assert lines[1] == "[job] 2/4 points (0.1/s, ETA 0:00:20), 0:01:50 elapsed"   # 10 s a point, not 55
+  assert lines[-1] == "[job] 4/4 points (0.1/s), 0:02:10 elapsed"
+
+
+def test_plural():
+  assert [cli.plural(n, "mask") for n in (0, 1, 2)] == ["0 masks", "1 mask", "2 masks"]
