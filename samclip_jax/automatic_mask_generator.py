@@ -15,13 +15,14 @@ point_labels [N,1], multimask_output=True, return_logits=True) -> (masks [N,M,H,
 import functools
 import itertools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samclip_jax.predictor import SamPredictor, postprocess_masks
+from samclip_jax.api import upscale_matrices
+from samclip_jax.predictor import SamPredictor
 
 
 # -- point grids and crops -----------------------------------------------------------------
@@ -224,12 +225,13 @@ def _binarise(masks, mask_threshold: float, offset: float):
   return stability, binary, batched_mask_to_box(binary)
 
 
-@functools.partial(jax.jit, static_argnames=("mask_threshold", "offset", "image_size", "input_size",
-                                             "original_size"))
-def _binarise_low_res(low_res, mask_threshold: float, offset: float, image_size: int,
-                      input_size: tuple[int, int], original_size: tuple[int, int]):
-  """Low-res logits [N,h,w] -> `_binarise` of their full-res upscale; the logits stay on the device."""
-  return _binarise(postprocess_masks(low_res, image_size, input_size, original_size), mask_threshold, offset)
+@functools.partial(jax.jit, static_argnames=("mask_threshold", "offset"))
+def _binarise_low_res(low_res, a_h, a_w, mask_threshold: float, offset: float):
+  """Low-res logits [N,h,w] -> `_binarise` of their full-res upscale a_h @ low @ a_w.T (SAM's
+  postprocess_masks as matrices: matmuls, several times faster than gathers on CPUs); the
+  full-res logits only ever exist on the device."""
+  up = jnp.einsum("Hh,nhw,Ww->nHW", a_h, low_res, a_w, precision="highest")
+  return _binarise(up, mask_threshold, offset)
 
 
 # -- the generator -------------------------------------------------------------------------
@@ -243,7 +245,13 @@ class SamAutomaticMaskGenerator:
                crop_n_layers: int = 0, crop_nms_thresh: float = 0.7,
                crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
                point_grids: Optional[list[np.ndarray]] = None, min_mask_region_area: int = 0,
-               output_mode: str = "binary_mask"):
+               output_mode: str = "binary_mask", progress: Optional[Callable[[int], Any]] = None):
+    """Arguments as segment_anything's; `progress(n)` is called after each batch of n points.
+
+    After `generate`, `counts` holds how many candidate masks each filter let through:
+    candidates, pred_iou (above pred_iou_thresh), stability (and above
+    stability_score_thresh), inside (and not cut by a crop edge), kept (after duplicate
+    removal), with best_pred_iou / best_stability among the candidates."""
     if (points_per_side is None) == (point_grids is None):
       raise ValueError("give exactly one of points_per_side or point_grids")
     if output_mode not in ("binary_mask", "uncompressed_rle", "coco_rle"):
@@ -267,6 +275,8 @@ class SamAutomaticMaskGenerator:
     self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
     self.min_mask_region_area = min_mask_region_area
     self.output_mode = output_mode
+    self.progress = progress
+    self.counts: dict[str, float] = {}
 
   @property
   def mask_threshold(self) -> float:
@@ -278,6 +288,8 @@ class SamAutomaticMaskGenerator:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    self.counts = dict.fromkeys(("candidates", "pred_iou", "stability", "inside"), 0)
+    self.counts.update(best_pred_iou=float("-inf"), best_stability=float("-inf"))
     data = self._generate_masks(image)
     if self.min_mask_region_area > 0:
       data = self.postprocess_small_regions(
@@ -288,6 +300,7 @@ class SamAutomaticMaskGenerator:
       segs = [rle_to_mask(r) for r in data["rles"]]
     else:
       segs = data["rles"]
+    self.counts["kept"] = len(segs)
     return [{
         "segmentation": segs[i],
         "area": area_from_rle(data["rles"][i]),
@@ -341,9 +354,10 @@ class SamAutomaticMaskGenerator:
       # Full-res float logits (GBs for a large image) are only ever built on the device.
       _, iou_preds, low_res = self.predictor.predict_batch(**prompts, output="low_res")
       m = low_res.shape[1]
+      a_h, a_w = upscale_matrices(low_res.shape[-2:], self.predictor.image_size, self.predictor.input_size,
+                                  self.predictor.original_size)
       stability, binary, boxes = _binarise_low_res(
-          jnp.asarray(low_res).reshape(-1, *low_res.shape[-2:]), self.mask_threshold, offset,
-          self.predictor.image_size, self.predictor.input_size, self.predictor.original_size)
+          jnp.asarray(low_res).reshape(-1, *low_res.shape[-2:]), a_h, a_w, self.mask_threshold, offset)
     else:
       masks, iou_preds = self.predictor.predict_batch(**prompts)[:2]
       m = masks.shape[1]
@@ -353,11 +367,19 @@ class SamAutomaticMaskGenerator:
     iou_preds = np.asarray(iou_preds, np.float32).reshape(-1)
     stability, boxes = np.asarray(stability), np.asarray(boxes)
     keep = valid.copy()
+    self._count("candidates", keep)
+    self.counts["best_pred_iou"] = max(self.counts["best_pred_iou"], float(iou_preds[valid].max()))
+    self.counts["best_stability"] = max(self.counts["best_stability"], float(stability[valid].max()))
     if self.pred_iou_thresh > 0.0:
       keep &= iou_preds > self.pred_iou_thresh
+    self._count("pred_iou", keep)
     if self.stability_score_thresh > 0.0:
       keep &= stability >= self.stability_score_thresh
+    self._count("stability", keep)
     keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+    self._count("inside", keep)
+    if self.progress is not None:
+      self.progress(n)
     idx = np.flatnonzero(keep)
     kept_masks = np.asarray(binary[idx]) if len(idx) else np.zeros((0, *binary.shape[1:]), bool)
     kept_masks = uncrop_masks(kept_masks, crop_box, orig_h, orig_w)
@@ -368,6 +390,9 @@ class SamAutomaticMaskGenerator:
         "boxes": boxes[idx],
         "rles": mask_to_rle(kept_masks),
     }
+
+  def _count(self, key: str, keep: np.ndarray):
+    self.counts[key] = self.counts.get(key, 0) + int(keep.sum())
 
   @staticmethod
   def postprocess_small_regions(data: dict[str, Any], min_area: int, nms_thresh: float) -> dict[str, Any]:

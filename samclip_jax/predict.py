@@ -12,17 +12,16 @@ directory or a training workdir. The picture is written whole or not at all.
 """
 import argparse
 import os
+import re
 import sys
-import tempfile
 
 import numpy as np
 
-EXIT_USAGE = 2
+from samclip_jax import cli
+from samclip_jax.cli import EXIT_USAGE, UsageError
+
 EXIT_FAILURE = 1
-
-
-class UsageError(ValueError):
-  """Bad command-line input (prompt strings, files)."""
+GRID_SPACING = 32     # --everything default: a point every 32 px of the model input (SAM: 32x32 at 1024)
 
 
 def parse_points(text: str) -> np.ndarray:
@@ -80,12 +79,34 @@ def parse_boxes(text: str) -> np.ndarray:
 
 
 def parse_classes(text: str) -> list[str]:
+  from samclip_jax.clip_model import check_class_names
   names = [c.strip() for c in text.split(",") if c.strip()]
   if not names:
     raise UsageError("--classes: give comma-separated class names")
-  if len(set(names)) != len(names):
-    raise UsageError("--classes: class names repeat")
-  return names
+  try:
+    return check_class_names(names)
+  except ValueError as e:
+    raise UsageError(f"--classes: {e}") from None
+
+
+def default_points_per_side(h: int, w: int, model_size: int) -> int:
+  """--everything grid that suits the image: a point every GRID_SPACING px of the shorter side
+  as the model sees it (at most SAM's 32 a side; at least 4)."""
+  return int(np.clip(round(min(h, w, model_size) / GRID_SPACING), 4, 32))
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+  """["--points", "-5,10"] -> ["--points=-5,10"]: argparse takes "-5,10" for an option."""
+  out, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--") and "=" not in a and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
+      out.append(f"{a}={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(a)
+      i += 1
+  return out
 
 
 def _check_inside(coords: np.ndarray, h: int, w: int, what: str):
@@ -106,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--labels", help="'1,0' per point: 1 foreground (default), 0 background")
   p.add_argument("--boxes", help="'x0,y0,x1,y1;...' box prompts (one mask each)")
   p.add_argument("--everything", action="store_true", help="automatic mask generator")
-  p.add_argument("--points-per-side", type=int, default=32, help="--everything grid (default 32)")
+  p.add_argument("--points-per-side", type=int,
+                 help=f"--everything grid (default: a point every {GRID_SPACING} px of the image as the "
+                      "model sees it, 4 to 32 a side)")
   p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--everything: min predicted IoU")
   p.add_argument("--stability-score-thresh", type=float, default=0.95, help="--everything: min stability")
   p.add_argument("--templates", default="imagenet80", help="prompt template set for class names")
@@ -127,7 +150,7 @@ def run(args) -> str:
     raise UsageError("nothing to do: give --classes, --points / --boxes, or --everything")
   if not 0.0 <= args.alpha <= 1.0:
     raise UsageError("--alpha must be in [0, 1]")
-  if args.points_per_side < 1:
+  if args.points_per_side is not None and args.points_per_side < 1:
     raise UsageError("--points-per-side must be at least 1")
   out_ext = os.path.splitext(args.output)[1].lower()
   if out_ext not in (".png", ".jpg", ".jpeg"):
@@ -175,11 +198,15 @@ def run(args) -> str:
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, points=points,
                                   point_labels=labels, boxes=boxes, tags=tags)
   elif args.everything:
-    records = model.mask_generator(points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
-                                   stability_score_thresh=args.stability_score_thresh).generate(image)
+    side = args.points_per_side or default_points_per_side(h, w, model.config.sam.image_size)
+    progress = cli.Progress("everything", side * side, "points")
+    generator = model.mask_generator(points_per_side=side, pred_iou_thresh=args.pred_iou_thresh,
+                                     stability_score_thresh=args.stability_score_thresh, progress=progress.update)
+    records = generator.generate(image)
+    print(everything_summary(side, generator.counts, args), file=sys.stderr)
     masks = [r["segmentation"] for r in records]
     names = [n for n, _ in model.label_masks(image, masks, classes, args.templates)] if classes else None
-    pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, title=f"{len(masks)} masks")
+    pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, title=cli.plural(len(masks), "mask"))
   else:
     label_map = model.segment_semantic(image, classes, mode=args.mode, templates=args.templates)
     skip = [i for i, n in enumerate(classes) if n.lower() == "background"]
@@ -188,20 +215,26 @@ def run(args) -> str:
   return args.output
 
 
+def everything_summary(side: int, c: dict, args) -> str:
+  """Where --everything's candidate masks went, and what to lower when none is left."""
+  line = (f"[everything] {side}x{side} points -> {cli.plural(c['candidates'], 'candidate mask')}; "
+          f"predicted IoU > {args.pred_iou_thresh}: {c['pred_iou']} (best {c['best_pred_iou']:.2f}); "
+          f"stability >= {args.stability_score_thresh}: {c['stability']} (best {c['best_stability']:.2f}); "
+          f"after duplicate removal: {cli.plural(c['kept'], 'mask')}")
+  if c["kept"] == 0:
+    line += ("\n[everything] no mask passed the filters: lower --pred-iou-thresh / "
+             "--stability-score-thresh (SAM's defaults suit well-trained models)")
+  return line
+
+
 def _save_atomic(pic, path: str, ext: str):
-  fd, tmp = tempfile.mkstemp(prefix=".predict-", suffix=ext, dir=os.path.dirname(os.path.abspath(path)))
-  os.close(fd)
-  try:
+  with cli.atomic_write(path, suffix=ext, prefix=".predict-") as tmp:
     pic.save(tmp, format="PNG" if ext == ".png" else "JPEG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser().parse_args(join_negative_values(argv))
   from samclip_jax import api
   try:
     out = run(args)

@@ -171,6 +171,25 @@ def test_output_modes_and_small_regions():
     amg.SamAutomaticMaskGenerator(_FakePredictor(), points_per_side=None)
 
 
+def test_progress_and_filter_counts():
+  """What a user reads when masks are few: points done as they go, and what each filter kept."""
+  done = []
+  gen = amg.SamAutomaticMaskGenerator(_FakePredictor(), points_per_side=5, points_per_batch=10,
+                                      pred_iou_thresh=0.88, stability_score_thresh=0.8, progress=done.append)
+  recs = gen.generate(_scene())
+  assert done == [10, 10, 5]
+  c = gen.counts
+  assert c["candidates"] == 25 * 3 and c["kept"] == len(recs)
+  assert c["candidates"] > c["pred_iou"] >= c["stability"] >= c["inside"] >= c["kept"] > 0
+  # The generator's own thresholds, applied to everything it saw, give the same counts.
+  loose = amg.SamAutomaticMaskGenerator(_FakePredictor(), points_per_side=5, pred_iou_thresh=0.0,
+                                        stability_score_thresh=0.0, box_nms_thresh=1.0)
+  everything = loose.generate(_scene())
+  assert c["best_pred_iou"] == pytest.approx(max(r["predicted_iou"] for r in everything), abs=1e-6)
+  assert c["pred_iou"] == sum(r["predicted_iou"] > 0.88 for r in everything)
+  assert c["stability"] == sum(r["predicted_iou"] > 0.88 and r["stability_score"] >= 0.8 for r in everything)
+
+
 # -- the JAX SamPredictor (converted random-weight SAM) against segment_anything's generator --
 
 @pytest.fixture(scope="module")

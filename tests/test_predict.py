@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import eval_models
-from samclip_jax import predict
+from samclip_jax import cli, predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = "circle,rectangle,triangle,ellipse,star"
@@ -38,6 +38,7 @@ def _check_picture(env, out):
   assert pic.shape[0] >= h and pic.shape[1] > w
   assert np.abs(pic[:h, :w].astype(int) - src).max() > 0      # masks drawn over the image
   assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".predict-")]
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~cli._umask()   # not mkstemp's 0600
   return pic
 
 
@@ -82,6 +83,9 @@ def test_jpeg_output_and_workdir_checkpoint(env, tmp_path):
     ((), 2, "nothing to do"),
     (("--everything", "--points", "1,1"), 2, "--everything takes no"),
     (("--classes", " , "), 2, "class names"),
+    (("--classes", "cat,dog,Cat"), 2, "repeat: 'cat' and 'Cat'"),
+    (("--points", "-5,10"), 2, "--points fall outside"),          # a leading '-' is a value, not an option
+    (("--boxes", "-5,0,10,10"), 2, "--boxes fall outside"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_arguments(env, tmp_path, capsys, args, code, message):
   out = tmp_path / "out.png"
@@ -130,3 +134,22 @@ def test_prompts_need_no_text_tower(env, tmp_path, capsys):
   out = tmp_path / "out.png"
   assert _run(env, out, "--boxes", "20,30,200,220", checkpoint="samclip_no_text") == 0, capsys.readouterr().err
   _check_picture(env, str(out))
+
+
+def test_everything_progress_and_summary(env, tmp_path, capsys):
+  """--everything reports progress with an ETA and says where the candidate masks went."""
+  out = tmp_path / "out.png"
+  assert _run(env, out, "--everything", "--points-per-side", "12") == 0     # 144 points: 3 batches
+  err = capsys.readouterr().err
+  assert "[everything] 144/144 points" in err and "ETA" in err
+  summary = [line for line in err.splitlines() if "candidate masks" in line]
+  assert summary and summary[0].startswith("[everything] 12x12 points -> 432 candidate masks")
+  assert ("no mask passed the filters" in err) == summary[0].endswith(" 0 masks")
+
+
+def test_everything_default_grid():
+  """A point every 32 px of the image as the model sees it: SAM's 32x32 on big pictures only."""
+  assert predict.default_points_per_side(480, 640, 1024) == 15
+  assert predict.default_points_per_side(551, 624, 256) == 8
+  assert predict.default_points_per_side(3000, 4000, 1024) == 32
+  assert predict.default_points_per_side(60, 90, 1024) == 4
