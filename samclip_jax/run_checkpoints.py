@@ -3,7 +3,9 @@
 Every finished step directory gets a checksum record (sha256 of each file) in
 CHECKPOINTS/checksums/STEP.json. Restoring walks the steps newest first and takes the first
 one that verifies and loads with finite values; a corrupt, truncated or half-deleted step is
-reported (with the reason) and skipped, so a run resumes exactly from its newest good step.
+reported (with the reason) and moved to WORKDIR/unusable_checkpoints/, so a run resumes exactly
+from its newest good step. With checkpoints but no good one, the run refuses (starting over
+would overwrite them).
 """
 import hashlib
 import json
@@ -16,6 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 CHECKSUM_DIR = "checksums"
+UNUSABLE_DIR = "unusable_checkpoints"  # WORKDIR/: bad steps moved out of the way (kept, not deleted)
 
 
 def manager(workdir, config):
@@ -82,10 +85,12 @@ def verify(mngr, step) -> str | None:
   with open(path) as f:
     want = json.load(f)
   got = _file_digests(_step_dir(mngr, step))
-  bad = sorted(k for k in want if got.get(k) != want[k])
-  extra = sorted(set(got) - set(want))
-  if bad or extra:
-    return f"{len(bad)} file(s) differ from their checksum ({', '.join((bad + extra)[:3])}...)"
+  problems = ([f"{k} missing" for k in sorted(set(want) - set(got))]
+              + [f"{k} differs from its checksum" for k in sorted(want) if k in got and got[k] != want[k]]
+              + [f"{k} not in the checksum record" for k in sorted(set(got) - set(want))])
+  if problems:
+    more = ", ..." if len(problems) > 3 else ""
+    return f"{len(problems)} bad file(s): " + ", ".join(problems[:3]) + more
   return None
 
 
@@ -118,19 +123,51 @@ def _restore_step(mngr, step, abstract_state, iterators):
 
 
 def restore_latest(mngr, abstract_state, make_iterators, say=print):
-  """(step, state, iterators) from the newest good checkpoint, or (None, None, fresh iterators).
+  """(step, state, iterators) from the newest good checkpoint, or (None, None, fresh iterators)
+  when there is no checkpoint at all.
 
-  make_iterators() gives fresh iterators (a failed restore may leave them half-set).
+  Bad steps newer than the good one are moved to WORKDIR/unusable_checkpoints/ (the run saves
+  those steps again). Raises when there are checkpoints but none is good: starting over would
+  overwrite them. make_iterators() gives fresh iterators (a failed restore may leave them half-set).
   """
+  bad = []
   for step in sorted(mngr.all_steps(), reverse=True):
-    problem = verify(mngr, step)
     iterators = make_iterators()
-    if problem is None:
-      try:
-        return step, _restore_step(mngr, step, abstract_state, iterators), iterators
-      except Exception as e:  # noqa: BLE001 - any failure to load means: not a good checkpoint
-        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    try:
+      problem = verify(mngr, step)
+      if problem is None:
+        state = _restore_step(mngr, step, abstract_state, iterators)
+        _move_aside(mngr, bad, say)
+        return step, state, iterators
+    except Exception as e:  # noqa: BLE001 - any failure to verify or load means: not a good checkpoint
+      problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     msg = f"checkpoint step {step} in {_step_dir(mngr, step)} is unusable ({problem}); trying an older one"
     logging.warning(msg)
     say(msg)
+    bad.append(step)
+  if bad:
+    raise RuntimeError(f"no usable checkpoint in {mngr.directory} (steps {sorted(bad)}, see the "
+                       "messages above); they were left as they are. Fix the cause, or move that "
+                       "directory away to train from scratch.")
   return None, None, make_iterators()
+
+
+def _move_aside(mngr, steps, say):
+  """Moves unusable steps (and their checksum records) out of the checkpoint directory."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    aside = os.path.join(os.path.dirname(str(mngr.directory)), UNUSABLE_DIR)
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      dest, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(dest):  # the same step may go bad twice: keep both
+        dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+      os.replace(_step_dir(mngr, step), dest)
+      if os.path.exists(_record_path(mngr, step)):
+        os.replace(_record_path(mngr, step), dest + ".checksums.json")
+      say(f"moved unusable checkpoint step {step} to {dest}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("samclip_jax unusable checkpoints moved")
+  mngr.reload()  # its list of steps must not name the moved ones
