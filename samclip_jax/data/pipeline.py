@@ -56,6 +56,13 @@ class KeyedSource(grain.sources.RandomAccessDataSource):
     return int(index), self._source[index]
 
   def __repr__(self):
+    # grain checks this against the iterator state on restore. ArrayRecordDataSource's own
+    # repr hashes the absolute paths, so a workdir (with its sample) copied elsewhere could
+    # not resume: name the files and the record count instead.
+    paths = getattr(self._source, "paths", None)
+    if isinstance(self._source, grain.sources.ArrayRecordDataSource) and isinstance(paths, list):
+      names = [os.path.basename(p) for p in paths]  # data_source() gives a list of str paths
+      return f"KeyedSource(ArrayRecordDataSource(files={names}, num_records={len(self)}))"
     return f"KeyedSource({self._source!r})"
 
 
