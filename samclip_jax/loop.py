@@ -237,7 +237,8 @@ def _window_means(host_metrics):
 def validate_common(config) -> None:
   """The loop's own settings, checked before anything is built."""
   def positive(name, v):
-    if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+    # Finite in float32 too: 1e39 passes as a Python float but is inf in the optimizer.
+    if not (isinstance(v, (int, float)) and np.isfinite(v) and 0 < v <= float(np.finfo(np.float32).max)):
       raise ValueError(f"{name} must be a finite positive number, got {v!r}")
 
   if int(config.total_steps) <= 0:
