@@ -1,0 +1,291 @@
+"""The loop under faults (issue 12): non-finite updates, corrupt checkpoints, two runs on one
+workdir, a workdir moved elsewhere, a finished run rerun, bad configs. One straight tiny run
+(the CLIP-head probe: cheap to compile) is the reference every resumed run must equal bit
+for bit."""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import merge
+from samclip_jax import api, optim, train
+from samclip_jax.tasks import merge as merge_task
+from samclip_jax.models import samclip as sc
+from samclip_jax.workdir_lock import WorkdirBusy, WorkdirLock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 5
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """A shared embedded sample and a persistent compilation cache: every run below compiles
+  the same step once."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  root = tmp_path_factory.mktemp("faults")
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  cc.set_cache_dir(str(root / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cc.reset_cache()
+  yield {"root": root, "sample": str(root / "sample")}
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  cc.reset_cache()
+
+
+def tiny(env, **overrides):
+  """5 steps of the tiny probe, a checkpoint after each (all kept), no evaluation."""
+  c = merge.get_config("probe,tiny")
+  c.data.sample_dir = env["sample"]
+  c.total_steps, c.checkpoint_every_steps, c.max_checkpoints_to_keep = TOTAL, 1, TOTAL
+  c.eval_every_steps, c.log_every_steps = 0, TOTAL
+  for k, v in overrides.items():
+    node, *rest = k.split(".")
+    if rest:
+      c[node][rest[0]] = v
+    else:
+      c[k] = v
+  return c
+
+
+def run(cfg, workdir, **kw):
+  return train.train_and_evaluate(cfg, str(workdir), devices=jax.devices()[:1], **kw)
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, optim.merge_params(state.params, state.frozen))
+
+
+def _assert_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _all_finite(tree):
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def ref(env):
+  """The straight run: its workdir (never modified by the tests) and final state."""
+  workdir = str(env["root"] / "ref")
+  out = run(tiny(env), workdir)
+  assert out["step"] == TOTAL and _steps(workdir) == list(range(1, TOTAL + 1))
+  return {"workdir": workdir, "params": _params(out["state"]),
+          "opt_state": jax.device_get(out["state"].opt_state)}
+
+
+def _copy_unfinished(ref, dest):
+  """The reference workdir as if killed before its export: a rerun restores instead of
+  saying 'already finished'."""
+  shutil.copytree(ref["workdir"], dest)
+  shutil.rmtree(os.path.join(dest, "export"))
+  return str(dest)
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("key,value", [
+    ("learning_rate", float("nan")), ("learning_rate", float("inf")), ("learning_rate", 0.0),
+    ("learning_rate", -1e-3), ("learning_rate", 1e39),  # 1e39 is inf in float32
+    ("optim.b1", 1.0), ("optim.b1", -0.1), ("optim.b2", float("nan")),
+    ("clip_batch_size", -8), ("sam_batch_size", -2), ("stage", "bogus"),
+])
+def test_bad_config_is_refused_before_anything_runs(env, key, value):
+  with pytest.raises(ValueError, match=key.split(".")[-1]):
+    merge_task.validate_config(tiny(env, **{key: value}))
+
+
+# ----------------------------------------------------------------------------- non-finite updates
+def _poison_updates_from(monkeypatch, count):
+  """The optimizer's update turns NaN once its count reaches `count` (loss and gradient stay
+  finite): only the check of the *updated* state can catch it."""
+  real = optim.build_optimizer
+
+  def build(config, trainable, all_paths=None):
+    tx, schedule = real(config, trainable, all_paths)
+
+    def update(grads, state, params=None):
+      updates, new_state = tx.update(grads, state, params)
+      _, counts = zip(*optax.tree_utils.tree_get_all_with_path(state, "count"))
+      bad = counts[0] >= count
+      return jax.tree.map(lambda u: jnp.where(bad, jnp.nan, u), updates), new_state
+
+    return optax.GradientTransformation(tx.init, update), schedule
+
+  monkeypatch.setattr(optim, "build_optimizer", build)
+
+
+def test_nonfinite_update_stop_and_skip(env, ref, monkeypatch, capsys):
+  """stop: raises naming step 3, nothing after step 2 saved, and a rerun resumes and ends as
+  the straight run. skip: steps 3-5 change nothing but the counters, so every checkpoint
+  and the export hold step 2's state exactly."""
+  p2 = api.restore_workdir_params(ref["workdir"], 2)
+  _poison_updates_from(monkeypatch, count=2)  # the update of step 3 on
+  workdir = str(env["root"] / "nan_stop")
+  with pytest.raises(FloatingPointError, match="at step 3 "):
+    run(tiny(env), workdir)
+  assert _steps(workdir) == [1, 2]
+  _assert_equal(api.restore_workdir_params(workdir, 2), p2)
+
+  workdir = str(env["root"] / "nan_skip")
+  out = run(tiny(env, nan_policy="skip"), workdir)
+  assert out["step"] == TOTAL and int(out["state"].nonfinite) == 3
+  assert out["history"][-1]["nonfinite_steps"] == 3
+  for step in _steps(workdir):
+    params = api.restore_workdir_params(workdir, step)
+    assert _all_finite(params)
+    if step >= 2:
+      _assert_equal(params, p2)
+  _assert_equal(sc.load_samclip(os.path.join(workdir, "export"))[1], p2)
+
+  monkeypatch.undo()  # the fault is gone: the stopped run resumes from step 2 to the end
+  capsys.readouterr()
+  out = run(tiny(env), str(env["root"] / "nan_stop"))
+  assert "resumed from step 2" in capsys.readouterr().out
+  _assert_equal(_params(out["state"]), ref["params"])
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+def _flip_bytes(path, n=400):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    pos = np.random.default_rng(0).choice(len(data), size=min(n, len(data)), replace=False)
+    for p in pos:
+      data[p] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _largest_file(directory):
+  files = [os.path.join(r, n) for r, _, ns in os.walk(directory) for n in ns]
+  return max(files, key=os.path.getsize)
+
+
+def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(env, ref, capsys):
+  """Steps 5..2 each broken another way (2 and 3 also lost their checksum records, as after a
+  kill before recording): the rerun names each, resumes from step 1 and ends as the straight run."""
+  workdir = _copy_unfinished(ref, env["root"] / "corrupt")
+  ckpt = os.path.join(workdir, "checkpoints")
+  _flip_bytes(_largest_file(os.path.join(ckpt, "5", "state")))
+  _truncate(_largest_file(os.path.join(ckpt, "4", "state")))
+  os.remove(os.path.join(ckpt, "3", "state", "_METADATA"))
+  _truncate(os.path.join(ckpt, "2", "clip_iter", "process_0-of-1.json"))
+  for step in (2, 3):
+    os.remove(os.path.join(ckpt, "checksums", f"{step}.json"))
+  capsys.readouterr()
+  out = run(tiny(env), workdir)
+  said = capsys.readouterr().out
+  for step in (5, 4, 3, 2):
+    assert f"checkpoint step {step} in {os.path.join(ckpt, str(step))} is unusable" in said, said
+  assert "resumed from step 1 " in said, said
+  _assert_equal(_params(out["state"]), ref["params"])
+  _assert_equal(jax.device_get(out["state"].opt_state), ref["opt_state"])
+  # The broken steps are kept aside (named in the output), not deleted, and not reused.
+  aside = os.path.join(workdir, "unusable_checkpoints")
+  assert sorted(os.listdir(aside)) == ["2", "3", "4", "4.checksums.json", "5", "5.checksums.json"]
+  assert f"moved unusable checkpoint step 5 to {os.path.join(aside, '5')}" in said
+  assert _steps(workdir) == list(range(1, TOTAL + 1))
+
+
+def test_no_usable_checkpoint_is_refused_not_restarted(env, ref):
+  """Every checkpoint bad: starting over would overwrite them; the run refuses instead."""
+  workdir = _copy_unfinished(ref, env["root"] / "all_bad")
+  for step in _steps(workdir):
+    os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(RuntimeError, match="no usable checkpoint"):
+    run(tiny(env), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+# ----------------------------------------------------------------------------- moved workdir
+def test_workdir_copied_elsewhere_resumes(env, ref, capsys):
+  """The sample inside the workdir (its default place): stop at 2, copy, resume the copy."""
+  workdir = str(env["root"] / "moved_from")
+  shutil.copytree(env["sample"], os.path.join(workdir, "sample"))
+  run(tiny(env, **{"data.sample_dir": ""}), workdir, stop_at_step=2)
+  copy = str(env["root"] / "moved_to")
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(workdir)  # the original is gone: nothing may still point at it
+  capsys.readouterr()
+  out = run(tiny(env, **{"data.sample_dir": ""}), copy)
+  assert "resumed from step 2 " in capsys.readouterr().out
+  _assert_equal(_params(out["state"]), ref["params"])
+
+
+# ----------------------------------------------------------------------------- finished run
+def test_finished_run_rerun_changes_nothing(env, ref, capsys):
+  workdir = ref["workdir"]
+
+  def snapshot():
+    return {os.path.relpath(os.path.join(r, n), workdir): os.stat(os.path.join(r, n)).st_mtime_ns
+            for r, _, ns in os.walk(workdir) for n in ns if n != ".lock"}
+
+  before = snapshot()
+  capsys.readouterr()
+  out = run(tiny(env), workdir)
+  assert out["finished_before"] and f"already finished at step {TOTAL}" in capsys.readouterr().out
+  assert snapshot() == before  # no new event file, checkpoint or checksum; export untouched
+
+
+# ----------------------------------------------------------------------------- workdir lock
+_HOLD = ("import sys, time\nfrom samclip_jax.workdir_lock import WorkdirLock\n"
+         "with WorkdirLock(sys.argv[1]):\n  print('locked', flush=True)\n  time.sleep(120)\n")
+
+
+def test_second_run_on_a_workdir_is_refused(env, tmp_path):
+  """A run holding the workdir (this process, then another one) makes a second run refuse,
+  naming the holder, before it writes anything."""
+  workdir = str(tmp_path / "busy")
+  os.makedirs(workdir)
+  with WorkdirLock(workdir, say=lambda m: None):
+    with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()} "):
+      run(tiny(env), workdir)
+  assert os.listdir(workdir) == [".lock"]
+
+  proc = subprocess.Popen([sys.executable, "-c", _HOLD, workdir], cwd=REPO, stdout=subprocess.PIPE,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True)
+  try:
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(WorkdirBusy, match=f"pid {proc.pid} "):
+      run(tiny(env), workdir)
+    assert os.listdir(workdir) == [".lock"]
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
+
+  said = []  # the holder was killed: its lock is taken over, with a message naming it
+  with WorkdirLock(workdir, say=said.append):
+    pass
+  assert len(said) == 1 and f"pid {proc.pid} " in said[0] and "taking over" in said[0]
+
+
+def test_lock_file_of_a_dead_process_is_taken_over(tmp_path):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait(timeout=60)
+  with open(tmp_path / ".lock", "w") as f:
+    f.write(f"pid {dead.pid} on somehost")
+  said = []
+  with WorkdirLock(str(tmp_path), say=said.append):
+    with open(tmp_path / ".lock") as f:
+      assert f.read().startswith(f"pid {os.getpid()} ")
+  assert len(said) == 1 and f"pid {dead.pid} on somehost" in said[0]
+  with WorkdirLock(str(tmp_path), say=said.append):  # a clean exit leaves nothing to take over
+    pass
+  assert len(said) == 1
