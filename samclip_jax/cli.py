@@ -194,7 +194,9 @@ def run(main, doc: str):
   argv = sys.argv
   if any(a in HELP_ARGS for a in argv[1:]):
     try:
-      print(help_text(doc, argv))
+      print(help_text(doc, argv), flush=True)
+    except BrokenPipeError:   # `--help | head`: the reader left early, which is fine
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except UsageError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USAGE)

@@ -299,7 +299,8 @@ def cli():
   # Flags are defined here, not at import, so tests and other entry points can import run().
   flags.DEFINE_string("workdir", None, "Directory for the sample and the output.")
   config_flags.DEFINE_config_file("config", None, "configs/extract.py[:local]", lock_config=True)
-  app.run(main)
+  from samclip_jax.cli import run as run_entry_point   # --help exits 0 and lists the fields; quiet Orbax
+  run_entry_point(main, __doc__)
 
 
 if __name__ == "__main__":
