@@ -1,5 +1,16 @@
 """The fields every training task shares (loop, devices, optimizer): configs start from these."""
+import importlib.util
+import os
+
 import ml_collections
+
+TEACHERS_DIR = ("assets", "teachers")  # inside the samclip_jax package
+
+
+def shipped_teacher(name: str) -> str:
+  """Path of a teacher shipped in the package ("sam" or "clip"), found without importing it."""
+  package = importlib.util.find_spec("samclip_jax").submodule_search_locations[0]
+  return os.path.join(package, *TEACHERS_DIR, name)
 
 
 def loop_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -34,6 +34,8 @@ def _base() -> ml_collections.ConfigDict:
   c.warmup_steps = 2000  # linear warmup (paper silent; our choice), then cosine to end_lr_factor
   c.optim.groups = [("clip_head/.*", 1.0), ("image_encoder/.*|mask_decoder/.*", 0.1)]
   c.optim.frozen = ["prompt_encoder/.*"]  # no gradient, no optimizer state
+  # AdamW's decay pulls weights toward 0, not toward SAM: only the new CLIP head decays.
+  c.optim.no_decay = [".*pos_embed", ".*rel_pos_.*", "image_encoder/.*", "mask_decoder/.*"]
   c.lambda_sam = 10.0  # L = L_CLIP + lambda_sam * L_SAM (paper: 10)
   c.compute_dtype = "bfloat16"  # activations / matmuls; parameters and optimizer stay float32
 
@@ -45,7 +47,9 @@ def _base() -> ml_collections.ConfigDict:
   c.clip_resolutions = (224, 448)  # student's CLIP-batch resolutions, one per batch
   c.clip_teacher_image_size = 224  # teacher sees the view resized to this (0: same as student)
   c.sam_image_size = 1024  # SAM input side (student and teacher); pipeline frame is rescaled
-  c.sam_multimask = False  # distil the single-mask output (False) or all 3 multimask slots
+  c.sam_outputs = "all"  # distilled mask outputs: "all" (single + 3 multimask), "single", "multimask"
+  c.sam_iou_weight = 1.0  # weight of the IoU-head MSE to the teacher's IoU predictions in L_SAM
+  c.sam_soft_targets = False  # targets: binarised teacher masks (False, as the paper) or sigmoid(logits)
 
   # ---- loss and optimizer
   c.lambda_sam = 10.0  # L = L_CLIP + lambda_sam * L_SAM (paper: 10)
@@ -103,7 +107,9 @@ def _apply_stage(c, stage):
 
 
 def _apply_local(c):
-  """Tiny random teachers, the embedded sample, one CPU device: the whole merge in minutes."""
+  """The shipped world teachers, the embedded sample, one CPU device: the whole merge in minutes."""
+  c.sam_checkpoint = common.shipped_teacher("sam")  # pretrained on the world (configs/teachers.py)
+  c.clip_checkpoint = common.shipped_teacher("clip")
   c.total_steps = 60
   c.log_every_steps = 10
   c.eval_every_steps = 30
@@ -115,9 +121,10 @@ def _apply_local(c):
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.clip_batch_size = 8
   c.masks_per_image = 4
-  c.clip_resolutions = (224,) if c.stage == "distill" else (224, 448)
-  c.clip_teacher_image_size = 224
-  c.sam_image_size = 256
+  # The world's teachers work at 128 px (SAM: patch 8, a 16x16 embedding); stage 3 adds 256.
+  c.clip_resolutions = (128, 256) if c.stage == "resolution" else (128,)
+  c.clip_teacher_image_size = 128
+  c.sam_image_size = 128
   if c.stage == "distill":
     c.sam_batch_size = 2
   c.learning_rate = 1e-3 if c.stage == "distill" else 2e-3
@@ -127,7 +134,8 @@ def _apply_local(c):
 
 
 def _apply_tiny(c):
-  """Smaller still (64 px, 2 blocks of width 32): tests and CI smoke runs, seconds per step."""
+  """Random teachers smaller still (64 px, 2 blocks of width 32): tests and CI smoke runs."""
+  c.sam_checkpoint = c.clip_checkpoint = ""
   c.total_steps = 8
   c.log_every_steps = 2
   c.eval_every_steps = 4

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from samclip_jax import optim, run_checkpoints, sharding
+from samclip_jax import cli, optim, run_checkpoints, sharding
 from samclip_jax.workdir_lock import WorkdirLock
 
 NAN_POLICIES = ("stop", "skip")
@@ -217,13 +217,6 @@ def check_finite(metrics_host, step, policy):
   return True
 
 
-def _fmt_eta(seconds):
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h:d}:{m:02d}:{s:02d}"
-
-
 def _window_means(host_metrics):
   """A logging window's metrics: losses averaged, counters and LR at the window's end."""
   last = host_metrics[-1]
@@ -370,7 +363,7 @@ def _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_st
       writer.print(f"step {step}/{total} " + " ".join(parts) +
                    f" lr={mean['learning_rate']:.3g} {mean['images_per_sec']:.1f} img/s"
                    f" skipped={mean['nonfinite_steps']} eta "
-                   + (_fmt_eta(eta) if eta is not None else "(after compilation)"))
+                   + (cli.duration(eta) if eta is not None else "(after compilation)"))
       writer.scalars(step, mean, "train")
       history.append(dict(mean, step=step))
       final.update({f"train/{k}": v for k, v in mean.items()})

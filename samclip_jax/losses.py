@@ -57,14 +57,16 @@ def dice_loss_per_mask(logits, targets, smooth=1.0):
   return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
 
 
-def sam_distill_loss(student_logits, teacher_logits, valid=None):
+def sam_distill_loss(student_logits, teacher_logits, valid=None, soft: bool = False):
   """L_SAM = 20 * focal + 1 * dice per mask, averaged over valid prompts.
 
   student_logits, teacher_logits: [..., H, W] mask logits (e.g. [B, K, M, 4h, 4w]).
   valid: bool broadcastable to the leading axes (e.g. prompt_valid [B, K, 1]).
+  soft: targets sigmoid(teacher logits) instead of the binarised masks (logit > 0).
   Returns (loss, parts) with parts = {"focal", "dice"} (each averaged the same way).
   """
-  targets = jax.lax.stop_gradient(mask_targets(teacher_logits))
+  t = teacher_logits.astype(jnp.float32)
+  targets = jax.lax.stop_gradient(jax.nn.sigmoid(t) if soft else mask_targets(t))
   focal = focal_loss_per_mask(student_logits, targets)
   dice = dice_loss_per_mask(student_logits, targets)
   per_mask = FOCAL_WEIGHT * focal + DICE_WEIGHT * dice
@@ -81,6 +83,13 @@ def mask_iou(student_logits, teacher_logits, valid=None):
   # Two empty masks agree perfectly.
   iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
   return _masked_mean(iou, valid)
+
+
+def iou_head_loss(student_iou, teacher_iou, valid=None):
+  """MSE between the student's and the teacher's IoU predictions [..., M] (protects the
+  predicted IoU that multimask selection and the automatic mask generator rely on)."""
+  err = (student_iou.astype(jnp.float32) - jax.lax.stop_gradient(teacher_iou.astype(jnp.float32))) ** 2
+  return _masked_mean(err, valid)
 
 
 def total_loss(l_clip, l_sam, lambda_sam):

@@ -146,6 +146,19 @@ def caption(scene: dict) -> str:
   return "a photo of " + body
 
 
+def caption_variants(scene: dict) -> list[str]:
+  """Other true descriptions of a scene (training captions for CLIP): the largest shape with
+  and without its colour, all shapes without colours. The canonical caption comes first."""
+  out = [caption(scene)]
+  if scene["classes"]:
+    order = np.argsort([-m.sum() for m in scene["masks"]], kind="stable")[:3]
+    names = [CLASSES[scene["classes"][i] - 1] for i in order]
+    big = order[0]
+    out += [f"a photo of a {scene['colours'][big]} {names[0]}", f"a photo of a {names[0]}",
+            "a photo of " + " and ".join(f"a {n}" for n in names)]
+  return out
+
+
 def label(scene: dict) -> int:
   """Class index (0-based into CLASSES) of the largest visible shape, -1 if none."""
   if not scene["classes"]:
@@ -275,6 +288,9 @@ def ensure_sample(directory: str, **overrides) -> dict:
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700 whatever the umask: the user's umask decides
   try:
     t0 = time.time()
     _build(tmp, cfg)

@@ -39,6 +39,7 @@ class WorldSource(grain.sources.RandomAccessDataSource):
     h, w = scene["image"].shape[:2]
     return {"key": f"world_{self.split}_{int(index):07d}", "image": scene["image"],
             "height": h, "width": w, "caption": sample.caption(scene), "label": sample.label(scene),
+            "captions": sample.caption_variants(scene),
             "masks": records.encode_masks(scene["masks"]), "classes": list(scene["classes"])}
 
   def __repr__(self):  # grain checks it on restore: no paths, so a moved workdir resumes

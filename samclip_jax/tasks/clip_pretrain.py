@@ -34,10 +34,11 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
 
 
 class CaptionRender(grain.transforms.RandomMap):
-  """Record -> the whole image at `resolution` (random flip when training), caption tokens, label."""
+  """Record -> the whole image at `resolution`, caption tokens, label; `train` adds a random
+  flip and a random one of the scene's true captions."""
 
-  def __init__(self, resolution: int, context_length: int, flip: bool):
-    self.resolution, self.context_length, self.flip = resolution, context_length, flip
+  def __init__(self, resolution: int, context_length: int, train: bool):
+    self.resolution, self.context_length, self.flip = resolution, context_length, train
     self._tokenizer, self._tokens = None, {}  # captions repeat: tokenise each once
 
   def random_map(self, element, rng):
@@ -50,9 +51,13 @@ class CaptionRender(grain.transforms.RandomMap):
     h, w = transforms.image_size(rec["image"])
     flip = self.flip and bool(rng.integers(2))
     image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
-    if rec["caption"] not in self._tokens:
-      self._tokens[rec["caption"]] = self._tokenizer(rec["caption"])[0]
-    return {"image": image, "tokens": self._tokens[rec["caption"]],
+    # Training draws one of the scene's true captions (colour-free ones too, so class names
+    # alone mean something); evaluation keeps the canonical one.
+    variants = rec.get("captions") or [rec["caption"]]
+    text = variants[int(rng.integers(len(variants)))] if self.flip else rec["caption"]
+    if text not in self._tokens:
+      self._tokens[text] = self._tokenizer(text)[0]
+    return {"image": image, "tokens": self._tokens[text],
             "label": np.int32(rec.get("label", -1))}
 
 
@@ -81,7 +86,7 @@ class ClipPretrainTask:
     v, t = self.clip_config.vision, self.clip_config.text
     return (f"CLIP pretraining: image {v.image_size} px patch {v.patch_size} width {v.width} x {v.layers}, "
             f"text width {t.width} x {t.layers}, embed {self.clip_config.embed_dim}; mesh "
-            f"{dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+            f"{dict(self.mesh.shape)} on {self.mesh.devices.size} {jax.devices()[0].platform} device(s)")
 
   def abstract_state(self):
     params = nn.unbox(jax.eval_shape(lambda: init_variables(self.clip_config))["params"])
@@ -147,7 +152,7 @@ class ClipPretrainTask:
     cfg, nproc = self.config, jax.process_count()
     is_train = split == "train"
     source = pipeline.KeyedSource(pipeline.data_source(paths[f"clip_{split}"]))
-    ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, flip=is_train),
+    ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, train=is_train),
            grain.transforms.Batch(batch_size=cfg.clip_batch_size // nproc, drop_remainder=True)]
     return {"clip": pipeline.make_loader(
         source, ops, seed=cfg.seed if is_train else cfg.seed + 1, shard_index=jax.process_index(),

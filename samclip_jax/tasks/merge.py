@@ -24,6 +24,9 @@ from samclip_jax.models.samclip import SamClipConfig, SamClipNet
 from samclip_jax.tasks import common
 
 STAGES = ("distill", "probe", "resolution")
+# config.sam_outputs -> the mask decoder's multimask_output: every mask token (single first,
+# then the 3 multimask ones), the single one, or the 3 multimask ones.
+SAM_OUTPUTS = {"all": None, "single": False, "multimask": True}
 MODEL_CONFIG_FILE = "model_config.json"  # WORKDIR/: the model of the run (samclip_jax.api reads it)
 
 
@@ -33,6 +36,10 @@ def validate_config(config) -> None:
   common.validate_batches(config)
   if config.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
+  if config.sam_outputs not in SAM_OUTPUTS:
+    raise ValueError(f"sam_outputs must be one of {sorted(SAM_OUTPUTS)}, got {config.sam_outputs!r}")
+  if not (np.isfinite(config.sam_iou_weight) and config.sam_iou_weight >= 0):
+    raise ValueError(f"sam_iou_weight must be finite and >= 0, got {config.sam_iou_weight!r}")
   if config.compute_dtype not in common.DTYPES:
     raise ValueError(f"compute_dtype must be one of {sorted(common.DTYPES)}, got {config.compute_dtype!r}")
   if config.clip_batch_size == 0 and config.sam_batch_size == 0:
@@ -99,11 +106,11 @@ class MergeTask:
     if self.use_clip:
       names += ["clip_loss"]
     if self.use_sam:
-      names += ["sam_loss", "sam_focal", "sam_dice", "sam_iou"]
+      names += ["sam_loss", "sam_focal", "sam_dice", "sam_iou_mse", "sam_iou"]
     return names
 
   def describe(self) -> str:
-    return (f"merge stage {self.config.stage}: mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+    return (f"merge stage {self.config.stage}: mesh {dict(self.mesh.shape)} on {self.mesh.devices.size} "
             f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es); "
             f"{len(self.trainable_paths)} trainable / {len(self.frozen_paths)} frozen tensors")
 
@@ -175,16 +182,30 @@ class MergeTask:
     return jax.lax.stop_gradient(pooled.astype(jnp.float32))
 
   def sam_targets(self, teachers, images, coords, labels):
-    """Frozen SAM teacher's low-res mask logits for the same images and prompts.
+    """Frozen SAM teacher's low-res mask logits and IoU predictions (float32) for the prompts.
 
-    Multimask choice: targets are slot-aligned (student slot m learns teacher slot m for
-    the same prompt), so the ambiguity SAM's min-over-3 loss resolves against a single
-    ground-truth mask does not arise. By default (sam_multimask=False) both use the
-    single-mask output; sam_multimask=True distils the three multimask slots instead.
+    Targets are slot-aligned (student output m learns teacher output m for the same prompt),
+    so the ambiguity SAM's min-over-3 loss resolves against one ground-truth mask does not
+    arise. config.sam_outputs picks the outputs distilled (default "all": the single mask,
+    the 3 multimask ones and the IoU head, so predict(multimask_output=True) and the
+    automatic mask generator are protected from forgetting too).
     """
-    masks, _ = self.sam_teacher.apply({"params": teachers["sam"]}, images, coords, labels,
-                                      multimask_output=self.config.sam_multimask)
-    return jax.lax.stop_gradient(masks.astype(jnp.float32))
+    masks, iou = self.sam_teacher.apply({"params": teachers["sam"]}, images, coords, labels,
+                                        multimask_output=SAM_OUTPUTS[self.config.sam_outputs])
+    return jax.lax.stop_gradient(masks.astype(jnp.float32)), jax.lax.stop_gradient(iou.astype(jnp.float32))
+
+  def student_sam(self, params, images, coords, labels):
+    masks, iou = self.student.apply({"params": params}, images, coords, labels,
+                                    multimask_output=SAM_OUTPUTS[self.config.sam_outputs],
+                                    method=SamClipNet.sam_masks)
+    return masks.astype(jnp.float32), iou.astype(jnp.float32)
+
+  def sam_distill(self, masks, iou, target, target_iou, valid):
+    """L_SAM (focal + dice on every distilled mask, + sam_iou_weight * IoU-head MSE) and its parts."""
+    cfg = self.config
+    loss, parts = losses.sam_distill_loss(masks, target, valid[..., None], soft=cfg.sam_soft_targets)
+    iou_loss = losses.iou_head_loss(iou, target_iou, valid[..., None])
+    return loss + cfg.sam_iou_weight * iou_loss, dict(parts, iou_mse=iou_loss)
 
   def micro_grads(self, trainable, frozen, teachers, batches):
     """Gradients (trainable tree) and metrics of one (micro-)batch: CLIP fwd/bwd, then SAM's."""
@@ -207,20 +228,18 @@ class MergeTask:
       total = total + loss
     if "sam" in batches:
       images, coords, labels, valid = common.sam_inputs(self.config, batches["sam"])
-      target = self.sam_targets(teachers, images, coords, labels)
+      target, target_iou = self.sam_targets(teachers, images, coords, labels)
 
       def sam_loss(tp):
-        params = optim.merge_params(tp, frozen)
-        masks, _ = student.apply({"params": params}, images, coords, labels,
-                                 multimask_output=self.config.sam_multimask, method=SamClipNet.sam_masks)
-        masks = masks.astype(jnp.float32)
-        loss, parts = losses.sam_distill_loss(masks, target, valid[..., None])
+        masks, iou_pred = self.student_sam(optim.merge_params(tp, frozen), images, coords, labels)
+        loss, parts = self.sam_distill(masks, iou_pred, target, target_iou, valid)
         iou = losses.mask_iou(masks, target, valid[..., None])
         return lam * loss, (loss, parts, iou)
 
       (_, (loss, parts, iou)), g = jax.value_and_grad(sam_loss, has_aux=True)(trainable)
       grads = jax.tree.map(jnp.add, grads, g)
-      metrics.update(sam_loss=loss, sam_focal=parts["focal"], sam_dice=parts["dice"], sam_iou=iou)
+      metrics.update(sam_loss=loss, sam_focal=parts["focal"], sam_dice=parts["dice"],
+                     sam_iou_mse=parts["iou_mse"], sam_iou=iou)
       total = total + lam * loss
     metrics["total_loss"] = jnp.asarray(total, jnp.float32)
     return grads, metrics
@@ -236,11 +255,10 @@ class MergeTask:
       out["clip_cosine"] = jnp.mean(losses.cosine_similarity(pooled, target))
     if "sam" in batches:
       images, coords, labels, valid = common.sam_inputs(self.config, batches["sam"])
-      target = self.sam_targets(teachers, images, coords, labels)
-      masks, _ = self.student.apply({"params": params}, images, coords, labels,
-                                    multimask_output=self.config.sam_multimask, method=SamClipNet.sam_masks)
+      target, target_iou = self.sam_targets(teachers, images, coords, labels)
+      masks, iou_pred = self.student_sam(params, images, coords, labels)
       out["sam_iou"] = losses.mask_iou(masks, target, valid[..., None])
-      out["sam_loss"] = losses.sam_distill_loss(masks, target, valid[..., None])[0]
+      out["sam_loss"] = self.sam_distill(masks, iou_pred, target, target_iou, valid)[0]
     return out
 
   # ---------------------------------------------------------------- data
@@ -386,7 +404,9 @@ def create(config, devices=None) -> MergeTask:
       raise ValueError(f"init_from={config.init_from} holds a model of config {init_cfg}, "
                        f"but this run builds {model_cfg}")
   student = SamClipNet(model_cfg, dtype=dtype, remat=config.remat)
-  sam_teacher = Sam(sam_cfg, dtype=dtype) if config.sam_batch_size > 0 else None
+  # The SAM teacher runs in float32: bf16 rounding flips the sign of logits near 0, i.e. the
+  # binarised targets' boundary pixels.
+  sam_teacher = Sam(sam_cfg, dtype=jnp.float32) if config.sam_batch_size > 0 else None
   clip_teacher = VisionTransformer(clip_cfg.vision, clip_cfg.embed_dim, clip_cfg.quick_gelu, dtype)
 
   abstract_student = jax.eval_shape(functools.partial(samclip_lib.init_params, model_cfg),

@@ -92,7 +92,7 @@ class SamPretrainTask:
   def describe(self):
     enc = self.sam_config.image_encoder
     return (f"SAM pretraining: {self.sam_config.image_size} px, encoder dim {enc.embed_dim} depth "
-            f"{enc.depth} patch {enc.patch_size}; mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+            f"{enc.depth} patch {enc.patch_size}; mesh {dict(self.mesh.shape)} on {self.mesh.devices.size} "
             f"{jax.devices()[0].platform} device(s)")
 
   def abstract_state(self):

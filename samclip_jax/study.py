@@ -1,0 +1,213 @@
+"""The merge study: teachers, head probing, distillation without and with rehearsal, SAM-CLIP,
+weight averaging and a lambda sweep, side by side on held-out world scenes.
+
+  python -m samclip_jax.study --config=configs/study.py:local --workdir=DIR
+
+Each stage is a real merge run (configs/merge.py, the one loop, its export) in DIR/runs/NAME,
+chained through init_from; each variant's metrics (samclip_jax.world_eval) are kept in
+DIR/variants/NAME.json, so a rerun skips what is finished. Writes DIR/study.json
+({"variants": {NAME: {METRIC: value}}}), DIR/study.md and DIR/study.png (SAM metric against
+CLIP metric per variant, as the paper's figure 1).
+"""
+import json
+import os
+import time
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from samclip_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Study config (configs/study.py:local).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Runs, per-variant metrics, study.json/.md/.png go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+METRICS = ("box_miou", "point_miou", "top1", "retrieval_r1", "semseg_miou_clip", "semseg_miou_clip_sam")
+
+
+class Study:
+  """Runs and measures the variants of `config` in `workdir` (resumable)."""
+
+  def __init__(self, config, workdir, devices=None, say=print):
+    self.config, self.workdir, self.devices, self.say = config, os.path.abspath(workdir), devices, say
+    os.makedirs(os.path.join(self.workdir, "variants"), exist_ok=True)
+
+  # ---------------------------------------------------------------- runs
+  def merge_config(self, stage, steps, **overrides):
+    from configs import merge
+    c = merge.get_config(f"{stage},{self.config.merge}")
+    c.total_steps = int(steps)
+    c.eval_every_steps = 0  # the study measures exports with world_eval instead
+    c.checkpoint_every_steps = max(int(steps), 1)
+    c.warmup_steps = min(c.warmup_steps, max(int(steps) - 1, 0))
+    for key, value in overrides.items():
+      c[key] = value
+    return c
+
+  def run(self, name, stage, steps, **overrides) -> str:
+    """Runs (or finds finished) the merge run NAME; returns its export directory."""
+    from samclip_jax import train
+    workdir = os.path.join(self.workdir, "runs", name)
+    export = os.path.join(workdir, "export")
+    if not os.path.isdir(export):
+      t0 = time.time()
+      self.say(f"[study] run {name}: stage {stage}, {steps} steps")
+      train.train_and_evaluate(self.merge_config(stage, steps, **overrides), workdir, devices=self.devices)
+      self.say(f"[study] run {name} done in {time.time() - t0:.0f} s")
+    return export
+
+  def probe(self):
+    return self.run("probe", "probe", self.config.probe_steps)
+
+  def distill(self, lam):
+    return self.run(f"distill_lambda{lam:g}", "distill", self.config.distill_steps,
+                    init_from=self.probe(), lambda_sam=float(lam))
+
+  def no_rehearsal(self):
+    # Stage 2 without L_SAM: same steps, backbone trainable, no SAM batch.
+    return self.run("no_rehearsal", "distill", self.config.distill_steps, init_from=self.probe(),
+                    sam_batch_size=0, lambda_sam=0.0)
+
+  def samclip(self):
+    return self.run("samclip", "resolution", self.config.resolution_steps, init_from=self.distill(10.0))
+
+  def weight_average(self):
+    """Wise-FT: alpha * no_rehearsal + (1 - alpha) * SAM for the backbone and SAM head."""
+    from samclip_jax.models import samclip as sc
+    out = os.path.join(self.workdir, "runs", "weight_average")
+    if os.path.isdir(out):
+      return out
+    cfg, tuned = sc.load_samclip(self.no_rehearsal())
+    _, base = sc.load_samclip(self.probe())  # stage 1 froze the SAM parts: they are SAM's
+    a = float(self.config.wise_alpha)
+    mixed = dict(tuned)
+    for part in ("image_encoder", "mask_decoder"):
+      mixed[part] = _mix(tuned[part], base[part], a)
+    sc.save_samclip(out, cfg, mixed, {"stage": "weight_average", "wise_alpha": a,
+                                      **_text_facts(self.no_rehearsal())})
+    return out
+
+  # ---------------------------------------------------------------- measurements
+  def measure(self, name, path, parts=("sam", "clip", "semseg")) -> dict:
+    """Metrics of variant NAME (cached in DIR/variants/NAME.json)."""
+    cached = os.path.join(self.workdir, "variants", name + ".json")
+    if os.path.isfile(cached):
+      with open(cached) as f:
+        return json.load(f)
+    from samclip_jax import world_eval
+    c = self.config
+    t0 = time.time()
+    values = world_eval.evaluate_model(path, c.eval_scenes, c.scene_side, c.semseg_scenes, parts=parts)
+    self.say(f"[study] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in values.items()
+                                            if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)")
+    with cli.atomic_write(cached) as tmp, open(tmp, "w") as f:
+      json.dump(values, f, indent=2)
+    return values
+
+  def variant(self, name) -> dict:
+    merge_cfg = self.merge_config("distill", 1)
+    if name == "sam_teacher":
+      # A random-teacher study (:tiny) has no SAM dir: stage 1 keeps SAM's weights frozen.
+      return self.measure(name, merge_cfg.sam_checkpoint or self.probe(), parts=("sam",))
+    if name == "clip_teacher":
+      path = merge_cfg.clip_checkpoint or os.path.join(self.workdir, "runs", "probe", "text_model")
+      self.probe()
+      return self.measure(name, path)
+    if name == "head_probe":
+      return self.measure(name, self.probe())
+    if name == "no_rehearsal":
+      return self.measure(name, self.no_rehearsal())
+    if name == "samclip":
+      return self.measure(name, self.samclip())
+    if name == "weight_average":
+      return self.measure(name, self.weight_average())
+    if name.startswith("samclip_lambda"):
+      return self.measure(name, self.distill(float(name[len("samclip_lambda"):])))
+    raise ValueError(f"unknown study variant {name!r}")
+
+  def names(self):
+    return list(self.config.variants) + [f"samclip_lambda{lam:g}" for lam in self.config.lambda_sweep]
+
+  def run_all(self) -> dict:
+    results = {}
+    names = self.names()
+    progress = cli.Progress("study", len(names), "variants")
+    for name in names:
+      results[name] = self.variant(name)
+      progress.update(1)
+    self.write(results)
+    return results
+
+  # ---------------------------------------------------------------- report
+  def write(self, results):
+    with cli.atomic_write(os.path.join(self.workdir, "study.json")) as tmp, open(tmp, "w") as f:
+      json.dump({"variants": results, "config": self.config.to_dict()}, f, indent=2)
+    with cli.atomic_write(os.path.join(self.workdir, "study.md")) as tmp, open(tmp, "w") as f:
+      f.write(table(results))
+    with cli.atomic_write(os.path.join(self.workdir, "study.png"), suffix=".png") as tmp:
+      plot(results).save(tmp, format="PNG")
+
+
+def _mix(a, b, alpha):
+  import jax
+  return jax.tree.map(lambda x, y: (alpha * np.asarray(x, np.float32) + (1 - alpha) * np.asarray(y, np.float32)), a, b)
+
+
+def _text_facts(export):
+  """The text tower a merged export names (so the averaged model classifies like its parent)."""
+  from samclip_jax import checkpoint
+  meta = checkpoint.load_config(export)
+  out = {k: meta[k] for k in ("clip_checkpoint", "clip_teacher_config") if k in meta}
+  text = os.path.join(export, "text_model")
+  if os.path.isdir(text):
+    out["text_model"] = text
+  return out
+
+
+def table(results) -> str:
+  """The study as a markdown table (— where a variant cannot compute a metric)."""
+  rows = ["| variant | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+  for name, m in results.items():
+    rows.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" if k in m else "—" for k in METRICS) + " |")
+  return "\n".join(rows) + "\n"
+
+
+def plot(results, x_key="top1", y_key="box_miou"):
+  """SAM metric (box mIoU) against CLIP metric (zero-shot top-1) per variant, as a PIL image."""
+  from PIL import Image, ImageDraw
+  from samclip_jax.visualize import _font, palette
+  w, h, m = 640, 480, 60
+  img = Image.new("RGB", (w, h), "white")
+  d = ImageDraw.Draw(img)
+  font = _font(13)
+  to_xy = lambda x, y: (m + x * (w - 2 * m), h - m - y * (h - 2 * m))
+  d.rectangle([m, m, w - m, h - m], outline="black")
+  for t in np.linspace(0, 1, 6):
+    x, _ = to_xy(t, 0)
+    _, y = to_xy(0, t)
+    d.line([x, h - m, x, h - m + 5], fill="black")
+    d.text((x - 10, h - m + 8), f"{t:.1f}", fill="black", font=font)
+    d.line([m - 5, y, m, y], fill="black")
+    d.text((m - 35, y - 7), f"{t:.1f}", fill="black", font=font)
+  d.text((w // 2 - 90, h - 25), f"{x_key} (zero-shot, CLIP)", fill="black", font=font)
+  d.text((8, 20), f"{y_key} (box prompts, SAM)", fill="black", font=font)
+  points = [(n, r.get(x_key, 0.0), r[y_key]) for n, r in results.items() if y_key in r]
+  colours = palette(max(len(points), 1))
+  for (name, x, y), c in zip(points, colours):
+    px, py = to_xy(x, y)
+    d.ellipse([px - 6, py - 6, px + 6, py + 6], fill=c, outline="black")
+    d.text((px + 9, py - 8), name, fill="black", font=font)
+  return img
+
+
+def main(argv):
+  del argv
+  results = Study(FLAGS.config, FLAGS.workdir).run_all()
+  print(table(results))
+  print(f"wrote {os.path.join(os.path.abspath(FLAGS.workdir), 'study.json')}, study.md, study.png")
+
+
+if __name__ == "__main__":
+  cli.run(main, __doc__)
