@@ -33,8 +33,8 @@ setup(
     extras_require={
         # References for parity tests and the converters' readers; never imported by the library.
         "test": [
-            "torch==2.14.1",
-            "torchvision==0.29.1",
+            "torch==2.13.0",  # with PyPI's torchvision 0.28.0: see README, Install
+            "torchvision==0.28.0",
             "segment-anything==1.0",
             "open_clip_torch==3.3.0",
             "pytest",
