@@ -47,6 +47,7 @@ def _base() -> ml_collections.ConfigDict:
   c.clip_resolutions = (224, 448)  # student's CLIP-batch resolutions, one per batch
   c.clip_teacher_image_size = 224  # teacher sees the view resized to this (0: same as student)
   c.sam_image_size = 1024  # SAM input side (student and teacher); pipeline frame is rescaled
+  c.inference_resolution = 0  # CLIP-head input size the exported model's API uses; 0: the paper's (336/448)
   c.sam_outputs = "all"  # distilled mask outputs: "all" (single + 3 multimask), "single", "multimask"
   c.sam_iou_weight = 1.0  # weight of the IoU-head MSE to the teacher's IoU predictions in L_SAM
   c.sam_soft_targets = False  # targets: binarised teacher masks (False, as the paper) or sigmoid(logits)
@@ -125,6 +126,7 @@ def _apply_local(c):
   c.clip_resolutions = (128, 256) if c.stage == "resolution" else (128,)
   c.clip_teacher_image_size = 128
   c.sam_image_size = 128
+  c.inference_resolution = 128
   if c.stage == "distill":
     c.sam_batch_size = 2
   c.learning_rate = 1e-3 if c.stage == "distill" else 2e-3
@@ -136,6 +138,7 @@ def _apply_local(c):
 def _apply_tiny(c):
   """Random teachers smaller still (64 px, 2 blocks of width 32): tests and CI smoke runs."""
   c.sam_checkpoint = c.clip_checkpoint = ""
+  c.inference_resolution = 64
   c.total_steps = 8
   c.log_every_steps = 2
   c.eval_every_steps = 4

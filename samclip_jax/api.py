@@ -255,12 +255,18 @@ def _decode(cfg, params, emb, coords, labels, mask_input):
 class SamClip:
   """Merged SAM-CLIP model: CLIP head (classification, semantic segmentation) + SAM head."""
 
-  def __init__(self, config: SamClipConfig, params, text_model=None, dtype=jnp.float32):
+  def __init__(self, config: SamClipConfig, params, text_model=None, dtype=jnp.float32,
+               resolution: int | None = None):
     dim = getattr(getattr(text_model, "config", None), "embed_dim", None)
     if dim is not None and dim != config.out_dim:
       raise ValueError(f"the text model embeds into {dim} dims but this SamClip's CLIP head into "
                        f"{config.out_dim}: it is not the teacher this model was distilled from")
     self.config = config
+    # CLIP-head input sizes when a call names none: the paper's (336 classification, 448
+    # segmentation), or the one resolution a model was trained for (its config.json's
+    # "inference_resolution", e.g. 128 for the embedded world's models).
+    self.classify_resolution = resolution or CLASSIFY_RESOLUTION
+    self.segment_resolution = resolution or CLIP_RESOLUTION
     self.params = jax.device_put(nn.unbox(params))
     self.text_model = text_model       # a ClipModel (frozen teacher) or None
     self.module = SamClipNet(config, dtype=dtype)
@@ -294,7 +300,7 @@ class SamClip:
       text_model = _text_model_path(where["base"], meta)
     if isinstance(text_model, str):
       text_model = ClipModel.from_checkpoint(text_model)
-    return cls(config, params, text_model, dtype=dtype)
+    return cls(config, params, text_model, dtype=dtype, resolution=meta.get("inference_resolution"))
 
   # -------------------------------------------------------------- text side
   def _require_text(self):
@@ -327,23 +333,25 @@ class SamClip:
     CLIP-head embeddings [B,D], or per-patch ones [B,R/16,R/16,D] when dense."""
     return (self._patches if dense else self._pooled)(self.params, images_uint8)
 
-  def encode_image(self, images, resolution: int = CLASSIFY_RESOLUTION) -> jax.Array:
+  def encode_image(self, images, resolution: int | None = None) -> jax.Array:
     """Raw images (one, or a list) -> unit pooled CLIP-head embeddings [N,D] (shorter side
     resized to `resolution`, center crop, as open_clip's eval transform)."""
     if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
       images = [images]
+    resolution = resolution or self.classify_resolution
     return self.encode_pixels(np.stack([resize_center_crop(as_rgb_uint8(im), resolution) for im in images]))
 
   def classify(self, image, class_names: Sequence[str], templates="imagenet80",
-               resolution: int = CLASSIFY_RESOLUTION) -> list[tuple[str, float]]:
+               resolution: int | None = None) -> list[tuple[str, float]]:
     """[(class name, probability)], most likely first (softmax over the given classes)."""
     classifier = self.text_classifier(class_names, templates)
     emb = self.encode_image(image, resolution)
     return ranked(list(class_names), jax.nn.softmax(self.logit_scale * emb @ classifier.T, axis=-1)[0])
 
   def semantic_logits(self, image, class_names: Sequence[str], templates="imagenet80",
-                      resolution: int = CLIP_RESOLUTION) -> np.ndarray:
+                      resolution: int | None = None) -> np.ndarray:
     """CLIP head alone: per-class logits [C,H,W] at the image size (bilinear from the patches)."""
+    resolution = resolution or self.segment_resolution
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]
     classifier = self.text_classifier(class_names, templates)
@@ -354,7 +362,7 @@ class SamClip:
   def segment_semantic(self, image, class_names: Sequence[str], mode: str = "clip",
                        templates="imagenet80", threshold: float = 0.5, points_per_class: int = 3,
                        prompt_grid: int | None = 32, seed: int = 0,
-                       resolution: int = CLIP_RESOLUTION) -> np.ndarray:
+                       resolution: int | None = None) -> np.ndarray:
     """Label map [H,W] (int32 indices into class_names).
 
     mode="clip": the image squashed to 448x448 (`resolution`), 28x28 patch embeddings vs the class text

@@ -331,7 +331,8 @@ class MergeTask:
     path = lambda p: os.path.abspath(p) if p else ""
     return {"stage": self.config.stage, "clip_checkpoint": path(self.config.clip_checkpoint),
             "sam_checkpoint": path(self.config.sam_checkpoint),
-            "clip_teacher_config": self.clip_config.to_dict()}
+            "clip_teacher_config": self.clip_config.to_dict(),
+            "inference_resolution": int(self.config.inference_resolution) or None}
 
   def prepare_workdir(self, workdir: str) -> None:
     """WORKDIR/model_config.json (the model the checkpoints hold, read by samclip_jax.api to
