@@ -420,21 +420,26 @@ def test_killed_parallel_prepare_leaves_no_workers(tmp_path):
       [sys.executable, "-m", "samclip_jax.data.prepare", "--source", "folder", "--input",
        str(src), "--output", str(tmp_path / "out"), "--shard-size", "1", "--workers", "2"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _kill_and_expect_workers_gone(proc, 2)
+
+
+def _kill_and_expect_workers_gone(proc, num_workers):
+  """SIGKILLs `proc` once it has `num_workers` children; they must exit within 10 s."""
   workers = []
   alive = lambda: [w for w in workers if (_proc_stat(w) or (0, "Z"))[1] not in "ZX"]  # noqa: E731
   try:
-    deadline = time.time() + 30
-    while len(workers) < 2 and time.time() < deadline:
+    deadline = time.time() + 60
+    while len(workers) < num_workers and time.time() < deadline and proc.poll() is None:
       workers = [int(p) for p in os.listdir("/proc")
                  if p.isdigit() and (_proc_stat(p) or (0,))[0] == proc.pid]
       time.sleep(0.05)
-    assert len(workers) == 2, "prepare did not start its 2 workers"
+    assert len(workers) >= num_workers, f"the job did not start its {num_workers} workers"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     deadline = time.time() + 10
     while alive() and time.time() < deadline:
       time.sleep(0.05)
-    assert not alive(), "workers outlived the killed prepare"
+    assert not alive(), "workers outlived the killed job"
   finally:
     for pid in [proc.pid] + alive():
       try:
@@ -442,3 +447,17 @@ def test_killed_parallel_prepare_leaves_no_workers(tmp_path):
       except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def test_killed_training_loader_leaves_no_grain_workers(tmp_path):
+  """A training job killed mid-run (SIGKILL, OOM) must not leave grain workers spinning."""
+  if not os.path.isdir("/proc/self"):
+    pytest.skip("needs /proc")
+  script = ("from absl import flags; flags.FLAGS.mark_as_parsed()\n"
+            "import time\nfrom samclip_jax.data import pipeline\n"
+            "it = iter(pipeline.sam_loader('world:train:1000:64', batch_size=2, masks_per_image=2,"
+            " points_per_prompt=3, seed=0, image_size=64, worker_count=1))\n"
+            "next(it)\ntime.sleep(600)\n")
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
+  _kill_and_expect_workers_gone(proc, 1)

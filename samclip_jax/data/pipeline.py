@@ -20,13 +20,14 @@ Checkpointing: `iter(loader)` is a grain DataLoaderIterator with get_state()/set
 save it in Orbax with `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`
 and restore with `grain.checkpoint.CheckpointRestore(it)` (see save_args/restore_args).
 """
+import multiprocessing
 import os
 from typing import Sequence
 
 import grain
 import numpy as np
 
-from samclip_jax.data import prompts, records, teacher_store, transforms, world
+from samclip_jax.data import prompts, records, teacher_store, transforms, workers, world
 from samclip_jax.data.teacher_store import TeacherStore
 
 SAM_IMAGE_SIZE = 1024
@@ -53,6 +54,8 @@ class KeyedSource(grain.sources.RandomAccessDataSource):
     return len(self._source)
 
   def __getitem__(self, index):
+    if multiprocessing.parent_process() is not None:  # a grain worker: end with the job
+      workers.exit_with_parent()
     return int(index), self._source[index]
 
   def __repr__(self):

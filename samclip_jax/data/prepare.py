@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from samclip_jax.data import records, transforms
+from samclip_jax.data.workers import exit_with_parent
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SIDECAR_EXTS = {".txt", ".json"}
@@ -481,19 +482,6 @@ def _remove_stale(output, split_files) -> list[str]:
   return stale
 
 
-def _exit_with_parent():
-  """Worker initializer: exits once its parent is gone. A killed prepare otherwise leaves its
-  workers blocked on the task queue forever (they hold its write end themselves)."""
-  parent = os.getppid()
-
-  def watch():
-    while os.getppid() == parent:
-      time.sleep(0.5)
-    os._exit(1)
-
-  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
 def _unique_keys(items):
   """(items with the first of each key, skips for the others): keys identify records."""
   seen, unique, skipped = set(), [], []
@@ -572,7 +560,7 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
         f"{done}/{total} inputs, {rate:.1f} inputs/s, ETA {eta:.0f}s")
 
   if workers > 0:
-    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_exit_with_parent) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, initializer=exit_with_parent) as pool:
       futures = [pool.submit(write_one_shard, source, *job[1:]) for job in jobs]
       for fut in concurrent.futures.as_completed(futures):
         finish(*fut.result())
