@@ -114,7 +114,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     if suppressed[i]:
       continue
     keep.append(i)
-    suppressed |= iou[i] > iou_threshold
+    # In double, as torchvision compares: a float32 IoU equal to a threshold like 1/3 after
+    # rounding would otherwise suppress what torchvision keeps.
+    suppressed |= iou[i].astype(np.float64) > float(iou_threshold)
   return order[np.array(keep, np.int64)]
 
 

@@ -53,6 +53,15 @@ def test_nms_matches_torchvision(seed):
   np.testing.assert_array_equal(amg.nms(boxes, scores, 0.3), ref1)
 
 
+def test_nms_threshold_compared_in_double():
+  """IoU 1/3 exactly, threshold 1/3: torchvision keeps both boxes (float32 rounding must not suppress)."""
+  from torchvision.ops import nms
+  boxes = np.array([[0, 0, 2, 1], [1, 0, 3, 1]], np.float32)
+  scores = np.array([0.9, 0.8], np.float32)
+  ref = nms(torch.from_numpy(boxes), torch.from_numpy(scores), 1 / 3).numpy()
+  np.testing.assert_array_equal(amg.nms(boxes, scores, 1 / 3), ref)
+
+
 def test_remove_small_regions_by_hand():
   m = np.zeros((10, 10), bool)
   m[1:8, 1:8] = True
