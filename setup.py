@@ -7,7 +7,8 @@ setup(
     description="SAM-CLIP: merge CLIP into SAM by multi-task distillation, in JAX/Flax.",
     python_requires=">=3.11",
     packages=find_packages(include=["samclip_jax", "samclip_jax.*", "convert", "configs", "configs.*"]),
-    package_data={"samclip_jax": ["assets/*"]},  # the CLIP BPE vocabulary
+    # The CLIP BPE vocabulary and the embedded world's pretrained teachers (model directories).
+    package_data={"samclip_jax": ["assets/*", "assets/teachers/**/*"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

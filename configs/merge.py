@@ -124,7 +124,7 @@ def _apply_local(c):
   c.masks_per_image = 4
   # The world's teachers work at 128 px (SAM: patch 8, a 16x16 embedding); stage 3 adds 256.
   c.clip_resolutions = (128, 256) if c.stage == "resolution" else (128,)
-  c.clip_teacher_image_size = 128
+  c.clip_teacher_image_size = 96  # the world CLIP's native size (configs/teachers.py)
   c.sam_image_size = 128
   c.inference_resolution = 128
   if c.stage == "distill":

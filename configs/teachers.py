@@ -40,15 +40,15 @@ def _sam(c):
 
 def _clip(c):
   c.task = "clip_pretrain"
-  c.total_steps = 1000
-  c.learning_rate = 1e-3
+  c.total_steps = 1500
+  c.learning_rate = 1.5e-3
   c.warmup_steps = 100
-  c.clip_batch_size = 64  # contrastive batch (its other captions are the negatives)
-  c.clip_image_size = 128
+  c.clip_batch_size = 32  # contrastive batch (its other captions are the negatives)
+  c.clip_image_size = 96
   c.zero_shot_templates = "imagenet80"  # held-out top-1 prompts (samclip_jax/templates.py)
   c.zero_unused_tokens = True  # export: zero token rows the world never uses (a small file)
   c.model = ml_collections.ConfigDict()
-  c.model.patch_size = 16
+  c.model.patch_size = 8  # 12x12 tokens: shapes span several patches (16 px patches saw only colours)
   c.model.width = 128
   c.model.layers = 4
   c.model.head_width = 32
@@ -56,8 +56,8 @@ def _clip(c):
   c.model.text_width = 64
   c.model.text_layers = 3
   c.model.context_length = 32  # captions are short; open_clip's 77 also works
-  c.data.clip_train = "world:train:1000000"
-  c.data.clip_val = "world:val:512"
+  c.data.clip_train = "world:train:1000000:96"
+  c.data.clip_val = "world:val:512:96"
 
 
 def _tiny(c):

@@ -146,6 +146,11 @@ def caption(scene: dict) -> str:
   return "a photo of " + body
 
 
+# How often CLIP pretraining draws each of caption_variants (canonical, largest shape with
+# colour, largest shape, all shapes): shape-only captions most, so shape words get learned.
+CAPTION_WEIGHTS = (0.15, 0.15, 0.35, 0.35)
+
+
 def caption_variants(scene: dict) -> list[str]:
   """Other true descriptions of a scene (training captions for CLIP): the largest shape with
   and without its colour, all shapes without colours. The canonical caption comes first."""

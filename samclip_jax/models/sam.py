@@ -26,6 +26,9 @@ from samclip_jax.sharding import CONV_IN, CONV_OUT, EMBED, HEADS, MLP, NONE, NOR
 
 Dtype = Any
 
+# config.json keys that describe a model directory rather than the model.
+METADATA_KEYS = ("model_type", "source")
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
@@ -82,7 +85,7 @@ class SamConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "SamConfig":
-    d = {k: v for k, v in d.items() if k != "model_type"}
+    d = {k: v for k, v in d.items() if k not in METADATA_KEYS}
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"unknown SamConfig keys: {sorted(unknown)}")

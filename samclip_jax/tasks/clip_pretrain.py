@@ -42,7 +42,7 @@ class CaptionRender(grain.transforms.RandomMap):
     self._tokenizer, self._tokens = None, {}  # captions repeat: tokenise each once
 
   def random_map(self, element, rng):
-    from samclip_jax.data import records, transforms
+    from samclip_jax.data import records, sample, transforms
     from samclip_jax.tokenizer import Tokenizer
     if self._tokenizer is None:  # built in the worker that uses it (not pickled)
       self._tokenizer = Tokenizer.default(self.context_length)
@@ -51,10 +51,15 @@ class CaptionRender(grain.transforms.RandomMap):
     h, w = transforms.image_size(rec["image"])
     flip = self.flip and bool(rng.integers(2))
     image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
-    # Training draws one of the scene's true captions (colour-free ones too, so class names
-    # alone mean something); evaluation keeps the canonical one.
+    # Training draws one of the scene's true captions, colour-free ones most often: colour is
+    # an easy shortcut (matching captions by colour alone, the text tower learned no shape
+    # word in 1000 steps); evaluation keeps the canonical one.
     variants = rec.get("captions") or [rec["caption"]]
-    text = variants[int(rng.integers(len(variants)))] if self.flip else rec["caption"]
+    if self.flip:
+      weights = np.array(sample.CAPTION_WEIGHTS[:len(variants)], np.float64)
+      text = variants[int(rng.choice(len(variants), p=weights / weights.sum()))]
+    else:
+      text = rec["caption"]
     if text not in self._tokens:
       self._tokens[text] = self._tokenizer(text)[0]
     return {"image": image, "tokens": self._tokens[text],
