@@ -111,16 +111,16 @@ def _apply_local(c):
   """The shipped world teachers, the embedded sample, one CPU device: the whole merge in minutes."""
   c.sam_checkpoint = common.shipped_teacher("sam")  # pretrained on the world (configs/teachers.py)
   c.clip_checkpoint = common.shipped_teacher("clip")
-  c.total_steps = 60
-  c.log_every_steps = 10
-  c.eval_every_steps = 30
+  c.total_steps = 200
+  c.log_every_steps = 50
+  c.eval_every_steps = 100
   c.eval_batches = 2
-  c.checkpoint_every_steps = 20
+  c.checkpoint_every_steps = 100
   c.compute_dtype = "float32"  # CPUs have no fast bf16
   c.prng_impl = "unsafe_rbg"  # init compiles ~3x faster on CPU
   c.data.worker_count = 0  # two cores: decoding in-process is cheaper than worker processes
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  c.clip_batch_size = 8
+  c.clip_batch_size = 16
   c.masks_per_image = 4
   # The world's teachers work at 128 px (SAM: patch 8, a 16x16 embedding); stage 3 adds 256.
   c.clip_resolutions = (128, 256) if c.stage == "resolution" else (128,)
@@ -128,9 +128,9 @@ def _apply_local(c):
   c.sam_image_size = 128
   c.inference_resolution = 128
   if c.stage == "distill":
-    c.sam_batch_size = 2
+    c.sam_batch_size = 4
   c.learning_rate = 1e-3 if c.stage == "distill" else 2e-3
-  c.warmup_steps = 5
+  c.warmup_steps = 20
   c.model.sam_variant = "tiny"
   c.model.clip_variant = "tiny"
 

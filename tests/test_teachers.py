@@ -126,3 +126,19 @@ def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
   assert out["eval/iou_mse"] < 0.05
   from samclip_jax.predictor import SamPredictor
   SamPredictor.from_checkpoint(str(tmp_path / "export"))  # a SAM model dir like a converted one
+
+
+# What the shipped teachers achieve on held-out world scenes (README, "The embedded world and
+# its teachers"; measured on 64 scenes: SAM box 0.747 / click 0.741, CLIP R@1 0.16, top-1 0.19),
+# with bars below them by the sampling error of 32 scenes. The CLIP teacher's zero-shot top-1
+# is at chance (issue 7's open gap), so only its retrieval, well above chance (1/32), is held.
+SHIPPED_BARS = {"sam": {"box_miou": 0.68, "point_miou": 0.66}, "clip": {"retrieval_r1": 0.08}}
+
+
+@pytest.mark.parametrize("name", ["sam", "clip"])
+def test_shipped_teachers_quality(name):
+  from configs.common import shipped_teacher
+  from samclip_jax import world_eval
+  got = world_eval.evaluate_model(shipped_teacher(name), num_scenes=32)
+  for metric, bar in SHIPPED_BARS[name].items():
+    assert got[metric] >= bar, (metric, got)
