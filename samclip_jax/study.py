@@ -175,30 +175,51 @@ def table(results) -> str:
 
 
 def plot(results, x_key="top1", y_key="box_miou"):
-  """SAM metric (box mIoU) against CLIP metric (zero-shot top-1) per variant, as a PIL image."""
+  """SAM metric (box mIoU) against CLIP metric (zero-shot top-1) per merged variant, as a PIL
+  image; the teachers are reference lines (each has only one of the two metrics)."""
   from PIL import Image, ImageDraw
   from samclip_jax.visualize import _font, palette
-  w, h, m = 640, 480, 60
+  w, h, m = 720, 520, 70
   img = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(img)
   font = _font(13)
-  to_xy = lambda x, y: (m + x * (w - 2 * m), h - m - y * (h - 2 * m))
+  points = [(n, r[x_key], r[y_key]) for n, r in results.items() if x_key in r and y_key in r]
+  refs = {"sam_teacher": (None, results.get("sam_teacher", {}).get(y_key)),
+          "clip_teacher": (results.get("clip_teacher", {}).get(x_key), None)}
+  xs = [p[1] for p in points] + [v[0] for v in refs.values() if v[0] is not None]
+  ys = [p[2] for p in points] + [v[1] for v in refs.values() if v[1] is not None]
+  span = lambda v: (max(min(v) - 0.05, 0.0), min(max(v) + 0.05, 1.0)) if v else (0.0, 1.0)
+  (x0, x1), (y0, y1) = span(xs), span(ys)
+  to_xy = lambda x, y: (m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
   d.rectangle([m, m, w - m, h - m], outline="black")
   for t in np.linspace(0, 1, 6):
-    x, _ = to_xy(t, 0)
-    _, y = to_xy(0, t)
+    x, _ = to_xy(x0 + t * (x1 - x0), y0)
+    _, y = to_xy(x0, y0 + t * (y1 - y0))
     d.line([x, h - m, x, h - m + 5], fill="black")
-    d.text((x - 10, h - m + 8), f"{t:.1f}", fill="black", font=font)
+    d.text((x - 12, h - m + 8), f"{x0 + t * (x1 - x0):.2f}", fill="black", font=font)
     d.line([m - 5, y, m, y], fill="black")
-    d.text((m - 35, y - 7), f"{t:.1f}", fill="black", font=font)
-  d.text((w // 2 - 90, h - 25), f"{x_key} (zero-shot, CLIP)", fill="black", font=font)
+    d.text((m - 45, y - 7), f"{y0 + t * (y1 - y0):.2f}", fill="black", font=font)
+  d.text((w // 2 - 90, h - 30), f"{x_key} (zero-shot, CLIP)", fill="black", font=font)
   d.text((8, 20), f"{y_key} (box prompts, SAM)", fill="black", font=font)
-  points = [(n, r.get(x_key, 0.0), r[y_key]) for n, r in results.items() if y_key in r]
-  colours = palette(max(len(points), 1))
-  for (name, x, y), c in zip(points, colours):
+  if refs["sam_teacher"][1] is not None:
+    _, y = to_xy(x0, refs["sam_teacher"][1])
+    d.line([m, y, w - m, y], fill=(150, 150, 150))
+    d.text((w - m - 110, y - 16), "SAM teacher", fill=(110, 110, 110), font=font)
+  if refs["clip_teacher"][0] is not None:
+    x, _ = to_xy(refs["clip_teacher"][0], y0)
+    d.line([x, m, x, h - m], fill=(150, 150, 150))
+    d.text((x + 4, m + 4), "CLIP teacher", fill=(110, 110, 110), font=font)
+  placed = []
+  for (name, x, y), c in zip(points, palette(max(len(points), 1))):
     px, py = to_xy(x, y)
     d.ellipse([px - 6, py - 6, px + 6, py + 6], fill=c, outline="black")
-    d.text((px + 9, py - 8), name, fill="black", font=font)
+    tw = d.textlength(name, font=font)
+    # Right of the point, else left of it, else lower: labels must not overlap.
+    spots = [(px + 9, py - 8), (px - 9 - tw, py - 8), (px + 9, py + 6), (px - 9 - tw, py + 6)]
+    free = lambda x, y: all(abs(y - qy) >= 14 or x + tw < qx or x > qx + qw for qx, qy, qw in placed)
+    tx, ty = next(((x, y) for x, y in spots if free(x, y)), spots[0])
+    placed.append((tx, ty, tw))
+    d.text((tx, ty), name, fill="black", font=font)
   return img
 
 
