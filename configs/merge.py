@@ -111,11 +111,11 @@ def _apply_local(c):
   """The shipped world teachers, the embedded sample, one CPU device: the whole merge in minutes."""
   c.sam_checkpoint = common.shipped_teacher("sam")  # pretrained on the world (configs/teachers.py)
   c.clip_checkpoint = common.shipped_teacher("clip")
-  c.total_steps = 200
-  c.log_every_steps = 50
-  c.eval_every_steps = 100
+  c.total_steps = 140
+  c.log_every_steps = 35
+  c.eval_every_steps = 70
   c.eval_batches = 2
-  c.checkpoint_every_steps = 100
+  c.checkpoint_every_steps = 70
   c.compute_dtype = "float32"  # CPUs have no fast bf16
   c.prng_impl = "unsafe_rbg"  # init compiles ~3x faster on CPU
   c.data.worker_count = 0  # two cores: decoding in-process is cheaper than worker processes
