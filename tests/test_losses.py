@@ -55,6 +55,31 @@ def test_sam_loss_hand_values():
   np.testing.assert_allclose(loss, 20 * focal + dice, rtol=1e-5)
 
 
+def test_soft_targets_and_iou_head_loss_hand_values():
+  """Soft targets are sigmoid(teacher logits); the IoU head's MSE averages over valid prompts' outputs."""
+  student = np.array([[2.0, -1.0], [0.5, -3.0]])
+  teacher = np.array([[4.0, -2.0], [-0.1, 0.3]])
+  xs, ys = student.reshape(-1).tolist(), (1 / (1 + np.exp(-teacher.reshape(-1)))).tolist()
+
+  def focal_soft(x, y, alpha=0.25, gamma=2.0):  # sigmoid focal loss with a soft label y
+    p = 1 / (1 + math.exp(-x))
+    ce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    pt = p * y + (1 - p) * (1 - y)
+    return (alpha * y + (1 - alpha) * (1 - y)) * (1 - pt) ** gamma * ce
+
+  focal = sum(focal_soft(x, y) for x, y in zip(xs, ys)) / 4
+  loss, parts = losses.sam_distill_loss(jnp.asarray(student)[None], jnp.asarray(teacher)[None], soft=True)
+  np.testing.assert_allclose(parts["focal"], focal, rtol=1e-5)
+  np.testing.assert_allclose(loss, 20 * focal + _dice_hand(xs, ys), rtol=1e-5)
+  # 2 prompts x 4 outputs (single + 3 multimask); the second prompt is padding.
+  s_iou = np.array([[0.9, 0.5, 0.2, 0.1], [5.0, 5.0, 5.0, 5.0]], np.float32)
+  t_iou = np.array([[0.8, 0.7, 0.2, 0.4], [0.0, 0.0, 0.0, 0.0]], np.float32)
+  valid = np.array([[True], [False]])
+  want = np.mean((s_iou[0] - t_iou[0]) ** 2)
+  np.testing.assert_allclose(losses.iou_head_loss(jnp.asarray(s_iou), jnp.asarray(t_iou), jnp.asarray(valid)),
+                             want, rtol=1e-6)
+
+
 def test_sam_loss_averages_only_valid_prompts():
   rng = np.random.default_rng(0)
   student = rng.normal(size=(2, 3, 1, 4, 4)).astype(np.float32)
