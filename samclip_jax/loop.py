@@ -271,7 +271,6 @@ def run(task, workdir: str, *, stop_at_step: int | None = None) -> dict:
   stop_at_step: leave the loop after that step (after checkpointing it), as a preemption
   would; rerunning resumes. The schedule still spans config.total_steps.
   """
-  config = task.config
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   writer = MetricWriter(workdir)

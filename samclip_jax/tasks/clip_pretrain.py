@@ -165,20 +165,15 @@ class ClipPretrainTask:
         worker_count=cfg.data.worker_count if is_train else 0, shuffle=is_train)}
 
   def device_batches(self, host):
-    return sharding.put_batch(host, self.mesh, self.rules)
+    return common.device_batches(self, host)
 
   def prepare_workdir(self, workdir):
     del workdir
 
   def export(self, state, directory):
     """A CLIP model directory (convert/open_clip.py's format, with the bundled tokenizer)."""
-    from samclip_jax import optim
     from samclip_jax.clip_model import save_clip
-    params = optim.merge_params(state.params, state.frozen)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      params = multihost_utils.process_allgather(params, tiled=True)
-    params = jax.tree.map(np.asarray, params)
+    params = jax.tree.map(np.asarray, common.export_params(state))
     if self.config.zero_unused_tokens:
       params = _zero_unused_token_rows(params, self.config)
     save_clip(directory, self.clip_config, params, name="world CLIP",

@@ -81,3 +81,20 @@ def validate_batches(config, names=("clip_batch_size", "sam_batch_size")) -> Non
   for name in names:
     if name in config and int(config[name]) < 0:
       raise ValueError(f"{name} must be >= 0 (0 disables it), got {config[name]}")
+
+
+def export_params(state):
+  """A train state's full params (trainable + frozen), gathered on every process for a save."""
+  from samclip_jax import optim
+  params = optim.merge_params(state.params, state.frozen)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  return params
+
+
+def device_batches(task, host_batches):
+  """Host batches (this process's rows) -> global arrays sharded over the task's batch axes."""
+  from samclip_jax import sharding
+  return sharding.put_batch({k: {n: v for n, v in b.items() if n != "index"}
+                             for k, b in host_batches.items()}, task.mesh, task.rules)

@@ -299,10 +299,8 @@ class MergeTask:
           shuffle=is_train, image_size=cfg.sam_image_size, **common_kw)
     return out
 
-  def device_batches(self, host_batches):
-    """Host batches (this process's rows) -> global arrays sharded over the batch axes."""
-    return sharding.put_batch({k: {n: v for n, v in b.items() if n != "index"}
-                               for k, b in host_batches.items()}, self.mesh, self.rules)
+  def device_batches(self, host):
+    return common.device_batches(self, host)
 
   def fake_batches(self, seed: int = 0, clip_resolution: int | None = None,
                    sam_frame: int | None = None):
@@ -356,10 +354,7 @@ class MergeTask:
 
   def export(self, state: loop.TrainState, directory: str):
     """Writes the merged model dir (model_type "samclip") that load_samclip / SamClip read."""
-    params = optim.merge_params(state.params, state.frozen)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      params = multihost_utils.process_allgather(params, tiled=True)
+    params = common.export_params(state)
     # save_model is collective: every process calls it, process 0 writes the files.
     samclip_lib.save_samclip(directory, self.model_config, params,
                              dict(self.run_facts(), step=int(state.step)))

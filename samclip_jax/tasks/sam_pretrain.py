@@ -11,7 +11,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from samclip_jax import checkpoint, loop, losses, sharding
 from samclip_jax.models import sam as sam_lib
@@ -148,19 +147,14 @@ class SamPretrainTask:
         shuffle=is_train, image_size=cfg.sam_image_size, gt_mask_size=self.gt_size)}
 
   def device_batches(self, host):
-    return sharding.put_batch({k: {n: v for n, v in b.items() if n != "index"} for k, b in host.items()},
-                              self.mesh, self.rules)
+    return common.device_batches(self, host)
 
   def prepare_workdir(self, workdir):
     del workdir
 
   def export(self, state, directory):
     """A SAM model directory (the converter's format: load_sam, SamPredictor, merge configs read it)."""
-    from samclip_jax import optim
-    params = optim.merge_params(state.params, state.frozen)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      params = multihost_utils.process_allgather(params, tiled=True)
+    params = common.export_params(state)
     meta = dict(self.sam_config.to_dict(), source=f"pretrained on the embedded world "
                 f"({self.config.data.sam_train}), seed {self.config.seed}, {int(state.step)} steps")
     checkpoint.save_model(directory, params, meta)
