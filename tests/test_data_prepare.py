@@ -423,13 +423,13 @@ def test_killed_parallel_prepare_leaves_no_workers(tmp_path):
   _kill_and_expect_workers_gone(proc, 2)
 
 
-def _kill_and_expect_workers_gone(proc, num_workers):
-  """SIGKILLs `proc` once it has `num_workers` children; they must exit within 10 s."""
+def _kill_and_expect_workers_gone(proc, num_workers, ready=lambda: True):
+  """SIGKILLs `proc` once it has `num_workers` children and `ready()`; they must exit within 10 s."""
   workers = []
   alive = lambda: [w for w in workers if (_proc_stat(w) or (0, "Z"))[1] not in "ZX"]  # noqa: E731
   try:
-    deadline = time.time() + 60
-    while len(workers) < num_workers and time.time() < deadline and proc.poll() is None:
+    deadline = time.time() + 120
+    while (len(workers) < num_workers or not ready()) and time.time() < deadline and proc.poll() is None:
       workers = [int(p) for p in os.listdir("/proc")
                  if p.isdigit() and (_proc_stat(p) or (0,))[0] == proc.pid]
       time.sleep(0.05)
@@ -453,11 +453,12 @@ def test_killed_training_loader_leaves_no_grain_workers(tmp_path):
   """A training job killed mid-run (SIGKILL, OOM) must not leave grain workers spinning."""
   if not os.path.isdir("/proc/self"):
     pytest.skip("needs /proc")
+  marker = tmp_path / "batch_done"
   script = ("from absl import flags; flags.FLAGS.mark_as_parsed()\n"
             "import time\nfrom samclip_jax.data import pipeline\n"
             "it = iter(pipeline.sam_loader('world:train:1000:64', batch_size=2, masks_per_image=2,"
             " points_per_prompt=3, seed=0, image_size=64, worker_count=1))\n"
-            "next(it)\ntime.sleep(600)\n")
+            f"next(it)\nopen({str(marker)!r}, 'w').close()\ntime.sleep(600)\n")
   proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
-  _kill_and_expect_workers_gone(proc, 1)
+  _kill_and_expect_workers_gone(proc, 1, ready=marker.exists)  # killed mid-run, as a job is

@@ -54,9 +54,13 @@ class KeyedSource(grain.sources.RandomAccessDataSource):
     return len(self._source)
 
   def __getitem__(self, index):
-    if multiprocessing.parent_process() is not None:  # a grain worker: end with the job
-      workers.exit_with_parent()
     return int(index), self._source[index]
+
+  def __setstate__(self, state):
+    # Unpickled in a grain worker as it starts: from then on it ends with its job.
+    self.__dict__.update(state)
+    if multiprocessing.parent_process() is not None:
+      workers.exit_with_parent()
 
   def __repr__(self):
     # grain checks this against the iterator state on restore. ArrayRecordDataSource's own
