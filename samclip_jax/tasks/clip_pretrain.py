@@ -212,13 +212,8 @@ def create(config, devices=None) -> ClipPretrainTask:
   common.validate_batches(config, ("clip_batch_size",))
   if config.clip_batch_size < 2:
     raise ValueError("clip_batch_size must be >= 2 (contrastive learning needs negatives)")
-  for key in ("clip_train", "clip_val"):
-    if not config.data[key]:
-      raise ValueError(f"config.data.{key} is empty (a world spec 'world:train:N' or a split manifest)")
   from samclip_jax.data import sample
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  rules = sharding.normalize_rules(config.logical_axis_rules)
-  sharding.check_batch_divisible("clip_batch_size", config.clip_batch_size, mesh, rules, config.grad_accum_steps)
+  mesh, rules = common.pretraining_mesh(config, devices, "clip_batch_size", ("clip_train", "clip_val"))
   cfg = clip_config(config)
   boxed = jax.eval_shape(lambda: init_variables(cfg))["params"]
   tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)

@@ -98,3 +98,15 @@ def device_batches(task, host_batches):
   from samclip_jax import sharding
   return sharding.put_batch({k: {n: v for n, v in b.items() if n != "index"}
                              for k, b in host_batches.items()}, task.mesh, task.rules)
+
+
+def pretraining_mesh(config, devices, batch_name: str, data_keys):
+  """(mesh, rules) of a pretraining task, after checking its data paths and global batch."""
+  from samclip_jax import sharding
+  for key in data_keys:
+    if not config.data[key]:
+      raise ValueError(f"config.data.{key} is empty (a world spec 'world:train:N' or a split manifest)")
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  rules = sharding.normalize_rules(config.logical_axis_rules)
+  sharding.check_batch_divisible(batch_name, config[batch_name], mesh, rules, config.grad_accum_steps)
+  return mesh, rules

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from samclip_jax import checkpoint, loop, losses, sharding
+from samclip_jax import checkpoint, loop, losses
 from samclip_jax.models import sam as sam_lib
 from samclip_jax.models.sam import Sam, SamConfig
 from samclip_jax.tasks import common
@@ -177,12 +177,7 @@ def create(config, devices=None) -> SamPretrainTask:
   common.validate_batches(config, ("sam_batch_size",))
   if config.sam_batch_size < 1 or config.masks_per_image < 1:
     raise ValueError("sam_batch_size and masks_per_image must be >= 1")
-  for key in ("sam_train", "sam_val"):
-    if not config.data[key]:
-      raise ValueError(f"config.data.{key} is empty (a world spec 'world:train:N' or a split manifest)")
-  mesh = sharding.make_mesh(dict(config.mesh), devices)
-  rules = sharding.normalize_rules(config.logical_axis_rules)
-  sharding.check_batch_divisible("sam_batch_size", config.sam_batch_size, mesh, rules, config.grad_accum_steps)
+  mesh, rules = common.pretraining_mesh(config, devices, "sam_batch_size", ("sam_train", "sam_val"))
   cfg = sam_config(config)
   boxed = jax.eval_shape(lambda k: Sam(cfg).init(k, *sam_lib.example_inputs(cfg))["params"], jax.random.key(0))
   tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)
