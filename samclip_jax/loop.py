@@ -85,11 +85,6 @@ def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _all_finite(tree):
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
 def _split_micro(task, batches, n):
   """[n*b, ...] -> [n, b, ...] keeping the batch axis sharded (each device keeps its rows)."""
   spec = jax.sharding.NamedSharding(task.mesh, jax.sharding.PartitionSpec(
@@ -129,7 +124,7 @@ def make_train_step(task):
     updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = (jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
-              & _all_finite(params) & _all_finite(opt_state))
+              & optim.all_finite(params) & optim.all_finite(opt_state))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state),

@@ -56,6 +56,12 @@ def merge_params(trainable, frozen):
   return traverse_util.unflatten_dict(flat)
 
 
+def all_finite(tree):
+  """Scalar bool: every floating leaf of `tree` is finite (traceable)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def group_multipliers(trainable, groups: Sequence[tuple[str, float]]):
   """Tree like `trainable` holding each param's LR multiplier (first matching group)."""
   rxs = [(re.compile(pat), float(mult)) for pat, mult in groups]

@@ -13,9 +13,10 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from samclip_jax import optim
 
 CHECKSUM_DIR = "checksums"
 UNUSABLE_DIR = "unusable_checkpoints"  # WORKDIR/: bad steps moved out of the way (kept, not deleted)
@@ -115,9 +116,8 @@ def _restore_step(mngr, step, abstract_state, iterators):
   for name, it in iterators.items():
     args[f"{name}_iter"] = grain.checkpoint.CheckpointRestore(it)
   state = mngr.restore(step, args=ocp.args.Composite(**args))["state"]
-  finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(jax.device_get(state))
-               if np.issubdtype(np.asarray(x).dtype, np.floating))
-  if not finite:
+  # On device: a state sharded over hosts cannot be fetched to one host.
+  if not bool(jax.jit(optim.all_finite)(state)):
     raise ValueError("it holds non-finite values")
   return state
 
