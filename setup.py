@@ -38,6 +38,7 @@ setup(
             "torchvision==0.28.0",
             "segment-anything==1.0",
             "open_clip_torch==3.3.0",
+            "onnx==1.23.1", "onnxruntime==1.30.0",  # convert.to_torch --onnx and its test (wheels in the local cache)
             "pytest",
             "pytest-xdist",
         ],

@@ -30,6 +30,15 @@ def conv_transpose(x):
   return x.transpose(2, 3, 1, 0)
 
 
+def conv_to_torch(x):
+  """Conv / ConvTranspose kernel (kh, kw, a, b) -> PyTorch weight (b, a, kh, kw): undoes conv and conv_transpose."""
+  return x.transpose(3, 2, 0, 1)
+
+
+# Each transform's inverse, for writing PyTorch checkpoints back from the same tables.
+INVERSE = {identity: identity, linear: linear, conv: conv_to_torch, conv_transpose: conv_to_torch}
+
+
 # (PyTorch name regex, Flax path template with \1-style groups, transform)
 Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
 
@@ -209,14 +218,106 @@ def apply_table(state: Mapping[str, np.ndarray], rules: Sequence[Rule], skeleton
   return unflatten(out)
 
 
-def check_output(output: str, checkpoint: str, overwrite: bool) -> None:
-  """Refuses, before anything is read, an --output whose replacement would destroy what we did not write."""
-  from samclip_jax import checkpoint as ckpt  # Orbax and jax: only for converting.
+# ----------------------------------------------------------------------------- the way back
+_REGEX_META = set("[]{}()*+?|^$.")
+
+
+def _split_pattern(pattern: str) -> list:
+  """A table's PyTorch pattern -> [literal str | (group regex,)]: literals and flat capturing groups only."""
+  parts, literal, i = [], "", 0
+  while i < len(pattern):
+    c = pattern[i]
+    if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+      literal, i = literal + pattern[i + 1], i + 2  # an escaped character, as \.
+    elif c == "(" and not pattern.startswith("(?", i):
+      j = i + 1
+      while j < len(pattern) and pattern[j] not in "()":
+        j += 2 if pattern[j] == "\\" else 1
+      if j >= len(pattern) or pattern[j] == "(":
+        raise ValueError(f"cannot invert {pattern!r}: groups must be flat capturing groups")
+      parts += [literal, (pattern[i + 1:j],)]
+      literal, i = "", j + 1
+    elif c in _REGEX_META or c == "\\":
+      raise ValueError(f"cannot invert {pattern!r}: {pattern[i:i + 2]!r} outside a group")
+    else:
+      literal, i = literal + c, i + 1
+  return parts + [literal]
+
+
+def invert_rules(rules: Sequence[Rule]) -> list[Rule]:
+  """A PyTorch -> Flax table read backwards: (Flax path regex, PyTorch name template, inverse transform).
+
+  Each rule's groups move to the Flax side (named after their number), its literals to the
+  template; a group the Flax template does not use could not be recovered and is an error.
+  """
+  out = []
+  for pattern, template, transform in rules:
+    parts = _split_pattern(pattern)
+    groups = [p[0] for p in parts if isinstance(p, tuple)]
+    name, n = "", 0
+    for part in parts:
+      if isinstance(part, tuple):
+        n += 1
+        name += rf"\g<g{n}>"
+      else:
+        name += part.replace("\\", "\\\\")  # literal backslashes survive Match.expand
+    regex, used = "", set()
+    for i, piece in enumerate(re.split(r"\\(\d+)", template)):
+      if i % 2 == 0:
+        regex += re.escape(piece)
+      else:
+        g = int(piece)
+        regex += f"(?P=g{g})" if g in used else f"(?P<g{g}>{groups[g - 1]})"
+        used.add(g)
+    if used != set(range(1, len(groups) + 1)):
+      raise ValueError(f"cannot invert {pattern!r} -> {template!r}: the template drops a group")
+    if transform not in INVERSE:
+      raise ValueError(f"cannot invert {pattern!r}: {transform.__name__} has no entry in INVERSE")
+    out.append((regex, name, INVERSE[transform]))
+  return out
+
+
+def unapply_table(params: Mapping, inverse_rules: Sequence[Rule], source: str = "model") -> dict[str, np.ndarray]:
+  """Flax params -> {PyTorch name: numpy array} through invert_rules' table; every parameter must map, once."""
+  compiled = [(re.compile(p), t, f) for p, t, f in inverse_rules]
+  out, unmapped, twice = {}, [], []
+  for path, value in flatten(params).items():
+    for regex, template, transform in compiled:
+      m = regex.fullmatch(path)
+      if m:
+        break
+    else:
+      unmapped.append(f"{path} {tuple(np.shape(value))}")
+      continue
+    name = m.expand(template)
+    if name in out:
+      twice.append(f"{path} -> {name}")
+    out[name] = np.array(transform(np.asarray(value)), order="C")  # a writable copy, as torch.from_numpy wants
+  problems = [f"{len(items)} {title}:\n    " + "\n    ".join(items[:50])
+              for title, items in (("parameters no rule maps", unmapped), ("PyTorch names written twice", twice))
+              if items]
+  if problems:
+    raise CheckpointError(f"{source} does not match the table:\n  " + "\n  ".join(problems))
+  return out
+
+
+def check_output_place(output: str, source: str) -> None:
+  """Refuses an --output that holds the input or the current directory, or lies inside an input directory."""
   out = os.path.realpath(output)
-  for what, path in (("the input checkpoint", os.path.realpath(checkpoint)),
+  for what, path in (("the input checkpoint", os.path.realpath(source)),
                      ("the current directory", os.path.realpath(os.getcwd()))):
     if os.path.commonpath([out, path]) == out:
       raise CheckpointError(f"--output {output} would replace {what} ({path}); choose a new directory")
+  src = os.path.realpath(source)
+  if os.path.isdir(src) and os.path.commonpath([out, src]) == src:  # a file input has no inside
+    raise CheckpointError(f"--output {output} lies inside the input {source}; choose a directory outside it")
+
+
+def check_output(output: str, checkpoint: str, overwrite: bool) -> None:
+  """Refuses, before anything is read, an --output whose replacement would destroy what we did not write."""
+  from samclip_jax import checkpoint as ckpt  # Orbax and jax: only for converting.
+  check_output_place(output, checkpoint)
+  out = os.path.realpath(output)
   if ckpt.is_model_dir(out) and not overwrite:
     raise CheckpointError(f"--output {output} holds a previous model "
                           f"({ckpt.load_config(out)['model_type']!r}); pass --overwrite to replace it")
