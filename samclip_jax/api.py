@@ -36,7 +36,7 @@ from samclip_jax import checkpoint
 from samclip_jax.clip_model import ClipModel, check_class_names, ranked
 from samclip_jax.data import transforms
 from samclip_jax.interpolate import linear_matrix, linear_taps
-from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, build_sparse_prompt
+from samclip_jax.models.sam import ABSENT, PIXEL_MEAN, PIXEL_STD, POSITIVE, build_sparse_prompt
 from samclip_jax.models.samclip import (MODEL_TYPE, SamClipConfig, SamClipNet, load_samclip,
                                         sam_params_from_samclip)
 
@@ -417,7 +417,7 @@ class SamClip:
     rng = np.random.default_rng(seed)
     num_classes = len(class_names)
     coords = np.zeros((num_classes, points_per_class, 2), np.float32)
-    labels = np.full((num_classes, points_per_class), -1, np.int32)
+    labels = np.full((num_classes, points_per_class), ABSENT, np.int32)  # classes with fewer points
     prompted = np.zeros(num_classes, bool)
     for c in range(num_classes):
       ys, xs = np.nonzero((probs[c] > threshold) & inside)
@@ -425,7 +425,7 @@ class SamClip:
         continue
       pick = rng.choice(len(ys), size=min(points_per_class, len(ys)), replace=False)
       coords[c, :len(pick)] = np.stack([centres[xs[pick]], centres[ys[pick]]], axis=-1)
-      labels[c, :len(pick)] = 1
+      labels[c, :len(pick)] = POSITIVE
       prompted[c] = True
     p = np.clip(probs, 1e-6, 1 - 1e-6)
     mask_logits = np.where(inside[None], np.log(p) - np.log1p(-p), -20.0).astype(np.float32)

@@ -138,7 +138,7 @@ def test_prompts_inside_masks_and_box_jitter(paths):
             assert not m[y, x] and 0 <= x < nw and 0 <= y < nh
             n_neg += 1
         else:
-          assert list(lab) == [2, 3, -1]
+          assert list(lab) == [2, 3, -2]  # the third slot is absent (no token)
           ys, xs = np.nonzero(m)
           tight = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
           box = np.concatenate([coords[k][0], coords[k][1]])

@@ -219,3 +219,63 @@ def test_config_rejects_inconsistent_sizes():
     S.SamConfig(prompt_embed_dim=128)
   with pytest.raises(ValueError, match="image_size"):
     S.SamConfig(image_size=512)
+
+
+# ---------------------------------------------------------------- fixed-shape prompts with absent slots
+def _torch_prompt(coords, labels):
+  """One fixed-shape slot -> the variable-length prompt segment_anything takes (points, box)."""
+  keep = labels != S.ABSENT
+  c, l = coords[keep], labels[keep]
+  is_box = l >= S.BOX_TOP_LEFT
+  points = l >= S.NEGATIVE
+  pts = (_t(c[points & ~is_box][None]), torch.from_numpy(l[points & ~is_box][None].astype(np.int64)))
+  box = _t(c[is_box].reshape(1, 4)) if is_box.any() else None
+  return (pts if (points & ~is_box).any() else None), box
+
+
+def test_absent_slots_compute_what_sam_computes_per_prompt(ref):
+  """K prompts of different lengths in one [K, P] batch (ABSENT filling each slot) give what
+  segment_anything gives on each prompt alone; without the mask they would not."""
+  tsam, params = ref
+  rng = np.random.default_rng(5)
+  A, PAD = S.ABSENT, S.PAD
+  labels = np.array([[2, 3, A, A], [1, PAD, A, A], [1, 0, PAD, A], [1, A, PAD, A], [1, 1, 0, PAD]], np.int32)
+  coords = np.sort(rng.uniform(0, TINY.image_size, (len(labels), 4, 2)).astype(np.float32), axis=1)
+  emb = rng.normal(size=(1, EH, EW, C)).astype(np.float32)
+  model = S.Sam(TINY)
+  run = jax.jit(lambda l: model.apply({"params": params}, emb, coords[None], l[None], None, True,
+                                      method=S.Sam.predict_masks))
+  masks, iou = run(labels)
+  unmasked, _ = run(np.where(labels == A, PAD, labels))  # absent slots as extra pad tokens
+  t_pe = tsam.prompt_encoder.get_dense_pe()
+  for k in range(len(labels)):
+    points, box = _torch_prompt(coords[k], labels[k])
+    with torch.no_grad():
+      sp, de = tsam.prompt_encoder(points=points, boxes=box, masks=None)
+      tm, ti = tsam.mask_decoder(_t(emb).permute(0, 3, 1, 2), t_pe, sp, de, True)
+    scale = float(np.abs(tm.numpy()).max())
+    assert _maxabs(masks[0, k], tm.numpy()[0]) <= 1e-5 * scale, k
+    assert _maxabs(iou[0, k], ti.numpy()[0]) <= 1e-5 * max(1.0, float(np.abs(ti.numpy()).max())), k
+    if (labels[k] == A).any():
+      assert _maxabs(unmasked[0, k], tm.numpy()[0]) > 1e-3 * scale, k
+
+
+def test_sampled_prompts_hold_sams_own_sequences():
+  """Every sampled slot, absent slots dropped, is the sequence build_sparse_prompt gives SAM."""
+  from samclip_jax.data import prompts, records
+  rng = np.random.default_rng(0)
+  masks = np.zeros((3, 64, 64), bool)
+  masks[0, 5:30, 5:40] = masks[1, 40:60, 10:20] = masks[2, 20:50, 30:60] = True
+  rles = records.encode_masks(masks)
+  seen = set()
+  for _ in range(40):
+    coords, labels, valid, _ = prompts.sample_prompts(rng, rles, (64, 64), (64, 64), 3, 4)
+    for c, l in zip(coords[valid], labels[valid]):
+      kept = l[l != S.ABSENT]
+      is_box = kept[0] == S.BOX_TOP_LEFT
+      pts = None if is_box else kept[kept >= S.NEGATIVE]
+      _, want = S.build_sparse_prompt(None if is_box else c[:len(pts)], pts,
+                                      c[:2].reshape(4) if is_box else None)
+      np.testing.assert_array_equal(kept, want)
+      seen.add(len(kept))
+  assert seen >= {2, 3, 4}  # boxes, one and more points

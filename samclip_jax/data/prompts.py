@@ -1,15 +1,17 @@
 """Geometric prompts sampled from instance masks, in SAM's fixed-shape point encoding.
 
-Each of K slots holds P points with labels {-1 pad, 0 negative, 1 positive, 2 box top-left,
-3 box bottom-right}; coordinates are (x, y) pixel indices in the resized 1024 frame (SAM's
-prompt encoder adds 0.5 to reach the pixel centre). A prompt is a box with probability
-box_prob, else 1..P points (the first positive, the last negative with probability
-neg_prob when there are two or more). Boxes are the mask's tight box (inclusive corners)
+Each of K slots holds P points with labels {-2 absent, -1 pad, 0 negative, 1 positive, 2 box
+top-left, 3 box bottom-right}; coordinates are (x, y) pixel indices in the resized 1024 frame
+(SAM's prompt encoder adds 0.5 to reach the pixel centre). A prompt is a box with probability
+box_prob, else 1..P-1 points (the first positive, the last negative with probability neg_prob
+when there are two or more). Each slot holds the sequence SAM itself embeds (a box's two
+corners; points and one pad), and the rest of the slot is absent (no token: models/sam.py). Boxes are the mask's tight box (inclusive corners)
 with SAM's training noise: std 10% of the side, at most 20 px, per coordinate.
 """
 import numpy as np
 
 from samclip_jax.data import records
+from samclip_jax.models.sam import ABSENT, BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, PAD, POSITIVE, NEGATIVE
 from samclip_jax.data.transforms import nearest_indices
 
 BOX_NOISE_FRACTION = 0.1
@@ -46,22 +48,23 @@ def _box_prompt(rng, crop, y0, x0, new_h, new_w, P):
   x_lo, x_hi = sorted(box[[0, 2]])
   y_lo, y_hi = sorted(box[[1, 3]])
   coords = np.zeros((P, 2), np.float32)
-  labels = np.full((P,), -1, np.int32)
+  labels = np.full((P,), ABSENT, np.int32)
   coords[0], coords[1] = (x_lo, y_lo), (x_hi, y_hi)
-  labels[0], labels[1] = 2, 3
+  labels[0], labels[1] = BOX_TOP_LEFT, BOX_BOTTOM_RIGHT
   return coords, labels
 
 
 def _point_prompt(rng, crop, y0, x0, full_valid, P, neg_prob):
-  n = int(rng.integers(1, P + 1))
+  n = int(rng.integers(1, P))  # SAM adds one pad after points: it takes the last slot
   neg = n > 1 and rng.uniform() < neg_prob
   n_pos = n - int(neg)
   fy, fx = np.nonzero(crop)
   pick = rng.integers(0, len(fy), n_pos)
   coords = np.zeros((P, 2), np.float32)
-  labels = np.full((P,), -1, np.int32)
+  labels = np.full((P,), ABSENT, np.int32)
+  labels[n] = PAD
   coords[:n_pos, 0], coords[:n_pos, 1] = fx[pick] + x0, fy[pick] + y0
-  labels[:n_pos] = 1
+  labels[:n_pos] = POSITIVE
   if neg:
     # Negative point: inside the image content, outside the mask (rejection sampling).
     new_h, new_w = full_valid
@@ -69,7 +72,7 @@ def _point_prompt(rng, crop, y0, x0, full_valid, P, neg_prob):
     for _ in range(50):
       y, x = int(rng.integers(new_h)), int(rng.integers(new_w))
       if not (y0 <= y < y0 + h and x0 <= x < x0 + w and crop[y - y0, x - x0]):
-        coords[n_pos], labels[n_pos] = (x, y), 0
+        coords[n_pos], labels[n_pos] = (x, y), NEGATIVE
         break
   return coords, labels
 

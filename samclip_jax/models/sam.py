@@ -5,8 +5,10 @@ A port of segment_anything's prompt_encoder.py, transformer.py, mask_decoder.py 
 readable: `mask_decoder.output_upscaling.0.weight` -> `mask_decoder/output_upscaling_0/kernel`.
 
 Prompts are fixed-shape: a sparse prompt is a sequence of points with labels
-  -1 padding / not a point, 0 negative, 1 positive, 2 box top-left, 3 box bottom-right,
-in the frame of the padded model input (1024 px for the released models). `build_sparse_prompt`
+  -2 absent, -1 padding / not a point, 0 negative, 1 positive, 2 box top-left, 3 box bottom-right,
+in the frame of the padded model input (1024 px for the released models). An absent slot is
+no token at all (masked out of the two-way transformer's attention): fixed-shape batches of
+prompts of different lengths then compute exactly what SAM computes on each prompt. `build_sparse_prompt`
 turns (points, labels, box) into the sequence PyTorch's PromptEncoder builds, which gives
 identical embeddings.
 """
@@ -33,8 +35,8 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
 
-# Labels of the fixed-shape sparse prompt.
-PAD, NEGATIVE, POSITIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
+# Labels of the fixed-shape sparse prompt (ABSENT: a slot with no token, see the docstring).
+ABSENT, PAD, NEGATIVE, POSITIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = -2, -1, 0, 1, 2, 3
 
 _gelu = functools.partial(nn.gelu, approximate=False)  # torch.nn.GELU is the erf form
 
@@ -215,9 +217,10 @@ class PromptEncoder(nn.Module):
     """coords [..., N, 2] (x, y input pixels), labels [..., N] in {-1..3} -> [..., N, C]."""
     pe = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)  # pixel centres
     labels = labels.astype(jnp.int32)
-    pe = jnp.where((labels == PAD)[..., None], 0.0, pe)
+    pe = jnp.where((labels <= PAD)[..., None], 0.0, pe)
     table = jnp.concatenate([self.not_a_point_embed()] + [e() for e in self.point_embeddings], axis=0)
-    return (pe + jnp.take(table.astype(jnp.float32), labels + 1, axis=0)).astype(self.dtype)
+    # An absent slot embeds as padding; the decoder's attention never reads it.
+    return (pe + jnp.take(table.astype(jnp.float32), jnp.maximum(labels, PAD) + 1, axis=0)).astype(self.dtype)
 
   def embed_masks(self, masks):
     """masks [..., 4h, 4w, 1] (logits) -> [..., h, w, C]."""
@@ -244,6 +247,11 @@ class PromptEncoder(nn.Module):
   @property
   def mask_input_size(self) -> tuple[int, int]:
     return (4 * self.image_embedding_size[0], 4 * self.image_embedding_size[1])
+
+
+def present(labels):
+  """Which prompt slots are tokens (labels [..., N] -> bool [..., N]): all but ABSENT ones."""
+  return jnp.asarray(labels) != ABSENT
 
 
 def build_sparse_prompt(point_coords=None, point_labels=None, box=None):
@@ -286,7 +294,8 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, q, k, v):
+  def __call__(self, q, k, v, key_mask=None):
+    """key_mask [B, Nk] bool (None: every key): False keys get no attention."""
     internal = self.embedding_dim // self.downsample_rate
     if internal % self.num_heads:
       raise ValueError(f"num_heads {self.num_heads} must divide the internal dim {internal}")
@@ -296,7 +305,10 @@ class Attention(nn.Module):
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, internal // self.num_heads))
     q, k, v = split(q), split(k), split(v)
     attn = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(internal // self.num_heads)
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)  # fp32 softmax under bf16
+    attn = attn.astype(jnp.float32)  # fp32 softmax under bf16
+    if key_mask is not None:
+      attn = jnp.where(key_mask[..., None, None, :], attn, -jnp.inf)
+    attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
     out = jnp.einsum("...hqk,...khd->...qhd", attn, v)
     out = out.reshape(out.shape[:-2] + (internal,))
     return dense(self.embedding_dim, (HEADS, EMBED), self.dtype, name="out_proj")(out)
@@ -312,13 +324,14 @@ class TwoWayAttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, queries, keys, query_pe, key_pe):
+  def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
+    """token_mask [B, Nq] bool (None: all): absent tokens are never attended to."""
     dim, heads, rate, dt = self.embedding_dim, self.num_heads, self.attention_downsample_rate, self.dtype
     if self.skip_first_layer_pe:
-      queries = Attention(dim, heads, dtype=dt, name="self_attn")(queries, queries, queries)
+      queries = Attention(dim, heads, dtype=dt, name="self_attn")(queries, queries, queries, token_mask)
     else:
       q = queries + query_pe
-      queries = queries + Attention(dim, heads, dtype=dt, name="self_attn")(q, q, queries)
+      queries = queries + Attention(dim, heads, dtype=dt, name="self_attn")(q, q, queries, token_mask)
     queries = _layer_norm(dt, "norm1")(queries)
 
     q, k = queries + query_pe, keys + key_pe
@@ -329,7 +342,7 @@ class TwoWayAttentionBlock(nn.Module):
     queries = _layer_norm(dt, "norm3")(queries)
 
     q, k = queries + query_pe, keys + key_pe
-    keys = keys + Attention(dim, heads, rate, dt, name="cross_attn_image_to_token")(k, q, queries)
+    keys = keys + Attention(dim, heads, rate, dt, name="cross_attn_image_to_token")(k, q, queries, token_mask)
     keys = _layer_norm(dt, "norm4")(keys)
     return queries, keys
 
@@ -344,8 +357,9 @@ class TwoWayTransformer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image_embedding, image_pe, point_embedding):
-    """image_embedding, image_pe [B, h, w, C]; point_embedding [B, N, C] -> ([B, N, C], [B, hw, C])."""
+  def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
+    """image_embedding, image_pe [B, h, w, C]; point_embedding [B, N, C]; token_mask [B, N]
+    (None: all present) -> ([B, N, C], [B, hw, C])."""
     b, h, w, c = image_embedding.shape
     keys = image_embedding.reshape(b, h * w, c)
     key_pe = jnp.broadcast_to(image_pe, image_embedding.shape).reshape(b, h * w, c)
@@ -354,7 +368,7 @@ class TwoWayTransformer(nn.Module):
       queries, keys = TwoWayAttentionBlock(
           self.embedding_dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
           skip_first_layer_pe=(i == 0), dtype=self.dtype, name=f"layers_{i}")(
-              queries, keys, point_embedding, key_pe)
+              queries, keys, point_embedding, key_pe, token_mask)
     q, k = queries + point_embedding, keys + key_pe
     queries = queries + Attention(self.embedding_dim, self.num_heads, self.attention_downsample_rate, self.dtype,
                                   name="final_attn_token_to_image")(q, k, keys)
@@ -379,8 +393,9 @@ class MaskDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-               multimask_output: bool | None):
-    """image_embeddings [B,h,w,C], image_pe [h,w,C], sparse [B,K,N,C], dense [B,K,h,w,C]
+               multimask_output: bool | None, sparse_present=None):
+    """image_embeddings [B,h,w,C], image_pe [h,w,C], sparse [B,K,N,C], dense [B,K,h,w,C],
+    sparse_present [B,K,N] bool (None: all; False = an ABSENT slot)
     -> (masks [B,K,M,4h,4w], iou [B,K,M]); M = num_multimask_outputs if multimask_output else 1,
     or every mask token's output (single-mask first, M = num_multimask_outputs + 1) for None."""
     dim, dt = self.transformer_dim, self.dtype
@@ -396,8 +411,12 @@ class MaskDecoder(nn.Module):
     src = (image_embeddings[:, None].astype(dt) + dense_prompt_embeddings.astype(dt)).reshape(b * k, h, w, dim)
     pos_src = jnp.broadcast_to(image_pe.astype(dt), src.shape)
 
+    token_mask = None
+    if sparse_present is not None:
+      token_mask = jnp.concatenate([jnp.ones((b * k, output_tokens.shape[0]), bool),
+                                    sparse_present.reshape(b * k, n)], axis=1)
     hs, src = TwoWayTransformer(self.depth, dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-                                dt, name="transformer")(src, pos_src, tokens)
+                                dt, name="transformer")(src, pos_src, tokens, token_mask)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1:1 + num_mask_tokens, :]
 
@@ -453,15 +472,15 @@ class Sam(nn.Module):
   def get_dense_pe(self):
     return self.prompt_encoder.get_dense_pe()
 
-  def decode_masks(self, image_embeddings, sparse, dense, multimask_output: bool = True):
+  def decode_masks(self, image_embeddings, sparse, dense, multimask_output: bool = True, sparse_present=None):
     return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
-                             multimask_output)
+                             multimask_output, sparse_present)
 
   def predict_masks(self, image_embeddings, point_coords, point_labels, mask_input=None,
                     multimask_output: bool = True):
     """Image embeddings [B,h,w,C] + K prompts per image -> (low-res logits [B,K,M,4h,4w], iou [B,K,M])."""
     sparse, dense = self.prompt_encoder(point_coords, point_labels, mask_input)
-    return self.decode_masks(image_embeddings, sparse, dense, multimask_output)
+    return self.decode_masks(image_embeddings, sparse, dense, multimask_output, present(point_labels))
 
 
 def example_inputs(config: SamConfig, batch: int = 1, num_prompts: int = 1, num_points: int = 2):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samclip_jax import checkpoint
-from samclip_jax.models.sam import MaskDecoder, PromptEncoder, SamConfig
+from samclip_jax.models.sam import MaskDecoder, PromptEncoder, SamConfig, present
 from samclip_jax.models.vit_det import Block, ImageEncoderConfig, ImageEncoderViT
 from samclip_jax.sharding import EMBED, MLP, NONE, NORM, param_with_axes
 
@@ -175,7 +175,7 @@ class SamClipNet(nn.Module):
                     multimask_output: bool = False):
     sparse, dense = self.prompt_encoder(point_coords, point_labels, mask_input)
     return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
-                             multimask_output)
+                             multimask_output, present(point_labels))
 
 
 # ----------------------------------------------------------------------------- parameters

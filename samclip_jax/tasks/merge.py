@@ -19,6 +19,7 @@ import numpy as np
 from samclip_jax import checkpoint, loop, losses, optim, sharding
 from samclip_jax.models import samclip as samclip_lib
 from samclip_jax.models.clip import ClipConfig, VisionTransformer, init_variables, load_clip
+from samclip_jax.models import sam as sam_lib
 from samclip_jax.models.sam import Sam, SamConfig, load_sam
 from samclip_jax.models.samclip import SamClipConfig, SamClipNet
 from samclip_jax.tasks import common
@@ -312,9 +313,9 @@ class MergeTask:
       out["clip"] = {"image": rng.integers(0, 256, (cfg.clip_batch_size, r, r, 3), dtype=np.uint8)}
     if self.use_sam:
       s, b, k, p = sam_frame or cfg.sam_image_size, cfg.sam_batch_size, cfg.masks_per_image, cfg.points_per_prompt
-      labels = np.full((b, k, p), -1, np.int32)
-      labels[:, :, 0] = 1
-      labels[:, ::2, :2] = (2, 3)  # every other prompt is a box
+      labels = np.full((b, k, p), sam_lib.ABSENT, np.int32)
+      labels[:, :, :2] = (sam_lib.POSITIVE, sam_lib.PAD)
+      labels[:, ::2, :2] = (sam_lib.BOX_TOP_LEFT, sam_lib.BOX_BOTTOM_RIGHT)  # every other prompt is a box
       coords = np.sort(rng.uniform(0, s - 1, (b, k, p, 2)).astype(np.float32), axis=2)
       out["sam"] = {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
                     "point_coords": coords, "point_labels": labels,
