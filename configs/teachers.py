@@ -46,6 +46,11 @@ def _clip(c):
   c.clip_batch_size = 32  # contrastive batch (its other captions are the negatives)
   c.clip_image_size = 96
   c.zero_shot_templates = "imagenet80"  # held-out top-1 prompts (samclip_jax/templates.py)
+  # Training captions: a weighted draw of (canonical, largest with colour, largest, all shapes)
+  # (colour-free ones most: colour alone is a shortcut), wrapped in a random one of these
+  # templates ("" keeps "a photo of a ..."): zero-shot prompts are then familiar sentences.
+  c.caption_weights = (0.15, 0.15, 0.35, 0.35)
+  c.caption_templates = "imagenet80"
   c.zero_unused_tokens = True  # export: zero token rows the world never uses (a small file)
   c.model = ml_collections.ConfigDict()
   c.model.patch_size = 8  # 12x12 tokens: shapes span several patches (16 px patches saw only colours)

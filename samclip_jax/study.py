@@ -24,7 +24,12 @@ config_flags.DEFINE_config_file("config", None, "Study config (configs/study.py:
 flags.DEFINE_string("workdir", None, "Runs, per-variant metrics, study.json/.md/.png go here.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-METRICS = ("box_miou", "point_miou", "top1", "retrieval_r1", "semseg_miou_clip", "semseg_miou_clip_sam")
+METRICS = ("box_miou", "point_miou", "top1", "colour_top1", "retrieval_r1", "semseg_miou_clip",
+           "semseg_miou_clip_sam", "semseg_colour_miou_clip", "semseg_colour_miou_clip_sam")
+METRICS_VERSION = 2  # cached measurements of another version are measured again
+# Plots (file, CLIP metric on x): the shape top-1 as the paper's figure 1, and the colour
+# top-1, the semantics the world's CLIP teacher has learned (README: the world's teachers).
+PLOTS = (("study.png", "top1"), ("study_colour.png", "colour_top1"))
 
 
 class Study:
@@ -95,7 +100,9 @@ class Study:
     cached = os.path.join(self.workdir, "variants", name + ".json")
     if os.path.isfile(cached):
       with open(cached) as f:
-        return json.load(f)
+        record = json.load(f)
+      if record.get("metrics_version") == METRICS_VERSION:  # else an older version measured it
+        return record["metrics"]
     from samclip_jax import world_eval
     c = self.config
     t0 = time.time()
@@ -103,7 +110,7 @@ class Study:
     self.say(f"[study] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in values.items()
                                             if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)")
     with cli.atomic_write(cached) as tmp, open(tmp, "w") as f:
-      json.dump(values, f, indent=2)
+      json.dump({"metrics_version": METRICS_VERSION, "metrics": values}, f, indent=2)
     return values
 
   def variant(self, name) -> dict:
@@ -146,8 +153,9 @@ class Study:
       json.dump({"variants": results, "config": self.config.to_dict()}, f, indent=2)
     with cli.atomic_write(os.path.join(self.workdir, "study.md")) as tmp, open(tmp, "w") as f:
       f.write(table(results))
-    with cli.atomic_write(os.path.join(self.workdir, "study.png"), suffix=".png") as tmp:
-      plot(results).save(tmp, format="PNG")
+    for name, x_key in PLOTS:
+      with cli.atomic_write(os.path.join(self.workdir, name), suffix=".png") as tmp:
+        plot(results, x_key=x_key).save(tmp, format="PNG")
 
 
 def _mix(a, b, alpha):

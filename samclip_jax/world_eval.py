@@ -2,8 +2,9 @@
 
 What the README, the tests and the merge study report for a SAM teacher, a CLIP teacher or a
 merged model: box- and single-point-prompted mask mIoU against the true instance masks,
-zero-shot top-1 on the largest shape (5 classes, OpenAI's 80 templates), caption retrieval
-R@1, and zero-shot semantic segmentation mIoU (with a "background" class) in both modes.
+zero-shot top-1 on the largest shape (5 classes, OpenAI's 80 templates) and on its colour
+(8 colours), caption retrieval R@1, and zero-shot semantic segmentation mIoU (with a
+"background" class) over shapes and over colours, in both modes.
 
   python -m samclip_jax.world_eval --model DIR [--scenes 64] [--side 128]
 
@@ -60,41 +61,69 @@ def sam_metrics(predictor, world) -> dict:
           "num_masks": len(box_ious)}
 
 
-def _labelled(world):
-  return [(s, sample.label(s)) for s in world if sample.label(s) >= 0]
+# What a zero-shot label names: the shape, or the colour, of the largest shape (classify) or of
+# every pixel (segment). Names, and the scene's id map (0 = background, i + 1 = names[i]).
+SEMANTICS = {
+    "shape": (list(sample.CLASSES), lambda s: s["semantic"]),
+    "colour": (list(sample.COLOURS), lambda s: _colour_map(s)),
+}
+
+
+def _colour_map(scene) -> np.ndarray:
+  out = np.zeros(scene["semantic"].shape, np.uint8)
+  for m, c in zip(scene["masks"], scene["colours"]):
+    out[m] = list(sample.COLOURS).index(c) + 1
+  return out
+
+
+def _largest_labels(world, by: str):
+  """(scenes with a shape, index into SEMANTICS[by] names of their largest shape's label)."""
+  names, id_map = SEMANTICS[by]
+  kept = [s for s in world if len(s["masks"])]
+  ids = [int(id_map(s)[s["masks"][int(np.argmax([m.sum() for m in s["masks"]]))]].max()) - 1 for s in kept]
+  return kept, np.array(ids)
+
+
+def _top1(embed, classifier, world, by: str) -> float:
+  kept, labels = _largest_labels(world, by)
+  emb = np.asarray(embed([s["image"] for s in kept]))
+  return float(np.mean(np.argmax(emb @ np.asarray(classifier(SEMANTICS[by][0])).T, -1) == labels))
 
 
 def clip_teacher_metrics(clip, world, templates="imagenet80") -> dict:
-  """top1 (largest shape, zero-shot) and retrieval_r1 (image -> its caption among all) of a ClipModel."""
-  classifier = clip.zero_shot_classifier(list(sample.CLASSES), templates)
-  labelled = _labelled(world)
-  img = np.asarray(clip.encode_image([s["image"] for s, _ in labelled], normalize=True))
-  top1 = float(np.mean(np.argmax(img @ np.asarray(classifier).T, -1) == [l for _, l in labelled]))
-  captions = [sample.caption(s) for s, _ in labelled]
-  txt = np.asarray(clip.encode_text(captions, normalize=True))
-  best = np.argmax(img @ txt.T, -1)
-  r1 = float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))
-  return {"top1": top1, "retrieval_r1": r1}
+  """top1 / colour_top1 (largest shape's class / colour, zero-shot) and retrieval_r1 (image ->
+  its caption among all) of a ClipModel."""
+  embed = lambda images: clip.encode_image(images, normalize=True)
+  classifier = lambda names: clip.zero_shot_classifier(names, templates)
+  out = {"top1": _top1(embed, classifier, world, "shape"),
+         "colour_top1": _top1(embed, classifier, world, "colour")}
+  kept, _ = _largest_labels(world, "shape")
+  img = np.asarray(embed([s["image"] for s in kept]))
+  captions = [sample.caption(s) for s in kept]
+  best = np.argmax(img @ np.asarray(clip.encode_text(captions, normalize=True)).T, -1)
+  out["retrieval_r1"] = float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))
+  return out
 
 
 def merged_clip_metrics(model, world, resolution: int, templates="imagenet80") -> dict:
-  """top1 of a merged model's CLIP head (the largest shape, zero-shot)."""
-  classifier = np.asarray(model.text_classifier(list(sample.CLASSES), templates))
-  labelled = _labelled(world)
-  emb = np.asarray(model.encode_image([s["image"] for s, _ in labelled], resolution))
-  return {"top1": float(np.mean(np.argmax(emb @ classifier.T, -1) == [l for _, l in labelled]))}
+  """top1 / colour_top1 of a merged model's CLIP head (the largest shape's class / colour)."""
+  embed = lambda images: model.encode_image(images, resolution)
+  classifier = lambda names: model.text_classifier(names, templates)
+  return {"top1": _top1(embed, classifier, world, "shape"),
+          "colour_top1": _top1(embed, classifier, world, "colour")}
 
 
-def semseg_metrics(model, world, mode: str, resolution: int, templates="imagenet80") -> float:
-  """mIoU over the 5 shapes + background of model.segment_semantic(mode) on the scenes."""
-  names = list(sample.CLASSES) + [BACKGROUND]
-  # Label index c < 5 is class id c + 1 in the scene's semantic map; "background" is id 0.
-  to_id = np.array(list(range(1, len(sample.CLASSES) + 1)) + [0])
+def semseg_metrics(model, world, mode: str, resolution: int, templates="imagenet80", by="shape") -> float:
+  """mIoU over the shapes (or colours) + background of model.segment_semantic(mode)."""
+  labels, id_map = SEMANTICS[by]
+  names = labels + [BACKGROUND]
+  # Prediction index c < len(labels) is id c + 1 in the scene's map; "background" is id 0.
+  to_id = np.array(list(range(1, len(labels) + 1)) + [0])
   cm = metrics.ConfusionMatrix(len(names))
   for s in world:
     kw = {"resolution": resolution} if mode == "clip" else {}
     pred = model.segment_semantic(s["image"], names, mode=mode, templates=templates, **kw)
-    cm.update(to_id[pred], s["semantic"])
+    cm.update(to_id[pred], id_map(s))
   return cm.compute()["mIoU"] / 100.0
 
 
@@ -118,8 +147,9 @@ def evaluate_model(path: str, num_scenes: int = 64, side: int = 128, semseg_scen
   if "clip" in parts:
     out.update(merged_clip_metrics(model, world, res))
   if "semseg" in parts:
-    out["semseg_miou_clip"] = semseg_metrics(model, world[:semseg_scenes], "clip", res)
-    out["semseg_miou_clip_sam"] = semseg_metrics(model, world[:semseg_scenes], "clip+sam", res)
+    for by, prefix in (("shape", "semseg_miou"), ("colour", "semseg_colour_miou")):
+      for mode, suffix in (("clip", "clip"), ("clip+sam", "clip_sam")):
+        out[f"{prefix}_{suffix}"] = semseg_metrics(model, world[:semseg_scenes], mode, res, by=by)
   return out
 
 

@@ -31,13 +31,13 @@ DEFAULTS = dict(seed=0, num_clip_train=160, num_clip_val=32, num_sam_train=96,
                 num_sam_val=32, min_side=320, max_side=640, train_shards=2)
 
 
-def _shape_mask(rng, cls: str, h: int, w: int) -> np.ndarray:
-  """Draws one filled shape as a bool mask (no anti-aliasing: the mask is exact)."""
+def _shape_mask(rng, cls: str, h: int, w: int, sizes=(0.07, 0.28)) -> np.ndarray:
+  """Draws one filled shape (radius `sizes` x the shorter side) as an exact bool mask."""
   m = Image.new("L", (w, h), 0)
   d = ImageDraw.Draw(m)
   s = min(h, w)
   cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
-  r = rng.uniform(0.07, 0.28) * s
+  r = rng.uniform(*sizes) * s
   if cls == "circle":
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
   elif cls == "ellipse":
@@ -98,18 +98,23 @@ def _background(rng, h: int, w: int) -> np.ndarray:
   return np.clip(img, 0, 255).astype(np.int16)
 
 
-def draw_scene(seed: int, index: int, min_side: int = 320, max_side: int = 640) -> dict:
-  """One deterministic scene: image uint8 [H,W,3], masks bool [N,H,W], classes, colours."""
+def draw_scene(seed: int, index: int, min_side: int = 320, max_side: int = 640, max_shapes: int = 6,
+               sizes=(0.07, 0.28)) -> dict:
+  """One deterministic scene: image uint8 [H,W,3], masks bool [N,H,W], classes, colours.
+
+  1..max_shapes shapes of radius `sizes` (fractions of the shorter side); the defaults draw
+  the world every split uses.
+  """
   rng = np.random.default_rng([seed, index])
   h, w = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
   img = _background(rng, h, w)
   inst = np.zeros((h, w), np.int32)
   shapes = []
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  for i in range(int(rng.integers(1, 7))):
+  for i in range(int(rng.integers(1, max_shapes + 1))):
     cls = CLASSES[int(rng.integers(len(CLASSES)))]
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    m = _shape_mask(rng, cls, h, w)
+    m = _shape_mask(rng, cls, h, w, sizes)
     # Shading: a brightness factor and a linear light gradient across the shape.
     ang = rng.uniform(0, 2 * np.pi)
     light = rng.uniform(-0.12, 0.12) * ((xx * np.cos(ang) + yy * np.sin(ang)) / max(h, w) - 0.5)
@@ -136,10 +141,13 @@ def draw_scene(seed: int, index: int, min_side: int = 320, max_side: int = 640) 
           "semantic": semantic}
 
 
+CAPTION_PREFIX = "a photo of a "  # every caption starts so; training swaps it for a template
+
+
 def caption(scene: dict) -> str:
   """'a photo of a red circle and a blue star', largest shapes first (at most 3)."""
   if not scene["classes"]:
-    return "a photo of a plain background"
+    return CAPTION_PREFIX + "plain background"
   order = np.argsort([-m.sum() for m in scene["masks"]], kind="stable")[:3]
   parts = [f"a {scene['colours'][i]} {CLASSES[scene['classes'][i] - 1]}" for i in order]
   body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

@@ -35,14 +35,30 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
 
 class CaptionRender(grain.transforms.RandomMap):
   """Record -> the whole image at `resolution`, caption tokens, label; `train` adds a random
-  flip and a random one of the scene's true captions."""
+  flip, a random one of the scene's true captions and a random prompt template around it."""
 
-  def __init__(self, resolution: int, context_length: int, train: bool):
+  def __init__(self, resolution: int, context_length: int, train: bool,
+               caption_weights=None, templates: tuple[str, ...] = ()):
     self.resolution, self.context_length, self.flip = resolution, context_length, train
+    self.caption_weights, self.templates = caption_weights, tuple(templates)
     self._tokenizer, self._tokens = None, {}  # captions repeat: tokenise each once
 
+  def caption(self, rec, rng) -> str:
+    """The training caption: a weighted draw of the scene's true captions, its "a photo of a"
+    wrapper swapped for a random template (zero-shot prompts are then not new sentences to
+    the text tower); evaluation keeps the canonical caption."""
+    from samclip_jax.data import sample
+    variants = rec.get("captions") or [rec["caption"]]
+    if not self.flip:
+      return rec["caption"]
+    weights = np.array((self.caption_weights or sample.CAPTION_WEIGHTS)[:len(variants)], np.float64)
+    text = variants[int(rng.choice(len(variants), p=weights / weights.sum()))]
+    if self.templates and text.startswith(sample.CAPTION_PREFIX):
+      text = self.templates[int(rng.integers(len(self.templates)))].format(text[len(sample.CAPTION_PREFIX):])
+    return text
+
   def random_map(self, element, rng):
-    from samclip_jax.data import records, sample, transforms
+    from samclip_jax.data import records, transforms
     from samclip_jax.tokenizer import Tokenizer
     if self._tokenizer is None:  # built in the worker that uses it (not pickled)
       self._tokenizer = Tokenizer.default(self.context_length)
@@ -51,15 +67,7 @@ class CaptionRender(grain.transforms.RandomMap):
     h, w = transforms.image_size(rec["image"])
     flip = self.flip and bool(rng.integers(2))
     image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
-    # Training draws one of the scene's true captions, colour-free ones most often: colour is
-    # an easy shortcut (matching captions by colour alone, the text tower learned no shape
-    # word in 1000 steps); evaluation keeps the canonical one.
-    variants = rec.get("captions") or [rec["caption"]]
-    if self.flip:
-      weights = np.array(sample.CAPTION_WEIGHTS[:len(variants)], np.float64)
-      text = variants[int(rng.choice(len(variants), p=weights / weights.sum()))]
-    else:
-      text = rec["caption"]
+    text = self.caption(rec, rng)
     if text not in self._tokens:
       self._tokens[text] = self._tokenizer(text)[0]
     return {"image": image, "tokens": self._tokens[text],
@@ -157,7 +165,10 @@ class ClipPretrainTask:
     cfg, nproc = self.config, jax.process_count()
     is_train = split == "train"
     source = pipeline.KeyedSource(pipeline.data_source(paths[f"clip_{split}"]))
-    ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, train=is_train),
+    from samclip_jax.templates import get_templates
+    templates = get_templates(cfg.caption_templates) if cfg.get("caption_templates") else ()
+    ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, train=is_train,
+                         caption_weights=cfg.get("caption_weights"), templates=templates),
            grain.transforms.Batch(batch_size=cfg.clip_batch_size // nproc, drop_remainder=True)]
     return {"clip": pipeline.make_loader(
         source, ops, seed=cfg.seed if is_train else cfg.seed + 1, shard_index=jax.process_index(),
