@@ -1,6 +1,7 @@
 """Parity of the Flax SAM image encoder with segment_anything's PyTorch ImageEncoderViT."""
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -320,3 +321,101 @@ def test_vit_b_1024_parity():
   with torch.no_grad():
     necked = enc.neck(torch.from_numpy(tokens).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
   assert max_abs(necked, got) <= TOL
+
+
+# ---------------------------------------------------------------- fused attention
+def max_rel(got, want):
+  """max |got - want| / max |want|: the error against the reference's own scale."""
+  want = np.asarray(want, np.float64)
+  return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_grad(model):
+  """jit of (output, d/d(variables, x) of a loss that weights every output element differently)."""
+  def loss(variables, x):
+    y = model.apply(variables, x)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size), y
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+@pytest.mark.parametrize("window,hw", [(4, (8, 8)), (0, (6, 6)), (4, (7, 6)), (0, (7, 5))])
+def test_fused_attention_matches_reference_and_torch(window, hw):
+  # Windowed and global blocks; (7, 6) pads the windows unequally, (7, 5) is a non-square
+  # global grid; tables sized for 8x8 and resampled where the grid differs.
+  tm = randomize_(sam_ie.Block(64, 4, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                               use_rel_pos=True, window_size=window, input_size=(8, 8)), seed=8)
+  x = rand(2, *hw, 64, seed=12)
+  with torch.no_grad():
+    want = tm(torch.from_numpy(x)).numpy()
+  variables = to_flax(tm)
+  ref = vit_det.Block(64, 4, use_rel_pos=True, window_size=window, input_size=(8, 8),
+                      attention="reference")
+  fused = ref.clone(attention="xla")
+  check_tree(fused, variables, x)
+  (_, y_ref), g_ref = _loss_grad(ref)(variables, x)
+  (_, y_fused), g_fused = _loss_grad(fused)(variables, x)
+  assert max_rel(y_fused, y_ref) <= 1e-5
+  assert max_rel(y_fused, want) <= 1e-5
+  flat_ref = dict(jax.tree_util.tree_flatten_with_path(g_ref)[0])
+  flat_fused = dict(jax.tree_util.tree_flatten_with_path(g_fused)[0])
+  assert flat_ref.keys() == flat_fused.keys() and len(flat_ref) == 15  # x + every parameter
+  errs = {jax.tree_util.keystr(k): max_rel(flat_fused[k], g) for k, g in flat_ref.items()}
+  assert max(errs.values()) <= 1e-5, errs
+  assert np.abs(g_ref[0]["params"]["attn"]["rel_pos_h"]).max() > 0  # the tables get gradients
+
+
+def test_fused_attention_without_rel_pos():
+  model = vit_det.Attention(64, 4, use_rel_pos=False, attention="xla")
+  x = rand(2, 5, 3, 64, seed=13)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  got = jax.jit(model.apply)(variables, x)
+  want = jax.jit(model.clone(attention="reference").apply)(variables, x)
+  assert max_rel(got, want) <= 1e-5
+
+
+def test_encoder_fused_attention_matches_torch():
+  enc, variables = _tiny()
+  x = rand(2, 112, 96, 3, seed=14)
+  want, want_blocks = torch_encoder(enc, x)
+  got, aux = jax.jit(vit_det.ImageEncoderViT(TINY, attention="xla").apply)(variables, x)
+  assert max_rel(got, want) <= 1e-5
+  for i in range(TINY.depth):
+    assert max_rel(aux[f"block_{i}"], want_blocks[i]) <= 1e-5
+
+
+def test_attention_choice():
+  assert vit_det.default_attention(jnp.float32, 192) == "reference"  # measured faster on CPU
+  x = rand(1, 4, 4, 64)
+  with pytest.raises(ValueError, match="unknown attention"):
+    vit_det.Attention(64, 4, attention="flash").init(jax.random.key(0), x)
+
+
+def test_remat_policy():
+  cfg = vit_det.ImageEncoderConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=2,
+                                   global_attn_indexes=(1,), out_chans=8)
+  x = jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32)
+  plain = vit_det.ImageEncoderViT(cfg)
+  variables = jax.eval_shape(plain.init, jax.random.key(0), x)
+  grad_of = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x)[0]))
+  jaxpr = lambda m: str(jax.make_jaxpr(grad_of(m))(variables, x))
+  assert "remat" not in jaxpr(plain)
+  # Each policy reaches jax.checkpoint, on every block (remat_policy alone turns remat on).
+  seen = set()
+  for policy in vit_det.REMAT_POLICIES:
+    found = re.findall(r"policy=(\S+)", jaxpr(vit_det.ImageEncoderViT(cfg, remat_policy=policy)))
+    assert len(found) >= cfg.depth and len(set(found)) == 1
+    seen.add(found[0])
+  assert len(seen) == len(vit_det.REMAT_POLICIES)
+  with pytest.raises(ValueError, match="unknown remat policy"):
+    jaxpr(vit_det.ImageEncoderViT(cfg, remat_policy="everything"))
+  # Values and gradients unchanged (one block, the unit that is rematerialised).
+  block = vit_det.Block(32, 2, use_rel_pos=True, window_size=0, input_size=(4, 4))
+  xb = rand(1, 4, 3, 32, seed=15)
+  vb = jax.jit(block.init)(jax.random.key(0), xb)
+  loss = lambda m: lambda v, x: jnp.sum(m.apply(v, x) ** 2)
+  grad = lambda m: jax.jit(jax.grad(loss(m), argnums=(0, 1)))(vb, xb)
+  want = grad(block)
+  got = grad(vit_det.maybe_remat(vit_det.Block, policy="dots_with_no_batch_dims_saveable")(
+      32, 2, use_rel_pos=True, window_size=0, input_size=(4, 4)))
+  assert max(jax.tree.leaves(jax.tree.map(max_rel, got, want))) <= 1e-5
