@@ -14,6 +14,8 @@ import json
 import os
 import types
 
+from convert.torchvision_nms import ensure_nms
+
 SAM_WEIGHTS, SAM_CONFIG = "sam.pth", "sam_config.json"
 CLIP_HEAD_WEIGHTS, CLIP_HEAD_CONFIG = "clip_head.safetensors", "clip_head_config.json"
 
@@ -32,6 +34,7 @@ def build_sam(config, device=None):
   `device="meta"` builds it without memory (to check a state dict with load_state_dict(assign=True)).
   """
   import torch
+  ensure_nms()
   from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
   c = _read(config)
   enc, pe, dec = dict(c["image_encoder"]), dict(c["prompt_encoder"]), dict(c["mask_decoder"])
@@ -82,6 +85,7 @@ def load(directory: str):
 def _classes():
   """The torch modules, defined on first use (so that this module imports without torch)."""
   import torch
+  ensure_nms()
   from segment_anything.modeling.image_encoder import Block
   from segment_anything.utils.onnx import SamOnnxModel
   from torch import nn
