@@ -445,10 +445,13 @@ class Sam(nn.Module):
   config: SamConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: str | None = None  # vit_det.REMAT_POLICIES key (implies remat)
+  attention: str | None = None  # vit_det.Attention implementation; None: per backend
 
   def setup(self):
     cfg = self.config
-    self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat)
+    self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat,
+                                         remat_policy=self.remat_policy, attention=self.attention)
     self.prompt_encoder = PromptEncoder(cfg.prompt_embed_dim, cfg.image_embedding_size,
                                         (cfg.image_size, cfg.image_size), cfg.mask_in_chans, self.dtype)
     self.mask_decoder = MaskDecoder(cfg.prompt_embed_dim, cfg.num_multimask_outputs, cfg.iou_head_depth,

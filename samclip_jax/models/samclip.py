@@ -17,7 +17,7 @@ import numpy as np
 
 from samclip_jax import checkpoint
 from samclip_jax.models.sam import MaskDecoder, PromptEncoder, SamConfig, present
-from samclip_jax.models.vit_det import Block, ImageEncoderConfig, ImageEncoderViT
+from samclip_jax.models.vit_det import Block, ImageEncoderConfig, ImageEncoderViT, maybe_remat
 from samclip_jax.sharding import EMBED, MLP, NONE, NORM, param_with_axes
 
 Dtype = Any
@@ -97,17 +97,19 @@ class ClipHead(nn.Module):
   config: SamClipConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
+  remat_policy: str | None = None  # vit_det.REMAT_POLICIES key
+  attention: str | None = None  # vit_det.Attention implementation
 
   @nn.compact
   def __call__(self, tokens):
     enc = self.config.sam.image_encoder
-    block = nn.remat(Block) if self.remat else Block
+    block = maybe_remat(Block, self.remat, self.remat_policy)
     x = tokens.astype(self.dtype)
     for i in range(self.config.head_depth):
       # Global attention (window 0) with rel-pos tables sized like the backbone's last block,
       # so its parameters copy over one to one.
       x = block(enc.embed_dim, enc.num_heads, enc.mlp_ratio, enc.qkv_bias, enc.use_rel_pos, 0,
-                (enc.grid_size, enc.grid_size), self.dtype, name=f"blocks_{i}")(x)
+                (enc.grid_size, enc.grid_size), self.dtype, attention=self.attention, name=f"blocks_{i}")(x)
     norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm",
                         scale_init=param_with_axes(nn.initializers.ones_init(), NORM),
                         bias_init=param_with_axes(nn.initializers.zeros_init(), NORM))
@@ -122,10 +124,13 @@ class SamClipNet(nn.Module):
   config: SamClipConfig
   dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
   remat: bool = False
+  remat_policy: str | None = None  # vit_det.REMAT_POLICIES key (implies remat)
+  attention: str | None = None  # vit_det.Attention implementation; None: per backend
 
   def setup(self):
     cfg = self.config.sam
-    self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat)
+    self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat,
+                                         remat_policy=self.remat_policy, attention=self.attention)
     # The same submodules (names and settings) as models.sam.Sam: SAM params load as they are.
     self.prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.image_embedding_size,
@@ -136,7 +141,7 @@ class SamClipNet(nn.Module):
         iou_head_depth=cfg.iou_head_depth, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads, mlp_dim=cfg.decoder_mlp_dim,
         attention_downsample_rate=cfg.attention_downsample_rate, dtype=self.dtype)
-    self.clip_head = ClipHead(self.config, self.dtype, self.remat)
+    self.clip_head = ClipHead(self.config, self.dtype, self.remat, self.remat_policy, self.attention)
 
   def __call__(self, images, point_coords, point_labels, multimask_output: bool = False):
     """One backbone pass feeding both heads (stage 3 at 1024 px; also creates every parameter).

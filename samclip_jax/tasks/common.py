@@ -54,6 +54,12 @@ def normalize_sam(images, content_hw=None):
   return x
 
 
+def model_options(config) -> dict:
+  """The ViT-Det backbone's memory and kernel choices from the run config (loop_fields)."""
+  return {"remat": bool(config.remat), "remat_policy": config.get("remat_policy"),
+          "attention": config.get("attention")}
+
+
 def normalize_clip(images):
   """uint8 [B,R,R,3] -> OpenAI-CLIP-normalised float32."""
   x = images.astype(jnp.float32) / 255.0

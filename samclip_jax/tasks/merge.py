@@ -400,7 +400,7 @@ def create(config, devices=None) -> MergeTask:
     if init_cfg != model_cfg:
       raise ValueError(f"init_from={config.init_from} holds a model of config {init_cfg}, "
                        f"but this run builds {model_cfg}")
-  student = SamClipNet(model_cfg, dtype=dtype, remat=config.remat)
+  student = SamClipNet(model_cfg, dtype=dtype, **common.model_options(config))
   # The SAM teacher runs in float32: bf16 rounding flips the sign of logits near 0, i.e. the
   # binarised targets' boundary pixels.
   sam_teacher = Sam(sam_cfg, dtype=jnp.float32) if config.sam_batch_size > 0 else None

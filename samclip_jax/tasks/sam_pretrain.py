@@ -182,6 +182,6 @@ def create(config, devices=None) -> SamPretrainTask:
   boxed = jax.eval_shape(lambda k: Sam(cfg).init(k, *sam_lib.example_inputs(cfg))["params"], jax.random.key(0))
   tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)
   return SamPretrainTask(config=config, mesh=mesh, rules=rules, sam_config=cfg,
-                         model=Sam(cfg, dtype=common.DTYPES[config.compute_dtype]), tx=tx,
+                         model=Sam(cfg, dtype=common.DTYPES[config.compute_dtype], **common.model_options(config)), tx=tx,
                          schedule=schedule, state_shardings=state_sh, trainable_paths=trainable,
                          frozen_paths=frozen)
