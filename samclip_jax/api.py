@@ -4,6 +4,7 @@
     model.classify(image, ["cat", "dog"])                  # [("cat", 0.93), ("dog", 0.07)]
     model.encode_image([image1, image2])                   # unit CLIP-head embeddings [2, D]
     labels = model.segment_semantic(image, ["grass", "cat"], mode="clip+sam")   # [H,W]
+    masks, scores = model.segment_text(image, "red star")  # instance masks [N,H,W], best first
     predictor = model.predictor()                          # SamPredictor, segment_anything's API
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(point_coords=np.array([[500, 375]]), point_labels=np.array([1]))
@@ -45,6 +46,7 @@ TEXT_MODEL_KEY = "text_model"       # or config.json key naming an open_clip mod
 CLIP_RESOLUTION = 448               # CLIP-head-only segmentation (paper: 448 -> 28x28 patches)
 CLASSIFY_RESOLUTION = 336           # paper's ImageNet number is at 336 px
 NEG_LOGIT = -1e4                    # "no mask" logit: finite so bilinear resizing stays finite
+TEXT_CONTRAST = ("background",)     # segment_text: what a patch is when it is not the query
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -252,6 +254,12 @@ def _decode(cfg, params, emb, coords, labels, mask_input):
   return low
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_multimask(cfg, params, emb, coords, labels):
+  """Point prompts, no mask input -> (low-res logits [B,K,3,h,w], predicted IoUs [B,K,3])."""
+  return _net(cfg).apply({"params": params}, emb, coords, labels, None, True, method=SamClipNet.predict_masks)
+
+
 class SamClip:
   """Merged SAM-CLIP model: CLIP head (classification, semantic segmentation) + SAM head."""
 
@@ -277,6 +285,7 @@ class SamClip:
     self._patches = lambda p, x: _patches(cfg, p, x)
     self._encode_both = lambda p, x: _encode_both(cfg, p, x)
     self._decode = lambda p, emb, coords, labels, mask_input: _decode(cfg, p, emb, coords, labels, mask_input)
+    self._decode_multimask = lambda p, emb, coords, labels: _decode_multimask(cfg, p, emb, coords, labels)
 
   # -------------------------------------------------------------- loading
   @classmethod
@@ -460,6 +469,77 @@ class SamClip:
     best = probs.argmax(axis=-1)
     return [(class_names[i], float(probs[n, i])) for n, i in enumerate(best)]
 
+  # -------------------------------------------------------------- text-prompted instances
+  def segment_text(self, image, text: str, contrast: Sequence[str] = TEXT_CONTRAST,
+                   templates="imagenet80", threshold: float | None = None, nms_thresh: float = 0.5,
+                   max_candidates: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Instances a free-text query names -> (masks bool [N,H,W], scores float32 [N]), best first.
+
+    Relevance is segment_semantic's zero-shot rule with the query as one class and `contrast`
+    (default "background"; name the other things the image may hold for a sharper query) as
+    the rest: on the one backbone pass at SAM's input size (1024 px) that feeds both heads,
+    each CLIP-head patch gets logits logit_scale * cosine with the prompts' text embeddings
+    and p(query) = softmax over [text, *contrast]. The query's patches are those where it is the most
+    likely prompt (argmax), or where p(query) > `threshold` when one is given.
+    Candidates: the local maxima (3x3) of p over the query's patches inside the image, the
+    `max_candidates` highest, each a positive point prompt for the SAM head. Each of SAM's
+    three masks per point is scored p_mask x predicted IoU (clipped to [0, 1]), p_mask the
+    query's probability from the mean logits inside the mask (logits bilinearly upsampled to
+    the image, as label_masks names masks); the best non-empty mask of each point is kept,
+    then greedy NMS on mask IoU (> `nms_thresh` suppressed, `mask_nms`).
+    No patch of the query, or no non-empty mask: 0 masks ([0,H,W] and [0]).
+    """
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f"segment_text needs a non-empty text query, got {text!r}")
+    if threshold is not None and not 0.0 <= threshold < 1.0:
+      raise ValueError(f"threshold must be None or in [0, 1), got {threshold}")
+    if max_candidates < 1:
+      raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
+    query = " ".join(text.lower().split())
+    others = [c for c in check_class_names(contrast) if " ".join(c.lower().split()) != query]
+    if not others:
+      raise ValueError(f"the contrast set {list(contrast)} holds nothing but the query {text!r}: "
+                       "relevance needs at least one other prompt")
+    image = as_rgb_uint8(image)
+    h, w = image.shape[:2]
+    nothing = np.zeros((0, h, w), bool), np.zeros((0,), np.float32)
+    size = self.config.sam.image_size
+    x, (nh, nw) = sam_input(image, size)
+    classifier = self.text_classifier([text] + others, templates)
+    emb, patch = self._encode_both(self.params, x)
+    logits = np.asarray(self.logit_scale * jnp.einsum("hwd,cd->chw", patch[0], classifier, precision="highest"))
+    relevance = np.asarray(jax.nn.softmax(logits, axis=0))[0]
+    chosen = relevance > threshold if threshold is not None else np.argmax(logits, axis=0) == 0
+    points = text_candidates(relevance, chosen, size, (nh, nw), max_candidates)
+    if len(points) == 0:
+      return nothing
+    # A fixed prompt batch (the first point repeated) so the decoder compiles once.
+    k = len(points)
+    batch = np.concatenate([points, np.repeat(points[:1], max_candidates - k, axis=0)])
+    coords, labels = build_sparse_prompt(batch[:, None, :], np.full((max_candidates, 1), POSITIVE, np.int32))
+    low, iou = self._decode_multimask(self.params, emb, coords[None], labels[None])
+    low, iou = np.asarray(low[0, :k]), np.clip(np.asarray(iou[0, :k]), 0.0, 1.0)   # [k,3,h',w'], [k,3]
+    # The mean upsampled CLIP logits inside a mask m, sum(m * a_h L a_w^T) / |m|, is
+    # <a_h^T m a_w, L> / |m|: no [C,H,W] map; and one point's three masks at a time.
+    a_h, a_w = upscale_matrices(logits.shape[-2:], size, (nh, nw), (h, w))
+    masks, scores = [], []
+    for i in range(k):
+      m = upscale_low_res(low[i], size, (nh, nw), (h, w)) > 0                 # [3,H,W]
+      area = m.sum(axis=(1, 2))
+      weights = np.matmul(a_h.T, np.matmul(m.astype(np.float32), a_w))      # [3,g,g]
+      inside = np.einsum("nyx,cyx->nc", weights, logits) / np.maximum(area, 1)[:, None]
+      p_mask = np.asarray(jax.nn.softmax(inside, axis=1))[:, 0]
+      score = np.where(area > 0, p_mask * iou[i], -np.inf)
+      best = int(np.argmax(score))                                           # SAM's 3 -> 1 per point
+      if np.isfinite(score[best]):
+        masks.append(m[best])
+        scores.append(score[best])
+    if not masks:
+      return nothing
+    masks, scores = np.stack(masks), np.asarray(scores, np.float32)
+    keep = mask_nms(masks, scores, nms_thresh)
+    return masks[keep], scores[keep]
+
   # -------------------------------------------------------------- SAM head
   def predictor(self):
     """A SamPredictor over the merged backbone + SAM head (segment_anything's API)."""
@@ -501,3 +581,38 @@ def upscale_low_res(low: np.ndarray, image_size: int, input_size: tuple[int, int
   low = np.asarray(low, np.float32)
   a_h, a_w = upscale_matrices(low.shape[-2:], image_size, input_size, original_size)
   return np.matmul(a_h, np.matmul(low, a_w.T))
+
+
+def text_candidates(relevance: np.ndarray, chosen: np.ndarray, image_size: int,
+                    input_size: tuple[int, int], max_points: int) -> np.ndarray:
+  """Point prompts (x, y in the model input frame) [K,2] from a patch-grid relevance map [g,g]:
+  the local maxima (3x3) of relevance among the `chosen` patches inside the image, the
+  `max_points` highest first."""
+  from scipy import ndimage
+  g = relevance.shape[0]
+  centres = (np.arange(g) + 0.5) * (image_size / g)
+  ok = chosen & (centres[:, None] < input_size[0]) & (centres[None, :] < input_size[1])
+  r = np.where(ok, relevance, -1.0)
+  ys, xs = np.nonzero(ok & (r == ndimage.maximum_filter(r, size=3, mode="constant", cval=-1.0)))
+  order = np.argsort(-relevance[ys, xs], kind="stable")[:max_points]
+  return np.stack([centres[xs[order]], centres[ys[order]]], axis=-1).astype(np.float32)
+
+
+def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+  """Indices kept by greedy NMS on mask IoU, by decreasing score (torchvision.ops.nms's rule,
+  as automatic_mask_generator.nms, with the IoU of the masks [N,H,W] instead of their boxes)."""
+  order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
+  if len(order) == 0:
+    return order.astype(np.int64)
+  flat = np.asarray(masks, bool).reshape(len(order), -1)[order].astype(np.float32)
+  inter = flat @ flat.T
+  area = np.diag(inter)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    iou = inter / (area[:, None] + area[None, :] - inter)   # two empty masks: NaN, never suppresses
+  suppressed = np.zeros(len(order), bool)
+  keep = []
+  for i in range(len(order)):
+    if not suppressed[i]:
+      keep.append(i)
+      suppressed |= iou[i] > iou_threshold
+  return order[np.asarray(keep, np.int64)]

@@ -4,11 +4,14 @@
   python -m samclip_jax.predict --checkpoint DIR --image in.jpg --points "120,80;300,200" --labels "1,0" --output out.png
   python -m samclip_jax.predict --checkpoint DIR --image in.jpg --boxes "10,20,200,220" --classes "cat,dog" --output out.png
   python -m samclip_jax.predict --checkpoint DIR --image in.jpg --everything --output out.png
+  python -m samclip_jax.predict --checkpoint DIR --image in.jpg --text "red star" --output out.png
 
 Without prompts, --classes gives zero-shot semantic segmentation (--mode clip+sam or clip).
 Points / boxes give SAM-head masks (named by the CLIP head when --classes is given);
---everything runs the automatic mask generator. --checkpoint takes a merged model
-directory or a training workdir. The picture is written whole or not at all.
+--everything runs the automatic mask generator; --text draws the instances a free-text
+query names (SamClip.segment_text; --contrast lists what else the picture may hold).
+--checkpoint takes a merged model directory or a training workdir. The picture is written
+whole or not at all.
 """
 import argparse
 import os
@@ -78,15 +81,15 @@ def parse_boxes(text: str) -> np.ndarray:
   return np.array(boxes, np.float64)
 
 
-def parse_classes(text: str) -> list[str]:
+def parse_classes(text: str, flag: str = "--classes") -> list[str]:
   from samclip_jax.clip_model import check_class_names
   names = [c.strip() for c in text.split(",") if c.strip()]
   if not names:
-    raise UsageError("--classes: give comma-separated class names")
+    raise UsageError(f"{flag}: give comma-separated class names")
   try:
     return check_class_names(names)
   except ValueError as e:
-    raise UsageError(f"--classes: {e}") from None
+    raise UsageError(f"{flag}: {e}") from None
 
 
 def default_points_per_side(h: int, w: int, model_size: int) -> int:
@@ -127,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--labels", help="'1,0' per point: 1 foreground (default), 0 background")
   p.add_argument("--boxes", help="'x0,y0,x1,y1;...' box prompts (one mask each)")
   p.add_argument("--everything", action="store_true", help="automatic mask generator")
+  p.add_argument("--text", help="free-text query: its instance masks (e.g. 'red star')")
+  p.add_argument("--contrast", help="--text: comma-separated prompts the query competes with per patch "
+                                     "(default: background)")
   p.add_argument("--points-per-side", type=int,
                  help=f"--everything grid (default: a point every {GRID_SPACING} px of the image as the "
                       "model sees it, 4 to 32 a side)")
@@ -144,10 +150,17 @@ def run(args) -> str:
   prompted = args.points is not None or args.boxes is not None
   if args.labels is not None and args.points is None:
     raise UsageError("--labels needs --points")
+  if args.contrast is not None and args.text is None:
+    raise UsageError("--contrast needs --text")
   if args.everything and prompted:
     raise UsageError("--everything takes no --points / --boxes")
-  if not (prompted or args.everything or args.classes):
-    raise UsageError("nothing to do: give --classes, --points / --boxes, or --everything")
+  if args.text is not None:
+    if prompted or args.everything or args.classes:
+      raise UsageError("--text takes no --points / --boxes / --everything / --classes (see --contrast)")
+    if not args.text.strip():
+      raise UsageError("--text: give a non-empty query")
+  if not (prompted or args.everything or args.classes or args.text is not None):
+    raise UsageError("nothing to do: give --classes, --points / --boxes, --everything or --text")
   if not 0.0 <= args.alpha <= 1.0:
     raise UsageError("--alpha must be in [0, 1]")
   if args.points_per_side is not None and args.points_per_side < 1:
@@ -159,6 +172,7 @@ def run(args) -> str:
   if not os.path.isdir(out_dir):
     raise UsageError(f"output directory does not exist: {out_dir}")
   classes = parse_classes(args.classes) if args.classes else None
+  contrast = parse_classes(args.contrast, "--contrast") if args.contrast is not None else api.TEXT_CONTRAST
   points = parse_points(args.points) if args.points is not None else None
   labels = None
   if points is not None:
@@ -197,6 +211,11 @@ def run(args) -> str:
       names, tags = [f"mask {i + 1} (IoU {s:.2f})" for i, s in enumerate(scores)], None
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, points=points,
                                   point_labels=labels, boxes=boxes, tags=tags)
+  elif args.text is not None:
+    masks, scores = model.segment_text(image, args.text, contrast=contrast, templates=args.templates)
+    print(text_summary(args.text, scores), file=sys.stderr)
+    pic = visualize.overlay_masks(image, masks, alpha=args.alpha, tags=[f"{s:.2f}" for s in scores],
+                                  title=f"{args.text!r}: {cli.plural(len(masks), 'mask')}")
   elif args.everything:
     side = args.points_per_side or default_points_per_side(h, w, model.config.sam.image_size)
     progress = cli.Progress("everything", side * side, "points")
@@ -225,6 +244,15 @@ def everything_summary(side: int, c: dict, args) -> str:
     line += ("\n[everything] no mask passed the filters: lower --pred-iou-thresh / "
              "--stability-score-thresh (SAM's defaults suit well-trained models)")
   return line
+
+
+def text_summary(text: str, scores) -> str:
+  """How many instances --text found, with their scores, or what to try when none."""
+  line = f"[text] {text!r}: {cli.plural(len(scores), 'mask')}"
+  if len(scores):
+    return line + " (scores " + ", ".join(f"{s:.2f}" for s in scores) + ")"
+  return line + ("\n[text] no patch of the picture is more like the query than like each --contrast "
+                 "prompt: rephrase it, or name fewer / other --contrast prompts")
 
 
 def _save_atomic(pic, path: str, ext: str):

@@ -4,9 +4,10 @@ What the README, the tests and the merge study report for a SAM teacher, a CLIP 
 merged model: box- and single-point-prompted mask mIoU against the true instance masks,
 zero-shot top-1 on the largest shape (5 classes, OpenAI's 80 templates) and on its colour
 (8 colours), caption retrieval R@1, and zero-shot semantic segmentation mIoU (with a
-"background" class) over shapes and over colours, in both modes.
+"background" class) over shapes and over colours, in both modes; with --text, a merged
+model's text-prompted instance segmentation (SamClip.segment_text, see text_metrics).
 
-  python -m samclip_jax.world_eval --model DIR [--scenes 64] [--side 128]
+  python -m samclip_jax.world_eval --model DIR [--scenes 64] [--side 128] [--text]
 
 DIR: a SAM model dir, a CLIP model dir or a merged model (export or training workdir).
 """
@@ -127,6 +128,53 @@ def semseg_metrics(model, world, mode: str, resolution: int, templates="imagenet
   return cm.compute()["mIoU"] / 100.0
 
 
+# Text queries for one instance: what it is called, and what else the world could call a patch
+# (segment_text's contrast set: the rest of the query's vocabulary, and the background).
+TEXT_QUERIES = {
+    "colour_shape": lambda colour, shape: f"{colour} {shape}",
+    "colour": lambda colour, shape: colour,
+}
+TEXT_VOCABULARY = {
+    "colour_shape": [f"{c} {s}" for c in sample.COLOURS for s in sample.CLASSES],
+    "colour": list(sample.COLOURS),
+}
+HIT_IOU = 0.5   # a text query "hits" when one of its masks overlaps the target this much
+
+
+def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_kw) -> dict:
+  """Text-prompted instance segmentation (model.segment_text) on held-out scenes.
+
+  Each scene with shapes gets a target instance (seeded) and queries "<colour> <shape>"
+  ("red star"), and "<colour>" alone when no other shape in the scene has that colour; the
+  contrast set is the rest of the query's vocabulary (all other colour+shape names, or all
+  other colours) and "background". Per kind: miou (mean over queries of the best returned
+  mask's IoU with the target's true mask, 0 when nothing comes back), top1_miou (the most
+  confident mask's), hit_rate (best IoU >= 0.5), empty_rate (no mask), each None without
+  queries, and the query count.
+  """
+  ious = {k: [] for k in TEXT_QUERIES}
+  for i, s in enumerate(world):
+    if len(s["masks"]) == 0:
+      continue
+    t = int(np.random.default_rng([seed, i]).integers(len(s["masks"])))
+    colour, shape = s["colours"][t], sample.CLASSES[s["classes"][t] - 1]
+    for kind, name in TEXT_QUERIES.items():
+      if kind == "colour" and s["colours"].count(colour) > 1:
+        continue
+      contrast = TEXT_VOCABULARY[kind] + [BACKGROUND]   # segment_text drops the query itself
+      masks, _ = model.segment_text(s["image"], name(colour, shape), contrast=contrast,
+                                    templates=templates, **segment_kw)
+      ious[kind].append([_iou(m, s["masks"][t]) for m in masks])
+  out = {}
+  for kind, per_query in ious.items():
+    best = [max(q, default=0.0) for q in per_query]
+    stats = {"miou": best, "top1_miou": [q[0] if q else 0.0 for q in per_query],
+             "hit_rate": [b >= HIT_IOU for b in best], "empty_rate": [not q for q in per_query]}
+    out.update({f"text_{kind}_{k}": float(np.mean(v)) if v else None for k, v in stats.items()})
+    out[f"text_{kind}_queries"] = len(per_query)
+  return out
+
+
 def evaluate_model(path: str, num_scenes: int = 64, side: int = 128, semseg_scenes: int = 32,
                    parts=("sam", "clip", "semseg")) -> dict:
   """Every metric (of `parts`) the model at `path` can compute, on `num_scenes` held-out scenes."""
@@ -159,7 +207,14 @@ def main(argv=None) -> int:
   p.add_argument("--model", required=True, help="SAM dir, CLIP dir, or merged model (export / workdir)")
   p.add_argument("--scenes", type=int, default=64, help="held-out scenes to measure on")
   p.add_argument("--side", type=int, default=128, help="scene side in pixels")
+  p.add_argument("--text", action="store_true",
+                 help="text-prompted instance segmentation of a merged model (text_metrics) instead")
   args = p.parse_args(argv)
+  if args.text:
+    from samclip_jax import api
+    model = api.SamClip.from_checkpoint(args.model)
+    print(json.dumps(text_metrics(model, scenes(args.scenes, args.side)), indent=2))
+    return 0
   print(json.dumps(evaluate_model(args.model, args.scenes, args.side), indent=2))
   return 0
 
