@@ -209,21 +209,24 @@ def plot(results, x_key="top1", y_key="box_miou"):
     d.text((m - 45, y - 7), f"{y0 + t * (y1 - y0):.2f}", fill="black", font=font)
   d.text((w // 2 - 90, h - 30), f"{x_key} (zero-shot, CLIP)", fill="black", font=font)
   d.text((8, 20), f"{y_key} (box prompts, SAM)", fill="black", font=font)
+  placed = []  # (x, y, width) of every label drawn: later labels must not overlap them
   if refs["sam_teacher"][1] is not None:
     _, y = to_xy(x0, refs["sam_teacher"][1])
     d.line([m, y, w - m, y], fill=(150, 150, 150))
     d.text((w - m - 110, y - 16), "SAM teacher", fill=(110, 110, 110), font=font)
+    placed.append((w - m - 110, y - 16, d.textlength("SAM teacher", font=font)))
   if refs["clip_teacher"][0] is not None:
     x, _ = to_xy(refs["clip_teacher"][0], y0)
     d.line([x, m, x, h - m], fill=(150, 150, 150))
     d.text((x + 4, m + 4), "CLIP teacher", fill=(110, 110, 110), font=font)
-  placed = []
+    placed.append((x + 4, m + 4, d.textlength("CLIP teacher", font=font)))
   for (name, x, y), c in zip(points, palette(max(len(points), 1))):
     px, py = to_xy(x, y)
     d.ellipse([px - 6, py - 6, px + 6, py + 6], fill=c, outline="black")
     tw = d.textlength(name, font=font)
-    # Right of the point, else left of it, else lower: labels must not overlap.
-    spots = [(px + 9, py - 8), (px - 9 - tw, py - 8), (px + 9, py + 6), (px - 9 - tw, py + 6)]
+    # Right of the point, else left of it, else lower, else further up or down: no overlaps.
+    spots = [(px + 9, py - 8), (px - 9 - tw, py - 8), (px + 9, py + 6), (px - 9 - tw, py + 6),
+             (px + 9, py - 24), (px + 9, py + 20), (px - 9 - tw, py - 24), (px - 9 - tw, py + 20)]
     free = lambda x, y: all(abs(y - qy) >= 14 or x + tw < qx or x > qx + qw for qx, qy, qw in placed)
     tx, ty = next(((x, y) for x, y in spots if free(x, y)), spots[0])
     placed.append((tx, ty, tw))
