@@ -54,6 +54,13 @@ def loop_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ("pos", None),
   ]
   c.distributed = "auto"  # jax.distributed.initialize(): "auto" (when env says multi-process) | "always" | "never"
+  # Explicit launch without a cluster manager (every process runs the same command but its
+  # process_id); empty/0/-1 leave them to the TPU VM / SLURM / Open MPI auto-detection.
+  c.coordinator_address = ""  # HOST:PORT of process 0 (it serves the coordinator there)
+  c.num_processes = 0  # processes in the job
+  c.process_id = -1  # this process: 0 .. num_processes-1
+  c.distributed_timeout_s = 300  # give up when not all processes have joined after this long
+  c.heartbeat_timeout_s = 100  # a process silent this long is declared gone and the job stops
   c.compute_dtype = "float32"  # activations / matmuls; parameters and optimizer stay float32
   c.remat = False  # rematerialise each transformer block in the backward pass (less memory)
 

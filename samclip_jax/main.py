@@ -17,7 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  sharding.maybe_initialize_distributed(FLAGS.config.distributed)  # before any device use
+  sharding.initialize_from_config(FLAGS.config)  # before any device use
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

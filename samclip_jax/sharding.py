@@ -6,6 +6,7 @@ CPU, 8 simulated CPU devices, one GPU or a multi-host TPU slice: only the mesh s
 """
 import math
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -240,17 +241,47 @@ def multiprocess_env_detected() -> bool:
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def maybe_initialize_distributed(mode="auto") -> bool:
-  """jax.distributed.initialize() when asked (True) or when the environment says so ("auto").
+def maybe_initialize_distributed(mode="auto", *, coordinator_address: str = "",
+                                 num_processes: int = 0, process_id: int = -1,
+                                 timeout_s: int = 300, heartbeat_timeout_s: int = 100) -> bool:
+  """jax.distributed.initialize() when asked (True), when an explicit coordinator_address is
+  given, or when the environment says so ("auto").
 
-  Must run before anything touches jax devices; idempotent (main.py and train both call
-  it). Returns whether the job is (now) multi-process initialized.
+  coordinator_address / num_processes / process_id launch a job without a cluster manager;
+  left empty (""/0/-1) they come from the environment (TPU VM, SLURM, Open MPI). timeout_s
+  bounds the wait for every process to join; a process silent for heartbeat_timeout_s is
+  declared gone and the job stops instead of waiting in a collective forever. Must run before
+  anything touches jax devices; idempotent (main.py and train both call it). Returns whether
+  the job is (now) multi-process initialized.
   """
   if jax.distributed.is_initialized():
     return True
   if mode is False or mode == "never":
     return False
-  if mode is True or mode == "always" or (mode == "auto" and multiprocess_env_detected()):
-    jax.distributed.initialize()
-    return True
-  return False
+  wanted = (mode is True or mode == "always" or coordinator_address
+            or (mode == "auto" and multiprocess_env_detected()))
+  if not wanted:
+    return False
+  # Multi-process CPU computations need a cross-process collectives backend (older jax: none).
+  if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  explicit = dict(coordinator_address=coordinator_address or None,
+                  num_processes=num_processes if num_processes > 0 else None,
+                  process_id=process_id if process_id >= 0 else None)
+  given = ", ".join(f"{k}={v}" for k, v in explicit.items() if v is not None)
+  # jax aborts the process (no Python exception) when a peer is gone (its message names the
+  # silent process ids) or the join times out (it says only DEADLINE_EXCEEDED): this line
+  # says what was being joined.
+  print(f"jax.distributed: joining ({given or 'from the environment'}; all processes within "
+        f"{timeout_s}s, heartbeat timeout {heartbeat_timeout_s}s)", file=sys.stderr, flush=True)
+  jax.distributed.initialize(**explicit, initialization_timeout=int(timeout_s),
+                             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+  return True
+
+
+def initialize_from_config(config) -> bool:
+  """maybe_initialize_distributed with a training config's fields (configs/common.py)."""
+  return maybe_initialize_distributed(
+      config.distributed, coordinator_address=config.coordinator_address,
+      num_processes=config.num_processes, process_id=config.process_id,
+      timeout_s=config.distributed_timeout_s, heartbeat_timeout_s=config.heartbeat_timeout_s)

@@ -26,5 +26,5 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   stop_at_step: leave the loop after that step (after checkpointing it), as a preemption
   would; rerunning resumes. devices: the devices the mesh spans (default: all of them).
   """
-  sharding.maybe_initialize_distributed(config.distributed)
+  sharding.initialize_from_config(config)
   return loop.run(create_task(config, devices), workdir, stop_at_step=stop_at_step)

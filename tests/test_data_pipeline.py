@@ -166,6 +166,28 @@ def test_sharding_partitions_data(paths):
   assert sorted(seen[0] + seen[1]) == list(range(n))
 
 
+def test_global_batches_do_not_depend_on_process_or_worker_count(paths):
+  # Global batch n (its records, pixels and CLIP resolution) is a function of (seed, n): two
+  # processes (one with grain workers, one without) assemble the single-process batches, and
+  # the resolutions follow clip_resolution(seed, n) on every process alike.
+  n, res = 6, (224, 448)
+
+  def take(shard_index, shard_count, worker_count):
+    loader = pipeline.clip_loader(paths["clip_train"], batch_size=4 // shard_count, seed=5,
+                                  resolutions=res, shard_index=shard_index, shard_count=shard_count,
+                                  worker_count=worker_count, return_index=True)
+    return _take(iter(loader), n)
+
+  one, halves = take(0, 1, 0), [take(0, 2, 0), take(1, 2, 2)]
+  schedule = [pipeline.clip_resolution(5, i, res) for i in range(n)]
+  assert set(schedule) == set(res)
+  for batches in [one] + halves:
+    assert [b["image"].shape[1] for b in batches] == schedule
+  for i in range(n):
+    for k in ("index", "image"):
+      np.testing.assert_array_equal(np.concatenate([h[i][k] for h in halves]), one[i][k])
+
+
 def test_epochs_and_repeat(paths):
   one = [int(i) for b in pipeline.clip_loader(paths["clip_val"], batch_size=1, seed=0,
                                                num_epochs=1, return_index=True) for i in b["index"]]

@@ -6,15 +6,16 @@ data source object (len + getitem), e.g. `tfds.data_source(name, split=...)` on 
 dataset built in the array_record file format (works without TensorFlow) whose examples
 are dicts with the keys of records.py ("image" as encoded bytes or a uint8 array, ...).
 
-Randomness: grain's IndexSampler gives record i of the (sharded, shuffled) stream an rng
-Philox(seed + i). Per-record choices (crop box, flip, masks, prompts) use that record's
-rng; the CLIP resolution of a batch uses the rng of the batch's last record, so it is a
-function of (seed, batch position) only (for a given worker_count, which changes how
-records are grouped into batches). Every batch has a single resolution. seed: 0 <= seed < 2**32.
-
-Multi-host: pass shard_index=jax.process_index(), shard_count=jax.process_count() and the
-per-process batch size (global batch / process count); each process reads a disjoint
-1/shard_count of the records (grain ShardOptions, remainder dropped).
+Randomness and multi-host: every process reads the same stream of record positions (one
+grain IndexSampler over the whole split, seeded by `seed`); global batch n is positions
+[n*G, (n+1)*G) of it (G = batch_size * shard_count) and process shard_index takes rows
+[shard_index*batch_size, (shard_index+1)*batch_size) of it (GlobalBatchSampler). Record g
+of the stream draws its per-record choices (crop box, flip, masks, prompts) from
+Philox(seed + g), grain's convention; the CLIP resolution of global batch n is
+clip_resolution(seed, n, resolutions). So a global batch, its resolution and its pixels are
+functions of (seed, n) alone: the same for any number of processes or grain workers.
+seed: 0 <= seed < 2**32. Pass shard_index=jax.process_index(),
+shard_count=jax.process_count() and the per-process batch size (global batch / processes).
 
 Checkpointing: `iter(loader)` is a grain DataLoaderIterator with get_state()/set_state();
 save it in Orbax with `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))`
@@ -73,9 +74,58 @@ class KeyedSource(grain.sources.RandomAccessDataSource):
     return f"KeyedSource({self._source!r})"
 
 
-def _shard_options(shard_index, shard_count):
-  return grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count,
-                                     drop_remainder=True)
+class GlobalBatchSampler:
+  """Process shard_index's rows of every global batch, read from one stream all processes share.
+
+  Global batch n is positions [n*G, (n+1)*G) of an unsharded IndexSampler (G = batch_size *
+  shard_count); this process takes rows shard_index*batch_size + [0, batch_size) of it. Only
+  whole global batches are served. grain worker w of W batches the local indices w, w+W,
+  w+2W, ... and the loader yields the workers' batches in turn, so local index l is placed
+  where worker l % W's batch lands: the loader's n-th batch is always global batch n.
+  """
+
+  def __init__(self, num_records, *, seed, shuffle, num_epochs, batch_size, shard_index,
+               shard_count, worker_count):
+    if not 0 <= shard_index < shard_count:
+      raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    self._stream = grain.samplers.IndexSampler(
+        num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=shuffle,
+        num_epochs=num_epochs, seed=seed)
+    self.batch_size, self.shard_index, self.shard_count = batch_size, shard_index, shard_count
+    self.global_batch = batch_size * shard_count
+    self.workers = max(int(worker_count), 1)  # 0 (in-process) batches like one worker
+    self._len = len(self._stream) // self.global_batch * batch_size
+
+  def __len__(self):
+    return self._len
+
+  def __repr__(self):
+    # grain stores it with the iterator state: name everything that shapes the stream.
+    return (f"GlobalBatchSampler({self._stream!r}, batch_size={self.batch_size}, "
+            f"shard={self.shard_index}/{self.shard_count}, workers={self.workers})")
+
+  def position(self, index: int) -> int:
+    """Stream position of local index `index`."""
+    worker, m = index % self.workers, index // self.workers
+    batch = m // self.batch_size * self.workers + worker
+    return batch * self.global_batch + self.shard_index * self.batch_size + m % self.batch_size
+
+  def __getitem__(self, index):
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} out of range [0, {self._len})")
+    meta = self._stream[self.position(index)]
+    return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+
+def stream_position(rng: np.random.Generator, seed: int) -> int:
+  """Stream position g of the record whose rng this is (IndexSampler keys it Philox(seed + g))."""
+  lo, hi = (int(k) for k in rng.bit_generator.state["state"]["key"])
+  return lo + (hi << 64) - seed
+
+
+def clip_resolution(seed: int, batch: int, resolutions: Sequence[int]) -> int:
+  """The CLIP resolution of global batch `batch`: a function of (seed, batch) only."""
+  return int(resolutions[np.random.default_rng((seed, batch)).integers(len(resolutions))])
 
 
 def _as_list(values):
@@ -116,14 +166,18 @@ class ClipPrepare(grain.transforms.RandomMap):
 
 
 class ClipRender(grain.transforms.RandomMap):
-  """Picks the batch's resolution, decodes and renders every view at it: uint8 [B,R,R,3]."""
+  """Renders every view of the batch at the global batch's resolution: uint8 [B,R,R,3]."""
 
-  def __init__(self, resolutions: Sequence[int], return_index: bool = False):
+  def __init__(self, resolutions: Sequence[int], seed: int, global_batch: int,
+               return_index: bool = False):
     self.resolutions = tuple(int(r) for r in resolutions)
+    self.seed, self.global_batch = int(seed), int(global_batch)
     self.return_index = return_index
 
   def random_map(self, batch, rng):
-    r = self.resolutions[int(rng.integers(len(self.resolutions)))]
+    # rng is the batch's last record's: its stream position says which global batch this is.
+    n = stream_position(rng, self.seed) // self.global_batch
+    r = clip_resolution(self.seed, n, self.resolutions)
     images, embs = [], []
     for el in batch:
       box, flip, emb = el["views"][r]
@@ -192,18 +246,23 @@ def _ensure_flags_parsed(worker_count):
 
 def make_loader(source, operations, *, seed, shard_index, shard_count, num_epochs,
             worker_count, shuffle=True):
+  """A grain DataLoader serving this process's rows of every global batch (GlobalBatchSampler).
+
+  `operations` map records one to one up to their grain.transforms.Batch, whose batch_size
+  is the per-process batch.
+  """
   _ensure_flags_parsed(worker_count)
-  shard = _shard_options(shard_index, shard_count)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard, shuffle=shuffle,
-      num_epochs=num_epochs, seed=seed)
+  batch_size = next(op.batch_size for op in operations if isinstance(op, grain.transforms.Batch))
+  sampler = GlobalBatchSampler(len(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                               batch_size=batch_size, shard_index=shard_index,
+                               shard_count=shard_count, worker_count=worker_count)
   return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=worker_count, shard_options=shard)
+                          worker_count=worker_count, shard_options=grain.sharding.NoSharding())
 
 
 def clip_loader(paths, *, batch_size: int, seed: int, resolutions=(224, 448),
                 shard_index: int = 0, shard_count: int = 1, teacher_embeddings=None,
-                num_epochs=None, worker_count: int = 0, drop_remainder: bool = True,
+                num_epochs=None, worker_count: int = 0,
                 shuffle: bool = True, return_index: bool = False) -> grain.DataLoader:
   """CLIP batches {"image": uint8 [B,R,R,3]} (+ "teacher_embedding" f32 [B,D]).
 
@@ -215,16 +274,15 @@ def clip_loader(paths, *, batch_size: int, seed: int, resolutions=(224, 448),
   if teacher_embeddings is not None:
     _check_teacher(teacher_embeddings, paths, len(source), resolutions)
   ops = [ClipPrepare(resolutions, teacher_embeddings),
-         grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder,
-                                batch_fn=_as_list),
-         ClipRender(resolutions, return_index)]
+         grain.transforms.Batch(batch_size=batch_size, drop_remainder=True, batch_fn=_as_list),
+         ClipRender(resolutions, seed, batch_size * shard_count, return_index)]
   return make_loader(source, ops, seed=seed, shard_index=shard_index, shard_count=shard_count,
                  num_epochs=num_epochs, worker_count=worker_count, shuffle=shuffle)
 
 
 def sam_loader(paths, *, batch_size: int, masks_per_image: int, points_per_prompt: int,
                seed: int, shard_index: int = 0, shard_count: int = 1, num_epochs=None,
-               worker_count: int = 0, box_prob: float = 0.5, drop_remainder: bool = True,
+               worker_count: int = 0, box_prob: float = 0.5,
                shuffle: bool = True, return_index: bool = False,
                image_size: int = SAM_IMAGE_SIZE, gt_mask_size: int = 0) -> grain.DataLoader:
   """SAM batches: image uint8 [B,S,S,3] (S = image_size: longest side resized to S, zero
@@ -235,7 +293,7 @@ def sam_loader(paths, *, batch_size: int, masks_per_image: int, points_per_promp
   # Small S (CPU configs) keeps the host from decoding and padding at 1024 only to shrink later.
   ops = [SamPrepare(masks_per_image, points_per_prompt, box_prob, image_size=int(image_size),
                     return_index=return_index, gt_mask_size=int(gt_mask_size)),
-         grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
+         grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
   return make_loader(KeyedSource(data_source(paths)), ops, seed=seed, shard_index=shard_index,
                  shard_count=shard_count, num_epochs=num_epochs, worker_count=worker_count,
                  shuffle=shuffle)
