@@ -63,6 +63,12 @@ def loop_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.heartbeat_timeout_s = 100  # a process silent this long is declared gone and the job stops
   c.compute_dtype = "float32"  # activations / matmuls; parameters and optimizer stay float32
   c.remat = False  # rematerialise each transformer block in the backward pass (less memory)
+  # What a rematerialised ViT-Det block keeps (vit_det.REMAT_POLICIES: "nothing_saveable",
+  # "dots_saveable", ...); None: jax's default. A policy turns remat on by itself.
+  c.remat_policy = None
+  # ViT-Det attention kernel: "reference" (logits + rel-pos bias), "xla" / "cudnn" (rel-pos
+  # folded into q/k channels, jax.nn.dot_product_attention); None: per backend (vit_det.py).
+  c.attention = None
 
   c.grad_accum_steps = 1  # micro-batches per step (lax.scan); batches must divide by it
   c.learning_rate = 1e-3  # peak LR
