@@ -28,6 +28,7 @@ import warnings
 from convert import sam as sam_table
 from convert.common import CheckpointError, check_output_place, identity, invert_rules, linear, summary, unapply_table
 from convert.torch_models import CLIP_HEAD_CONFIG, CLIP_HEAD_WEIGHTS, SAM_CONFIG, SAM_WEIGHTS
+from samclip_jax import cli
 
 IMAGE_ENCODER_ONNX, DECODER_ONNX = "image_encoder.onnx", "decoder.onnx"
 # Everything this converter writes: the only entries --overwrite may replace.
@@ -202,7 +203,8 @@ def to_torch(model: str, output: str, onnx: bool = False, overwrite: bool = Fals
         json.dump(config, f, indent=2)
     torch.save(sam.state_dict(), os.path.join(tmp, SAM_WEIGHTS))
     if head is not None:
-      save_file(head.state_dict(), os.path.join(tmp, CLIP_HEAD_WEIGHTS))
+      with cli.atomic_write(os.path.join(tmp, CLIP_HEAD_WEIGHTS)) as path:  # safetensors writes 0600
+        save_file(head.state_dict(), path)
     if onnx:
       t1 = time.time()
       export_onnx(sam, head, tmp, return_single_mask)

@@ -253,3 +253,14 @@ def test_parameters_that_do_not_fit_the_config(paths, tmp_path):
   with pytest.raises(CheckpointError, match="size mismatch for mask_decoder.transformer.layers.0.mlp.lin1.weight"):
     to_torch(str(model), str(tmp_path / "out"), verbose=False)
   _nothing_written(str(tmp_path / "out"))
+
+
+def test_written_files_follow_the_umask(merged):
+  """Every file is as readable as open() would make it (safetensors alone writes 0600)."""
+  _, out, _ = merged
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in os.listdir(out):
+    path = os.path.join(out, name)
+    if os.path.isfile(path):
+      assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, name
