@@ -1,6 +1,7 @@
 """Shared machinery of the PyTorch -> Orbax converters: read a state dict, apply a table."""
 import os
 import re
+import sys
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -186,14 +187,11 @@ def apply_table(state: Mapping[str, np.ndarray], rules: Sequence[Rule], skeleton
   for name, value in state.items():
     if any(r.fullmatch(name) for r in ignored):
       continue
-    for regex, template, transform in compiled:
-      m = regex.fullmatch(name)
-      if m:
-        break
-    else:
+    found = _lookup(compiled, name)
+    if found is None:
       unmapped.append(f"{name} {tuple(value.shape)}")
       continue
-    path = m.expand(template)
+    path, transform = found
     if path not in expected:
       unknown.append(f"{name} -> {path} (no such Flax parameter)")
       continue
@@ -277,19 +275,35 @@ def invert_rules(rules: Sequence[Rule]) -> list[Rule]:
   return out
 
 
+def _lookup(compiled, name: str):
+  """(the first matching rule's expanded target, its transform), or None: tables are ordered."""
+  for regex, template, transform in compiled:
+    m = regex.fullmatch(name)
+    if m:
+      return m.expand(template), transform
+  return None
+
+
+def exit_status(convert, *args, **kwargs) -> int:
+  """A converter's CLI exit status: 0, or 1 with the refusal on stderr (no traceback)."""
+  try:
+    convert(*args, **kwargs)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
 def unapply_table(params: Mapping, inverse_rules: Sequence[Rule], source: str = "model") -> dict[str, np.ndarray]:
   """Flax params -> {PyTorch name: numpy array} through invert_rules' table; every parameter must map, once."""
   compiled = [(re.compile(p), t, f) for p, t, f in inverse_rules]
   out, unmapped, twice = {}, [], []
   for path, value in flatten(params).items():
-    for regex, template, transform in compiled:
-      m = regex.fullmatch(path)
-      if m:
-        break
-    else:
+    found = _lookup(compiled, path)
+    if found is None:
       unmapped.append(f"{path} {tuple(np.shape(value))}")
       continue
-    name = m.expand(template)
+    name, transform = found
     if name in out:
       twice.append(f"{path} -> {name}")
     out[name] = np.array(transform(np.asarray(value)), order="C")  # a writable copy, as torch.from_numpy wants

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from convert.common import (CheckpointError, apply_table, check_output, conv, conv_transpose, identity, linear,
+from convert.common import (CheckpointError, apply_table, check_output, conv, conv_transpose, exit_status, identity, linear,
                             load_state_dict, summary)
 
 VARIANTS = ("vit_b", "vit_l", "vit_h")
@@ -152,12 +152,7 @@ def main(argv=None) -> int:
                       help="replace --output if it is a model directory of ours (nothing else is ever replaced)")
   parser.add_argument("--model", choices=VARIANTS, default=None, help="variant; inferred from shapes if omitted")
   args = parser.parse_args(argv)
-  try:
-    convert_sam(args.checkpoint, args.output, args.model, overwrite=args.overwrite)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  return exit_status(convert_sam, args.checkpoint, args.output, args.model, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

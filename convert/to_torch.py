@@ -26,7 +26,7 @@ import time
 import warnings
 
 from convert import sam as sam_table
-from convert.common import CheckpointError, check_output_place, identity, invert_rules, linear, summary, unapply_table
+from convert.common import CheckpointError, check_output_place, exit_status, identity, invert_rules, linear, summary, unapply_table
 from convert.torch_models import CLIP_HEAD_CONFIG, CLIP_HEAD_WEIGHTS, SAM_CONFIG, SAM_WEIGHTS
 from samclip_jax import cli
 
@@ -211,7 +211,7 @@ def to_torch(model: str, output: str, onnx: bool = False, overwrite: bool = Fals
       log(f"  ONNX export {time.time() - t1:.1f} s")
     written = sorted(os.listdir(tmp))
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    checkpoint._swap_in(tmp, out)  # save_model's swap: the previous export goes only once this one is in place
+    checkpoint.swap_in(tmp, out)  # save_model's swap: the previous export goes only once this one is in place
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -228,12 +228,7 @@ def main(argv=None) -> int:
   parser.add_argument("--return-single-mask", action="store_true",
                       help="decoder.onnx returns the best mask only (as segment_anything's export script)")
   args = parser.parse_args(argv)
-  try:
-    to_torch(args.model, args.output, args.onnx, args.overwrite, args.return_single_mask)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  return exit_status(to_torch, args.model, args.output, args.onnx, args.overwrite, args.return_single_mask)
 
 
 if __name__ == "__main__":

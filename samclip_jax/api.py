@@ -609,10 +609,5 @@ def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
   area = np.diag(inter)
   with np.errstate(divide="ignore", invalid="ignore"):
     iou = inter / (area[:, None] + area[None, :] - inter)   # two empty masks: NaN, never suppresses
-  suppressed = np.zeros(len(order), bool)
-  keep = []
-  for i in range(len(order)):
-    if not suppressed[i]:
-      keep.append(i)
-      suppressed |= iou[i] > iou_threshold
-  return order[np.asarray(keep, np.int64)]
+  from samclip_jax.automatic_mask_generator import greedy_keep
+  return order[greedy_keep(iou, iou_threshold)]

@@ -108,16 +108,22 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
   inter = wh[..., 0] * wh[..., 1]
   with np.errstate(divide="ignore", invalid="ignore"):
     iou = inter / (area[:, None] + area[None, :] - inter)   # 0/0 -> NaN never suppresses
-  suppressed = np.zeros(len(b), bool)
+  return order[greedy_keep(iou, iou_threshold)]
+
+
+def greedy_keep(iou: np.ndarray, iou_threshold: float) -> np.ndarray:
+  """Positions kept by greedy NMS over items sorted by decreasing score, given their pairwise
+  IoU [N, N]: an item is dropped when its IoU with a kept one is > threshold (NaN never is)."""
+  suppressed = np.zeros(len(iou), bool)
   keep = []
-  for i in range(len(b)):
+  for i in range(len(iou)):
     if suppressed[i]:
       continue
     keep.append(i)
     # In double, as torchvision compares: a float32 IoU equal to a threshold like 1/3 after
     # rounding would otherwise suppress what torchvision keeps.
     suppressed |= iou[i].astype(np.float64) > float(iou_threshold)
-  return order[np.array(keep, np.int64)]
+  return np.array(keep, np.int64)
 
 
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_threshold: float) -> np.ndarray:

@@ -70,7 +70,7 @@ def save_model(directory: str, params, config: Mapping[str, Any],
         f.write(config_text)
       for file_name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(tmp, file_name))
-      _swap_in(tmp, directory)
+      swap_in(tmp, directory)
   except BaseException:
     if primary:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -87,7 +87,7 @@ def _primary_says(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
-def _swap_in(tmp: str, directory: str) -> None:
+def swap_in(tmp: str, directory: str) -> None:
   """Puts the finished `tmp` at `directory`; a previous one is removed only once the new one is in place."""
   if not os.path.lexists(directory):
     os.rename(tmp, directory)
