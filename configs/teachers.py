@@ -53,6 +53,8 @@ def _clip(c):
   c.caption_templates = "imagenet80"
   c.zero_unused_tokens = True  # export: zero token rows the world never uses (a small file)
   c.model = ml_collections.ConfigDict()
+  c.model.resnet_layers = ()  # () = ViT; 4 block counts = open_clip's ModifiedResNet (',resnet')
+  c.precise_bn_batches = 32  # ResNet: training batches whose statistics become BatchNorm's
   c.model.patch_size = 8  # 12x12 tokens: shapes span several patches (16 px patches saw only colours)
   c.model.width = 128
   c.model.layers = 4
@@ -88,7 +90,8 @@ def _tiny(c):
   else:
     c.clip_batch_size = 16
     c.clip_image_size = 64
-    c.model.width = 32
+    c.precise_bn_batches = 2
+    c.model.width = 8 if c.model.resnet_layers else 32
     c.model.layers = 1
     c.model.embed_dim = 32
     c.model.text_width = 32
@@ -97,12 +100,23 @@ def _tiny(c):
     c.data.clip_val = "world:val:32:64"
 
 
+def _resnet(c):
+  """CLIP with open_clip's ModifiedResNet image tower: convolutions at full resolution learn the
+  world's shapes where patchifying towers (ViT, ConvNeXt) stay at chance (README)."""
+  if c.task != "clip_pretrain":
+    raise ValueError("',resnet' applies to the CLIP teacher only")
+  c.model.resnet_layers = (1, 1, 1, 1)
+  c.model.width = 16  # stem 8 channels; 512-wide final features; attention pool of 16 heads
+  c.optim.frozen = [".*running_(mean|var)"]  # set by precise BN at export, never trained
+
+
 def get_config(arg: str = "sam") -> ml_collections.ConfigDict:
   parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
   teachers = [p for p in parts if p in TEACHERS]
-  unknown = set(parts) - set(TEACHERS) - {"tiny"}
+  unknown = set(parts) - set(TEACHERS) - {"tiny", "resnet"}
   if unknown or len(teachers) != 1:
-    raise ValueError(f"configs/teachers.py takes one of {TEACHERS} (and optionally ',tiny'), got {arg!r}")
+    raise ValueError(f"configs/teachers.py takes one of {TEACHERS} (and optionally ',tiny', "
+                     f"',resnet' for CLIP), got {arg!r}")
   c = ml_collections.ConfigDict()
   common.loop_fields(c)
   c.log_every_steps = 50
@@ -113,6 +127,8 @@ def get_config(arg: str = "sam") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.worker_count = 1  # one process draws the world while the step runs; raise on big hosts
   (_sam if teachers[0] == "sam" else _clip)(c)
+  if "resnet" in parts:
+    _resnet(c)
   if "tiny" in parts:
     _tiny(c)
   c.lock()

@@ -36,6 +36,7 @@ from convert.common import CheckpointError, conv, identity, linear
 # Buffers and bookkeeping entries that are not parameters: ignored on purpose.
 IGNORED = (
   r"attn_mask",                                   # causal mask buffer (old checkpoints)
+  r"visual\..*num_batches_tracked",               # BatchNorm's step counter (ModifiedResNet)
   r"(visual\.)?transformer\.resblocks\.\d+\.attn_mask",
   r"input_resolution|context_length|vocab_size",  # integers in OpenAI-format state dicts
 )
@@ -63,8 +64,30 @@ def _block_rules(torch_prefix: str, flax_prefix: str) -> list[common.Rule]:
   ]
 
 
+def _batch_norm_rules(t: str, f: str, groups: int) -> list[common.Rule]:
+  """BatchNorm2d `t` (a regex with `groups` groups) -> BatchNorm `f`: affine and running
+  statistics (all parameters here)."""
+  return [(t + r"\.weight", f + "/scale", identity), (t + r"\.bias", f + "/bias", identity),
+          (t + r"\.running_(mean|var)", f + rf"/running_\{groups + 1}", identity)]
+
+
+# ModifiedResNet (open_clip/modified_resnet.py): stem, layerN.M bottlenecks, attention pool.
+_RN_BLOCK = r"visual\.(layer\d)\.(\d+)\."
+RESNET_RULES: list[common.Rule] = [
+  (r"visual\.(conv[123])\.weight", r"visual/\1/kernel", conv),
+  *_batch_norm_rules(r"visual\.(bn[123])", r"visual/\1", 1),
+  (_RN_BLOCK + r"(conv[123])\.weight", r"visual/\1_\2/\3/kernel", conv),
+  *_batch_norm_rules(_RN_BLOCK + r"(bn[123])", r"visual/\1_\2/\3", 3),
+  (_RN_BLOCK + r"downsample\.0\.weight", r"visual/\1_\2/downsample_0/kernel", conv),
+  *_batch_norm_rules(_RN_BLOCK + r"downsample\.1", r"visual/\1_\2/downsample_1", 2),
+  (r"visual\.attnpool\.positional_embedding", "visual/attnpool/positional_embedding", identity),
+  (r"visual\.attnpool\.([qkvc]_proj)\.weight", r"visual/attnpool/\1/kernel", linear),
+  (r"visual\.attnpool\.([qkvc]_proj)\.bias", r"visual/attnpool/\1/bias", identity),
+]
+
 # open_clip name -> Flax path, transform. Read top to bottom; the first full match wins.
 RULES: list[common.Rule] = [
+  *RESNET_RULES,
   # Image tower (open_clip/transformer.py VisionTransformer).
   (r"visual\.conv1\.weight", "visual/conv1/kernel", conv),
   (r"visual\.class_embedding", "visual/class_embedding", identity),

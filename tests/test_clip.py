@@ -209,7 +209,7 @@ def test_remat_gives_the_same_gradients(tiny):
 # ----------------------------------------------------------------------------------------------
 # Configs, parameter names, logical axes.
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14",
+@pytest.mark.parametrize("name", ["RN50", "RN101-quickgelu", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14",
                                   "ViT-g-14", "ViT-bigG-14", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu",
                                   "ViT-L-14-quickgelu", "ViT-L-14-336-quickgelu", "ViT-H-14-quickgelu"])
 def test_from_name_matches_open_clip_model_configs(name):
@@ -226,8 +226,7 @@ def test_config_errors_and_round_trip():
   assert clip.ClipConfig.from_dict(json.loads(json.dumps(odd.to_dict()))) == odd
   with pytest.raises(ValueError, match="unknown open_clip model"):
     clip.ClipConfig.from_name("ViT-Q-99")
-  for bad, what in ((open_clip.get_model_config("RN50"), "ModifiedResNet"),
-                    (open_clip.get_model_config("ViT-B-16-SigLIP"), "timm_model_name"),
+  for bad, what in ((open_clip.get_model_config("ViT-B-16-SigLIP"), "timm_model_name"),
                     ({**TINY, "custom_text": True}, "custom_text"),
                     ({**TINY, "text_cfg": {**TINY["text_cfg"], "hf_model_name": "bert"}}, "hf_model_name"),
                     ({**TINY, "vision_cfg": {**TINY["vision_cfg"], "colour": 1}}, "unknown key vision_cfg.colour")):

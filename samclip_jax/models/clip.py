@@ -43,11 +43,12 @@ def normalize_images(images, dtype: Dtype = jnp.float32):
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """open_clip's CLIPVisionCfg for a ViT tower; defaults are open_clip's."""
+  """open_clip's CLIPVisionCfg: a ViT tower, or a ModifiedResNet when `layers` is a 4-tuple (RN50:
+  (3, 4, 6, 3), width 64, no patch_size); defaults are open_clip's."""
   image_size: int | tuple[int, int] = 224
-  patch_size: int = 16
+  patch_size: int | None = 16
   width: int = 768
-  layers: int = 12
+  layers: int | tuple[int, ...] = 12
   head_width: int = 64
   mlp_ratio: float = 4.0
   ls_init_value: float | None = None
@@ -60,14 +61,31 @@ class VisionConfig:
     if isinstance(self.image_size, (list, tuple)):
       size = tuple(int(s) for s in self.image_size)
       object.__setattr__(self, "image_size", size[0] if size[0] == size[1] else size)
-    if self.width % self.head_width:
-      raise ValueError(f"vision width {self.width} is not a multiple of head_width {self.head_width}")
+    if isinstance(self.layers, (list, tuple)):
+      object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+      if len(self.layers) != 4:
+        raise ValueError(f"a ModifiedResNet tower has 4 stages, got layers={self.layers}")
+      if any(s % 32 for s in self.image_hw):
+        raise ValueError(f"a ModifiedResNet tower needs image sides divisible by 32, got {self.image_size}")
+    elif not self.patch_size:
+      raise ValueError("a ViT tower needs a patch_size")
+    if self.tower_width % self.head_width:
+      raise ValueError(f"vision width {self.tower_width} is not a multiple of head_width {self.head_width}")
     if self.pool_type not in ("tok", "avg"):
       raise ValueError(f"vision pool_type {self.pool_type!r} not supported (expected 'tok' or 'avg')")
 
   @property
+  def is_resnet(self) -> bool:
+    return isinstance(self.layers, tuple)
+
+  @property
+  def tower_width(self) -> int:
+    """Width of the attention layers: the ViT's, or the ResNet's final features (32 x width)."""
+    return self.width * 32 if self.is_resnet else self.width
+
+  @property
   def heads(self) -> int:
-    return self.width // self.head_width
+    return self.tower_width // self.head_width
 
   @property
   def image_hw(self) -> tuple[int, int]:
@@ -156,8 +174,6 @@ class ClipConfig:
       if value != default:
         problems.append(f"{key}={value!r}")
     problems += [f"unknown top-level key {k!r}" for k in top]
-    if isinstance(vision.get("layers"), (list, tuple)):
-      problems.append("vision_cfg.layers is a list (a ModifiedResNet tower)")
     vkw = _tower_kwargs(VisionConfig, vision, _IGNORED_VISION, "vision_cfg", problems)
     if vision.get("pos_embed_type", "learnable") not in ("learnable", "sin_cos_2d"):
       problems.append(f"vision_cfg.pos_embed_type={vision['pos_embed_type']!r}")
@@ -208,12 +224,16 @@ def _tower_kwargs(klass, cfg, ignored, where, problems):
   return out
 
 
-# open_clip 3.3's model_configs for the ViT models this project uses ("-quickgelu" names add
+# open_clip 3.3's model_configs for the models this project uses ("-quickgelu" names add
 # quick_gelu=True). The library never imports open_clip, so the table is bundled here.
 _B_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
 _L_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}
 _H_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}
 _OPEN_CLIP_CONFIGS = {
+  "RN50": {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64, "patch_size": None},
+           "text_cfg": _B_TEXT},
+  "RN101": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": [3, 4, 23, 3], "width": 64, "patch_size": None},
+            "text_cfg": _B_TEXT},
   "ViT-B-32": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
                "text_cfg": _B_TEXT},
   "ViT-B-16": {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16},
@@ -235,7 +255,7 @@ _OPEN_CLIP_CONFIGS = {
                                  "mlp_ratio": 4.9231, "patch_size": 14},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1280, "heads": 20, "layers": 32}},
 }
-_QUICKGELU_NAMES = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-bigG-14")
+_QUICKGELU_NAMES = ("RN50", "RN101", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-bigG-14")
 
 
 def known_models() -> list[str]:
@@ -442,16 +462,17 @@ class VisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-  """open_clip.CLIP with a ViT tower: encode_image / encode_text give unnormalised embeddings."""
+  """open_clip.CLIP (ViT or ModifiedResNet image tower): encode_image / encode_text give
+  unnormalised embeddings."""
   config: ClipConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention: str | None = None  # MultiheadAttention.implementation
+  batch_stats: bool = False  # ModifiedResNet: BatchNorm on the batch's statistics (training)
 
   def setup(self):
     cfg, t = self.config, self.config.text
-    self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.quick_gelu, self.dtype, self.remat,
-                                    self.attention)
+    self.visual = image_tower(cfg, self.dtype, self.remat, self.attention, self.batch_stats)
     self.token_embedding = nn.Embed(
         t.vocab_size, t.width, dtype=self.dtype,
         embedding_init=param_with_axes(nn.initializers.normal(0.02), VOCAB, EMBED))
@@ -493,6 +514,15 @@ class CLIP(nn.Module):
   def __call__(self, pixels, ids):
     """(image embeddings, text embeddings, logit_scale); used to initialise every parameter."""
     return self.encode_image(pixels), self.encode_text(ids), self.logit_scale
+
+
+def image_tower(cfg: ClipConfig, dtype: Dtype = jnp.float32, remat: bool = False,
+                attention: str | None = None, batch_stats: bool = False) -> nn.Module:
+  """The image tower of `cfg`; its __call__(pixels, dense) gives (pooled embeddings, aux)."""
+  from samclip_jax.models.modified_resnet import ModifiedResNet
+  if cfg.vision.is_resnet:
+    return ModifiedResNet(cfg.vision, cfg.embed_dim, batch_stats, dtype)
+  return VisionTransformer(cfg.vision, cfg.embed_dim, cfg.quick_gelu, dtype, remat, attention)
 
 
 def _text_pool_index(ids, t: TextConfig):

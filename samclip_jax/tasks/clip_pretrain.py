@@ -97,7 +97,8 @@ class ClipPretrainTask:
 
   def describe(self):
     v, t = self.clip_config.vision, self.clip_config.text
-    return (f"CLIP pretraining: image {v.image_size} px patch {v.patch_size} width {v.width} x {v.layers}, "
+    tower = f"ResNet {v.layers} width {v.width}" if v.is_resnet else f"patch {v.patch_size} width {v.width} x {v.layers}"
+    return (f"CLIP pretraining: image {v.image_size} px {tower}, "
             f"text width {t.width} x {t.layers}, embed {self.clip_config.embed_dim}; mesh "
             f"{dict(self.mesh.shape)} on {self.mesh.devices.size} {jax.devices()[0].platform} device(s)")
 
@@ -185,11 +186,25 @@ class ClipPretrainTask:
     """A CLIP model directory (convert/open_clip.py's format, with the bundled tokenizer)."""
     from samclip_jax.clip_model import save_clip
     params = jax.tree.map(np.asarray, common.export_params(state))
+    if self.clip_config.vision.is_resnet:
+      params = self._precise_bn(params)
     if self.config.zero_unused_tokens:
       params = _zero_unused_token_rows(params, self.config)
     save_clip(directory, self.clip_config, params, name="world CLIP",
               extra={"source": f"pretrained on the embedded world ({self.config.data.clip_train}), "
                                f"seed {self.config.seed}, {int(state.step)} steps"})
+
+
+  def _precise_bn(self, params):
+    """A ResNet tower trains on batch statistics: its running statistics are those of
+    `precise_bn_batches` training batches (the same ones for the same seed)."""
+    from samclip_jax.models.modified_resnet import precise_bn
+    loader = self.make_loaders(self.data_paths(None), "train")["clip"]
+    collect = jax.jit(lambda p, images: self.model.apply(
+        {"params": p}, common.normalize_clip(images), method=CLIP.encode_image,
+        mutable=["batch_stats"])[1]["batch_stats"])
+    batches = (b["image"] for _, b in zip(range(self.config.precise_bn_batches), loader))
+    return precise_bn(params, collect, batches)
 
 
 def _zero_unused_token_rows(params, config):
@@ -211,8 +226,12 @@ def _zero_unused_token_rows(params, config):
 
 def clip_config(config) -> ClipConfig:
   m = config.model
-  vision = VisionConfig(image_size=config.clip_image_size, patch_size=m.patch_size, width=m.width,
-                        layers=m.layers, head_width=m.head_width)
+  if m.get("resnet_layers"):  # open_clip's ModifiedResNet tower (RN50's layout, smaller)
+    vision = VisionConfig(image_size=config.clip_image_size, patch_size=None, width=m.width,
+                          layers=tuple(m.resnet_layers), head_width=m.head_width)
+  else:
+    vision = VisionConfig(image_size=config.clip_image_size, patch_size=m.patch_size, width=m.width,
+                          layers=m.layers, head_width=m.head_width)
   text = TextConfig(context_length=m.context_length, width=m.text_width,
                     heads=max(1, m.text_width // m.head_width), layers=m.text_layers)
   return ClipConfig(embed_dim=m.embed_dim, vision=vision, text=text)
@@ -229,7 +248,8 @@ def create(config, devices=None) -> ClipPretrainTask:
   boxed = jax.eval_shape(lambda: init_variables(cfg))["params"]
   tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)
   return ClipPretrainTask(config=config, mesh=mesh, rules=rules, clip_config=cfg,
-                          model=CLIP(cfg, dtype=common.DTYPES[config.compute_dtype]), tx=tx,
+                          model=CLIP(cfg, dtype=common.DTYPES[config.compute_dtype],
+                                     batch_stats=cfg.vision.is_resnet), tx=tx,
                           schedule=schedule, state_shardings=state_sh,
                           aux_shardings={"class_tokens": sharding.replicated(mesh)},
                           trainable_paths=trainable, frozen_paths=frozen, class_names=sample.CLASSES)

@@ -18,7 +18,7 @@ import numpy as np
 
 from samclip_jax import checkpoint, loop, losses, optim, sharding
 from samclip_jax.models import samclip as samclip_lib
-from samclip_jax.models.clip import ClipConfig, VisionTransformer, init_variables, load_clip
+from samclip_jax.models.clip import ClipConfig, image_tower, init_variables, load_clip
 from samclip_jax.models import sam as sam_lib
 from samclip_jax.models.sam import Sam, SamConfig, load_sam
 from samclip_jax.models.samclip import SamClipConfig, SamClipNet
@@ -78,7 +78,7 @@ class MergeTask:
   model_config: SamClipConfig
   student: SamClipNet
   sam_teacher: Sam | None
-  clip_teacher: VisionTransformer
+  clip_teacher: nn.Module  # clip.image_tower
   tx: Any
   schedule: Any
   state_shardings: Any
@@ -404,7 +404,7 @@ def create(config, devices=None) -> MergeTask:
   # The SAM teacher runs in float32: bf16 rounding flips the sign of logits near 0, i.e. the
   # binarised targets' boundary pixels.
   sam_teacher = Sam(sam_cfg, dtype=jnp.float32) if config.sam_batch_size > 0 else None
-  clip_teacher = VisionTransformer(clip_cfg.vision, clip_cfg.embed_dim, clip_cfg.quick_gelu, dtype)
+  clip_teacher = image_tower(clip_cfg, dtype)
 
   abstract_student = jax.eval_shape(functools.partial(samclip_lib.init_params, model_cfg),
                                     jax.random.key(0))
