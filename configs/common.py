@@ -53,14 +53,7 @@ def loop_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ("norm", None),
       ("pos", None),
   ]
-  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (when env says multi-process) | "always" | "never"
-  # Explicit launch without a cluster manager (every process runs the same command but its
-  # process_id); empty/0/-1 leave them to the TPU VM / SLURM / Open MPI auto-detection.
-  c.coordinator_address = ""  # HOST:PORT of process 0 (it serves the coordinator there)
-  c.num_processes = 0  # processes in the job
-  c.process_id = -1  # this process: 0 .. num_processes-1
-  c.distributed_timeout_s = 300  # give up when not all processes have joined after this long
-  c.heartbeat_timeout_s = 100  # a process silent this long is declared gone and the job stops
+  distributed_fields(c)
   c.compute_dtype = "float32"  # activations / matmuls; parameters and optimizer stay float32
   c.remat = False  # rematerialise each transformer block in the backward pass (less memory)
   # What a rematerialised ViT-Det block keeps (vit_det.REMAT_POLICIES: "nothing_saveable",
@@ -85,4 +78,18 @@ def loop_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8  # Adam epsilon
   c.optim.end_lr_factor = 0.0  # cosine ends at learning_rate * this
 
+  return c
+
+
+def distributed_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the multi-process launch fields (read by sharding.initialize_from_config) to `c`:
+  training, extraction and evaluation join a job alike."""
+  c.distributed = "auto"  # jax.distributed.initialize(): "auto" (when env says multi-process) | "always" | "never"
+  # Explicit launch without a cluster manager (every process runs the same command but its
+  # process_id); empty/0/-1 leave them to the TPU VM / SLURM / Open MPI auto-detection.
+  c.coordinator_address = ""  # HOST:PORT of process 0 (it serves the coordinator there)
+  c.num_processes = 0  # processes in the job
+  c.process_id = -1  # this process: 0 .. num_processes-1
+  c.distributed_timeout_s = 300  # give up when not all processes have joined after this long
+  c.heartbeat_timeout_s = 100  # a process silent this long is declared gone and the job stops
   return c

@@ -8,6 +8,8 @@ Training replays the stored views: configs/merge.py's data.teacher_embeddings=<o
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -31,6 +33,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.compute_dtype = "bfloat16"  # teacher activations ("float32" on CPU)
   c.num_threads = 16  # image decode / render threads (PIL releases the GIL)
   c.prefetch_batches = 4  # decoded batches kept ahead of the device
+  # Several processes (as training: --config.coordinator_address/num_processes/process_id):
+  # shard i is extracted by process i % process_count.
+  common.distributed_fields(c)
   if arg == "local":
     c.model.clip_variant = "tiny"
     c.views_per_image = 2

@@ -138,10 +138,16 @@ def config_help(spec: str) -> str:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
-  # Comments from the file, then from the config modules it builds on (configs/eval/common.py).
-  comments = {}
-  sources = [path] + [getattr(v, "__file__", None) for v in vars(module).values()
-                      if type(v) is type(module) and str(getattr(v, "__name__", "")).startswith("configs")]
+  # Comments from the file, then from the config modules it builds on, and theirs
+  # (configs/eval/common.py, which builds on configs/common.py).
+  comments, sources, todo, seen = {}, [path], [module], set()
+  while todo:
+    for v in vars(todo.pop(0)).values():
+      if (type(v) is type(module) and str(getattr(v, "__name__", "")).startswith("configs")
+          and v.__name__ not in seen):
+        seen.add(v.__name__)
+        sources.append(getattr(v, "__file__", None))
+        todo.append(v)
   for src in sources:
     if src:
       for k, v in _comments(src).items():

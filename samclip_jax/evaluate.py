@@ -13,9 +13,16 @@ also printed). The model is picked by its directory's config.json model_type: "s
 (merged), "open_clip" (the CLIP teacher; classification, retrieval) or "sam" (the SAM
 teacher; instance segmentation). Images are decoded on host threads and evaluated in
 global batches split over all devices along a 1-D "data" mesh (NamedSharding), under jit.
+
+Several processes (launched as training's: --config.coordinator_address / num_processes /
+process_id) split every global batch: each decodes only its own rows, embeddings are gathered
+to every process, per-image results (masks, confusion counts) are computed where the rows are
+and combined in the single-process order, so the numbers are those of one process; process 0
+alone writes the files.
 """
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from samclip_jax import api, cli, metrics
+from samclip_jax import api, cli, metrics, sharding
 
 TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segmentation")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -41,13 +48,63 @@ def data_mesh() -> jax.sharding.Mesh:
 
 
 def replicate(tree, mesh):
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  """Every leaf (the same host value on every process) replicated over the mesh's devices."""
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sh)
+
+  def put(x):  # other processes' devices are filled by their own copy of x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
+def batch_sharding(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def local_rows(global_size: int, mesh) -> slice:
+  """The rows of a global batch this process's devices hold (all of them with one process)."""
+  index = batch_sharding(mesh).addressable_devices_indices_map((global_size,)).values()
+  bounds = sorted({(i[0].start or 0, global_size if i[0].stop is None else i[0].stop) for i in index})
+  if any(a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
+    raise ValueError(f"this process's devices hold rows {bounds} of the batch: not contiguous")
+  return slice(bounds[0][0], bounds[-1][1])
 
 
 def shard_batch(x: np.ndarray, mesh):
-  """Leading axis split over the mesh's data axis (size must divide)."""
-  spec = jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
-  return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  """This process's rows of a global batch (local_rows; all rows with one process) -> the
+  global array, leading axis split over the mesh's data axis."""
+  n = len(x) * jax.process_count()
+  return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(x),
+                                                (n,) + tuple(x.shape[1:]))
+
+
+def fetch(x) -> np.ndarray:
+  """A global array, whole, on every process (numpy)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def fetch_rows(x, rows: slice) -> np.ndarray:
+  """This process's rows of a global array split on its leading axis (no traffic)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)[rows]
+  out = np.zeros((rows.stop - rows.start,) + x.shape[1:], x.dtype)
+  filled = np.zeros(len(out), bool)
+  for shard in x.addressable_shards:
+    lead = shard.index[0]
+    a, b = lead.start or 0, x.shape[0] if lead.stop is None else lead.stop
+    lo, hi = max(a, rows.start), min(b, rows.stop)
+    if lo < hi:
+      out[lo - rows.start:hi - rows.start] = np.asarray(shard.data)[lo - a:hi - a]
+      filled[lo - rows.start:hi - rows.start] = True
+  if not filled.all():
+    raise ValueError(f"rows {rows} are not all on this process's devices")
+  return out
 
 
 def global_batch_size(batch_size: int, mesh) -> int:
@@ -61,17 +118,28 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)])
 
 
+def stack_rows(values: Sequence[Any], size: int, shape: Sequence[int], dtype) -> np.ndarray:
+  """values stacked and zero-padded to `size` rows of `shape` (zeros only when there are none:
+  the last global batch may hold no row of this process)."""
+  if not len(values):
+    return np.zeros((size, *shape), dtype)
+  return pad_batch(np.asarray(np.stack(values), dtype), size)
+
+
 # ----------------------------------------------------------------------------- host input
 def prefetched_batches(items: Sequence[Any], load: Callable[[Any], Any], batch_size: int,
-                       num_workers: int) -> Iterable[tuple[list, list]]:
-  """(items, loaded) in chunks of batch_size; loading runs on threads, one chunk ahead."""
+                       num_workers: int, rows: slice | None = None) -> Iterable[tuple[list, list]]:
+  """(items, loaded) in chunks of batch_size; loading runs on threads, one chunk ahead. With
+  `rows`, only the chunk's items at those positions are loaded (this process's share of a
+  global batch; possibly none in the last chunk)."""
   chunks = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+  rows = rows or slice(None)
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    pending = [pool.submit(lambda c=c: [load(i) for i in c]) for c in chunks[:2]]
+    pending = [pool.submit(lambda c=c: [load(i) for i in c[rows]]) for c in chunks[:2]]
     for k, chunk in enumerate(chunks):
       loaded = pending[k].result()
       if k + 2 < len(chunks):
-        pending.append(pool.submit(lambda c=chunks[k + 2]: [load(i) for i in c]))
+        pending.append(pool.submit(lambda c=chunks[k + 2]: [load(i) for i in c[rows]]))
       pending[k] = None
       yield chunk, loaded
 
@@ -133,7 +201,7 @@ def image_tower(model: Loaded, mesh, resolution: int) -> tuple[Callable[[np.ndar
   if model.kind == "samclip":
     sc = model.samclip
     sc.params = replicate(sc.params, mesh)
-    return (lambda x: np.asarray(sc.encode_pixels(shard_batch(x, mesh)))), resolution
+    return (lambda x: fetch(sc.encode_pixels(shard_batch(x, mesh)))), resolution
   from samclip_jax.models.clip import CLIP, normalize_images
   clip = model.clip
   module = CLIP(clip.config)
@@ -147,7 +215,7 @@ def image_tower(model: Loaded, mesh, resolution: int) -> tuple[Callable[[np.ndar
     e = module.apply({"params": p}, normalize_images(x), method=CLIP.encode_image)
     return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
 
-  return (lambda x: np.asarray(embed(params, shard_batch(x, mesh)))), h
+  return (lambda x: fetch(embed(params, shard_batch(x, mesh)))), h
 
 
 def text_side(model: Loaded):
@@ -160,10 +228,12 @@ def embed_images(model, mesh, config, paths: Sequence[str], task: str) -> np.nda
   """Unit embeddings [N,D] of image files (shorter side resized, center crop)."""
   embed, res = image_tower(model, mesh, config.resolution)
   gb = global_batch_size(config.batch_size, mesh)
+  rows = local_rows(gb, mesh)
   load_fn = lambda p: api.resize_center_crop(api.load_image(p), res)
-  out, progress = [], cli.Progress(task, len(paths))
-  for chunk, imgs in prefetched_batches(paths, load_fn, gb, config.num_workers):
-    out.append(embed(pad_batch(np.stack(imgs), gb))[:len(chunk)])
+  out, progress = [], _progress(task, len(paths))
+  for chunk, imgs in prefetched_batches(paths, load_fn, gb, config.num_workers, rows):
+    x = stack_rows(imgs, rows.stop - rows.start, (res, res, 3), np.uint8)
+    out.append(embed(x)[:len(chunk)])   # every process gets the whole global batch's embeddings
     progress.update(len(chunk))
   return np.concatenate(out).astype(np.float32)
 
@@ -304,7 +374,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   module = Sam(sam_cfg)
   params = replicate(params, mesh)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=batch_sharding(mesh))  # rows stay where they are
   def segment(p, images, input_hw, coords, labels):
     x = api.normalize_sam(images)
     rows, cols = jnp.arange(size)[None, :, None], jnp.arange(size)[None, None, :]
@@ -324,28 +394,39 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     return out, (nh, nw), (h, w)
 
   gb = global_batch_size(config.batch_size, mesh)
-  preds, progress = [], cli.Progress("instance_segmentation", len(work))
-  for chunk, loaded in prefetched_batches(work, load_fn, gb, config.num_workers):
+  rows = local_rows(gb, mesh)
+  n_local = rows.stop - rows.start
+  # (position in `work`, prediction) of this process's rows; gathered in order at the end.
+  preds, progress = [], _progress("instance_segmentation", len(work))
+  for first, (chunk, loaded) in zip(range(0, len(work), gb),
+                                    prefetched_batches(work, load_fn, gb, config.num_workers, rows)):
+    # The prompt count of the whole global batch: one compiled shape on every process.
     k = max(8, 1 << math.ceil(math.log2(max(len(prompts[i]) for i in chunk))))  # few compiled shapes
-    boxes = np.zeros((gb, k, 4), np.float64)
-    for b, (image_id, (_, _, orig)) in enumerate(zip(chunk, loaded)):
+    mine = chunk[rows]
+    boxes = np.zeros((n_local, k, 4), np.float64)
+    for b, (image_id, (_, _, orig)) in enumerate(zip(mine, loaded)):
       xywh = np.array([p[0] for p in prompts[image_id]], np.float64).reshape(-1, 4)
       xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
       boxes[b, :len(xyxy)] = apply_coords(xyxy.reshape(-1, 2, 2), orig, size).reshape(-1, 4)
     coords, labels = build_sparse_prompt(box=boxes)
-    images = pad_batch(np.stack([l[0] for l in loaded]), gb)
-    input_hw = pad_batch(np.array([l[1] for l in loaded], np.int32), gb)
+    images = stack_rows([l[0] for l in loaded], n_local, (size, size, 3), np.uint8)
+    input_hw = stack_rows([l[1] for l in loaded], n_local, (2,), np.int32)
     low, iou = segment(params, shard_batch(images, mesh), shard_batch(input_hw, mesh),
                        shard_batch(coords, mesh), shard_batch(labels, mesh))
-    low, iou = np.asarray(low), np.asarray(iou)
-    for b, (image_id, (_, input_size, orig)) in enumerate(zip(chunk, loaded)):
+    low, iou = fetch_rows(low, rows), fetch_rows(iou, rows)
+    for b, (image_id, (_, input_size, orig)) in enumerate(zip(mine, loaded)):
       n = len(prompts[image_id])
       masks = api.upscale_low_res(low[b, :n], size, input_size, orig) > 0
       for j, (_, cat, score) in enumerate(prompts[image_id]):
-        preds.append({"image_id": image_id, "category_id": cat, "segmentation": metrics.encode_mask(masks[j]),
-                      "score": float(iou[b, j]) if score is None else score})
+        preds.append((first + rows.start + b, {
+            "image_id": image_id, "category_id": cat, "segmentation": metrics.encode_mask(masks[j]),
+            "score": float(iou[b, j]) if score is None else score}))
     progress.update(len(chunk))
-  _write_atomic(os.path.join(workdir, "instance_segmentation_predictions.json"), json.dumps(preds))
+  # Every process's predictions, in the order of `work` (as one process makes them).
+  preds = [p for _, p in sorted((x for part in sharding.gather_objects(preds) for x in part),
+                                key=lambda x: x[0])]
+  if jax.process_index() == 0:
+    _write_atomic(os.path.join(workdir, "instance_segmentation_predictions.json"), json.dumps(preds))
   out = metrics.coco_mask_ap(coco, preds, image_ids=image_ids)
   out["num_prompts"] = len(preds)
   out["boxes"] = "detections" if config.data.detections else "ground truth"
@@ -390,14 +471,14 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   items, names = semantic_items(config, workdir)
   items = _limit(items, config)
   sc = model.samclip
-  cm = metrics.ConfusionMatrix(len(names), config.data.ignore_index)
-  progress = cli.Progress("semantic_segmentation", len(items))
+  cm = metrics.ConfusionMatrix(len(names), config.data.ignore_index)   # this process's images
+  progress = _progress("semantic_segmentation", len(items))
   if config.mode == "clip":
     classifier = replicate(sc.text_classifier(names, config.templates), mesh)
     sc.params = replicate(sc.params, mesh)
     scale = sc.logit_scale
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=batch_sharding(mesh))  # rows stay where they are
     def patch_logits(p, x):
       patch = sc.module.apply({"params": p}, api.normalize_sam(x), method=api.SamClipNet.clip_features)[1]
       patch = patch / jnp.linalg.norm(patch, axis=-1, keepdims=True)
@@ -408,30 +489,43 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
       return api.resize_square(img, config.resolution), _load_label(item[1]), img.shape[:2]
 
     gb = global_batch_size(config.batch_size, mesh)
-    for chunk, loaded in prefetched_batches(items, load_fn, gb, config.num_workers):
-      logits = np.asarray(patch_logits(sc.params, shard_batch(pad_batch(np.stack([l[0] for l in loaded]), gb), mesh)))
+    rows = local_rows(gb, mesh)
+    r = config.resolution
+    for chunk, loaded in prefetched_batches(items, load_fn, gb, config.num_workers, rows):
+      x = stack_rows([l[0] for l in loaded], rows.stop - rows.start, (r, r, 3), np.uint8)
+      logits = fetch_rows(patch_logits(sc.params, shard_batch(x, mesh)), rows)
       for b, (_, gt, hw) in enumerate(loaded):
-        _check_label(gt, hw, chunk[b][1])
+        _check_label(gt, hw, chunk[rows][b][1])
         cm.update(np.argmax(api.resize_bilinear(logits[b], hw), axis=0), gt)
       progress.update(len(chunk))
   elif config.mode == "clip+sam":
     # Prompts depend on each image's CLIP output: one image at a time (the jitted parts
-    # have fixed shapes, so they compile once).
+    # have fixed shapes, so they compile once), on this process's devices; process p takes
+    # images p, p + P, ... of the P processes.
     def load_fn(item):
       return api.load_image(item[0]), _load_label(item[1])
-    for chunk, loaded in prefetched_batches(items, load_fn, 1, config.num_workers):
+    mine = items[jax.process_index()::jax.process_count()]
+    for chunk, loaded in prefetched_batches(mine, load_fn, 1, config.num_workers):
       img, gt = loaded[0]
       _check_label(gt, img.shape[:2], chunk[0][1])
       pred, _ = sc.segment_clip_sam(img, names, config.templates, config.threshold,
                                     config.points_per_class, config.prompt_grid or None)
       cm.update(pred, gt)
-      progress.update(1)
+      progress.update(jax.process_count())
   else:
     raise ValueError(f"mode must be 'clip' or 'clip+sam', got {config.mode!r}")
-  res = cm.compute()
+  # Confusion counts summed over processes (integers: exactly those of one process).
+  res = metrics.miou_from_confusion(sum(sharding.gather_objects(cm.matrix)))
   out = {"mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"], "mode": config.mode,
          "per_class_IoU": dict(zip(names, res["per_class_IoU"]))}
   return out, len(items)
+
+
+def _progress(task: str, total: int):
+  """Progress lines from process 0 only (each process sees every global batch go by)."""
+  if jax.process_index() == 0:
+    return cli.Progress(task, total)
+  return type("Quiet", (), {"update": lambda self, n: None})()
 
 
 def _check_label(gt, hw, path):
@@ -467,27 +561,30 @@ def evaluate(config, workdir: str) -> dict:
   t0 = time.time()
   model = load(config)            # before the workdir exists: a bad model leaves nothing behind
   mesh = data_mesh()
-  created = not os.path.exists(workdir)
+  # Process 0's view (another process may create it first).
+  created = bool(sharding.from_process_0(np.int32(not os.path.exists(workdir))))
   os.makedirs(workdir, exist_ok=True)
   try:
     metrics_, n = RUNNERS[config.task](config, workdir, model, mesh)
   except BaseException:
-    if created and not os.listdir(workdir):   # ours and still empty: leave no trace
+    if created and jax.process_index() == 0 and not os.listdir(workdir):  # ours, still empty: no trace
       os.rmdir(workdir)
     raise
   result = {"task": config.task, "model": model.path, "model_type": model.kind, "num_images": n,
             "metrics": metrics_, "seconds": round(time.time() - t0, 2),
-            "devices": mesh.devices.size, "config": config.to_dict()}
-  _write_atomic(os.path.join(workdir, f"{config.task}.json"), json.dumps(result, indent=2, default=str))
+            "devices": mesh.devices.size, "processes": jax.process_count(), "config": config.to_dict()}
   md = markdown(result)
-  _write_atomic(os.path.join(workdir, f"{config.task}.md"), md)
-  print(md, flush=True)
+  if jax.process_index() == 0:    # every process returns the result; process 0 writes it
+    _write_atomic(os.path.join(workdir, f"{config.task}.json"), json.dumps(result, indent=2, default=str))
+    _write_atomic(os.path.join(workdir, f"{config.task}.md"), md)
+    print(md, flush=True)
   return result
 
 
 def main(argv):
   from absl import flags
   del argv
+  sharding.initialize_from_config(flags.FLAGS.config)  # before any device use
   try:
     evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except api.CheckpointNotFound as e:

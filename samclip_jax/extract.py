@@ -8,10 +8,11 @@ training loader uses (data/transforms.py); the teacher sees it normalised and re
 device to teacher_image_size. Output (data/teacher_store.py): shards of shard_size records
 (keys, views, fp16/bf16 embeddings) + manifest. Each process handles the shards with
 index % process_count == process_index over a mesh of its local devices (the teacher
-forward needs no cross-host traffic). A shard is written whole (tmp dir + rename) with
-checksums of its files, so a killed run resumes at shard granularity; a rerun redoes any
-shard that fails its checks, and a final verify checks every shard and marks the manifest
-complete.
+forward needs no cross-host traffic; a job of several processes is launched as training's,
+--config.coordinator_address / num_processes / process_id). A shard is written whole (tmp dir
++ rename) with checksums of its files, so a killed run resumes at shard granularity; a rerun
+redoes any shard that fails its checks, and a final verify (process 0, once every process is
+done) checks every shard and marks the manifest complete; every process ends with its verdict.
 """
 import collections
 import concurrent.futures
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from samclip_jax import sharding
 from samclip_jax.data import pipeline, records, sample, teacher_store, transforms
 from samclip_jax.models import clip as clip_lib
 
@@ -177,9 +179,12 @@ def _shards_to_do(out_dir, manifest, mine) -> list[int]:
       print(f"[extract] redoing shard {i}: " + "; ".join(problems), flush=True)
       shutil.rmtree(teacher_store.shard_dir(out_dir, i))
       todo.append(i)
-  if todo and manifest["complete"] and jax.process_index() == 0:
-    manifest["complete"] = False  # until the final verify
+  # Any process with work: the manifest says incomplete (process 0 writes it) before anyone
+  # writes a shard, until the final verify.
+  if sum(sharding.gather_objects(len(todo))) and manifest["complete"] and jax.process_index() == 0:
+    manifest["complete"] = False
     teacher_store.write_manifest(out_dir, manifest)
+  sharding.barrier("samclip_extract_manifest_open")
   return todo
 
 
@@ -197,11 +202,11 @@ def run(config, workdir: str) -> dict:
     raise ValueError("views_per_image must be a multiple of len(resolutions)")
   clip_cfg, teacher_info = teacher_config(config)
   manifest = _open_output(out_dir, _expected_manifest(config, files, num_records, clip_cfg, teacher_info))
-  for name in os.listdir(out_dir):  # leftovers of a killed run
-    if name.endswith(".tmp") and os.path.isdir(os.path.join(out_dir, name)):
-      shutil.rmtree(os.path.join(out_dir, name))
   n_shards = teacher_store.num_shards(manifest)
   mine = [i for i in range(n_shards) if i % jax.process_count() == jax.process_index()]
+  for i in mine:  # leftovers of a killed run; only this process's (others may be writing theirs)
+    if os.path.isdir(teacher_store.shard_dir(out_dir, i) + ".tmp"):
+      shutil.rmtree(teacher_store.shard_dir(out_dir, i) + ".tmp")
   todo = _shards_to_do(out_dir, manifest, mine)
 
   mesh = _local_mesh()
@@ -220,7 +225,8 @@ def run(config, workdir: str) -> dict:
                "%d devices, batch %d", num_records, n_shards, len(mine), len(todo),
                config.views_per_image, n_dev, batch)
   print(f"[extract] {num_records} records, {n_shards} shards, {len(mine) - len(todo)} done, "
-        f"{len(todo)} to do on this process", flush=True)
+        f"{len(todo)} to do on this process ({jax.process_index()} of {jax.process_count()})",
+        flush=True)
   kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
   t0, done_images = time.time(), 0
   V = int(config.views_per_image)
@@ -279,19 +285,28 @@ def run(config, workdir: str) -> dict:
             f"{rate:.1f} images/s, ETA {eta:.0f}s", flush=True)
       if kill_after and written >= kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("samclip_extract_done")
+  sharding.barrier("samclip_extract_done")  # every shard written before process 0 verifies
+  failure = None
   if jax.process_index() == 0:
-    manifest = verify(out_dir)
-    print(f"[extract] verified {manifest['num_records']} records x {V} views in {out_dir}", flush=True)
-  return manifest
+    try:
+      manifest = verify(out_dir)
+      print(f"[extract] verified {manifest['num_records']} records x {V} views in {out_dir}", flush=True)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the others hear of it
+      failure = e
+  # Every process ends with process 0's verdict (none returns while the output is unverified).
+  if int(sharding.from_process_0(np.int32(failure is not None))):
+    if failure is not None:
+      raise failure
+    raise RuntimeError(f"process 0 found the teacher embeddings in {out_dir} bad (its output "
+                       "names the shards); rerun the extraction to redo them")
+  return teacher_store.read_manifest(out_dir) if jax.process_index() else manifest
 
 
 def main(argv):
   del argv
   if FLAGS.workdir is None or FLAGS.config is None:
     raise app.UsageError("--config and --workdir are required")
+  sharding.initialize_from_config(FLAGS.config)  # before any device use
   run(FLAGS.config, FLAGS.workdir)
 
 

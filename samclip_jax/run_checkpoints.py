@@ -13,10 +13,11 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from samclip_jax import optim
+from samclip_jax import optim, sharding
 
 CHECKSUM_DIR = "checksums"
 UNUSABLE_DIR = "unusable_checkpoints"  # WORKDIR/: bad steps moved out of the way (kept, not deleted)
@@ -122,6 +123,10 @@ def _restore_step(mngr, step, abstract_state, iterators):
   return state
 
 
+def _problem(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def restore_latest(mngr, abstract_state, make_iterators, say=print):
   """(step, state, iterators) from the newest good checkpoint, or (None, None, fresh iterators)
   when there is no checkpoint at all.
@@ -129,18 +134,43 @@ def restore_latest(mngr, abstract_state, make_iterators, say=print):
   Bad steps newer than the good one are moved to WORKDIR/unusable_checkpoints/ (the run saves
   those steps again). Raises when there are checkpoints but none is good: starting over would
   overwrite them. make_iterators() gives fresh iterators (a failed restore may leave them half-set).
+
+  Several processes: process 0 names each step to try (the newest it lists and has not tried)
+  and checks its checksums; every process restores that step, and it is good only if it
+  loaded on all of them. So all processes resume from the same step (and move aside the same
+  bad ones) whatever their own, possibly lagging, listing of the shared directory says.
   """
-  bad = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    iterators = make_iterators()
-    try:
-      problem = verify(mngr, step)
-      if problem is None:
+  bad, tried = [], set()
+  while True:
+    step, problem = -1, ""
+    if jax.process_index() == 0:
+      left = [s for s in mngr.all_steps() if s not in tried]
+      if left:
+        step = max(left)
+        try:
+          problem = verify(mngr, step) or ""
+        except Exception as e:  # noqa: BLE001 - unreadable files mean: not a good checkpoint
+          problem = _problem(e)
+    if jax.process_count() > 1:
+      step, ok = (int(v) for v in sharding.from_process_0(np.array([step, not problem], np.int32)))
+      if not ok and not problem:
+        problem = "its checksums do not match (process 0's message says which files)"
+    if step < 0:
+      break
+    tried.add(step)
+    iterators = state = None
+    if not problem:
+      iterators = make_iterators()
+      try:
         state = _restore_step(mngr, step, abstract_state, iterators)
-        _move_aside(mngr, bad, say)
-        return step, state, iterators
-    except Exception as e:  # noqa: BLE001 - any failure to verify or load means: not a good checkpoint
-      problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      except Exception as e:  # noqa: BLE001 - any failure to load means: not a good checkpoint
+        problem = _problem(e)
+      if jax.process_count() > 1:  # good only where it loaded on every process
+        heard = sharding.gather_objects(problem)
+        problem = next((f"process {i}: {p}" for i, p in enumerate(heard) if p), "")
+    if not problem:
+      _move_aside(mngr, bad, say)
+      return step, state, iterators
     msg = f"checkpoint step {step} in {_step_dir(mngr, step)} is unusable ({problem}); trying an older one"
     logging.warning(msg)
     say(msg)

@@ -285,3 +285,35 @@ def initialize_from_config(config) -> bool:
       config.distributed, coordinator_address=config.coordinator_address,
       num_processes=config.num_processes, process_id=config.process_id,
       timeout_s=config.distributed_timeout_s, heartbeat_timeout_s=config.heartbeat_timeout_s)
+
+
+# ---------------------------------------------------------------- agreeing across processes
+# Each is a no-op (returns its input) with one process, so single-process behaviour is unchanged.
+def from_process_0(value):
+  """Process 0's value (a numpy array or tree of them, same shapes everywhere), on every process.
+  Use int/float arrays: the broadcast is a sum, which bools do not take."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return multihost_utils.broadcast_one_to_all(value)
+
+
+def gather_objects(obj) -> list:
+  """[obj of process 0, obj of process 1, ...] on every process (any picklable value)."""
+  if jax.process_count() == 1:
+    return [obj]
+  import pickle
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:len(data)] = data
+  every = np.asarray(multihost_utils.process_allgather(buf))
+  return [pickle.loads(every[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -1,10 +1,13 @@
 """Real multi-process jobs on 127.0.0.1: 2 processes x 4 CPU devices train the tiny merge with
-mixed CLIP resolutions, killed mid-run and relaunched, as 1 process x 8 devices does.
+mixed CLIP resolutions, killed mid-run and relaunched, as 1 process x 8 devices does; 2
+processes extract teacher embeddings and evaluate as 1 process does.
 
-Every process is a `python -m samclip_jax.main` in its own process group, launched with the
-explicit --config.coordinator_address / num_processes / process_id; each launch is bounded in
-time and its groups are killed when anything fails.
+Every process runs in its own process group, launched with the explicit
+--config.coordinator_address / num_processes / process_id; each launch is bounded in time and
+its groups are killed when anything fails.
 """
+import importlib
+import json
 import os
 import re
 import signal
@@ -17,7 +20,7 @@ import jax
 import numpy as np
 
 from samclip_jax import api
-from samclip_jax.data import pipeline, sample
+from samclip_jax.data import pipeline, sample, teacher_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Cheaper CPU codegen: each process compiles its own steps and the machine has two cores.
@@ -46,23 +49,35 @@ def _command(workdir, sample_dir, extra=()):
           "--config.export=False", "--config.optim.eps=1e-6", *extra]
 
 
-def _launch(workdir, sample_dir, nproc, devices, cache=None):
-  """Starts a job of `nproc` processes with `devices` CPU devices each; returns (procs, logs)."""
+def _dist_fields(port, nproc, i) -> dict:
+  """The config fields that make process i of nproc join the job at 127.0.0.1:port."""
+  return (dict(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=i,
+               distributed_timeout_s=120, heartbeat_timeout_s=30) if nproc > 1 else {})
+
+
+def _start(commands, log_prefix, devices, cache=None):
+  """Starts one process per command line (all at once: commands[i] is process i's), each with
+  `devices` CPU devices. Returns (procs, logs)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
              JAX_PLATFORMS="cpu")
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  port, procs, logs = _free_port(), [], []
-  for i in range(nproc):
-    dist = ([f"--config.coordinator_address=127.0.0.1:{port}", f"--config.num_processes={nproc}",
-             f"--config.process_id={i}", "--config.distributed_timeout_s=120",
-             "--config.heartbeat_timeout_s=30"] if nproc > 1 else [])
-    logs.append(f"{workdir}.{nproc}x{devices}.p{i}.log")
+  procs, logs = [], []
+  for i, cmd in enumerate(commands):
+    logs.append(f"{log_prefix}.p{i}.log")
     with open(logs[-1], "w") as out:
-      procs.append(subprocess.Popen(_command(workdir, sample_dir, dist), cwd=REPO, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True))
   return procs, logs
+
+
+def _launch(workdir, sample_dir, nproc, devices, cache=None):
+  """Starts a training job of `nproc` processes with `devices` CPU devices each."""
+  port = _free_port()
+  commands = [_command(workdir, sample_dir, [f"--config.{k}={v}" for k, v in _dist_fields(port, nproc, i).items()])
+              for i in range(nproc)]
+  return _start(commands, f"{workdir}.{nproc}x{devices}", devices, cache)
 
 
 def _kill(procs):
@@ -77,9 +92,9 @@ def _tails(logs):
   return "\n".join(f"--- {path}\n" + open(path, errors="replace").read()[-3000:] for path in logs)
 
 
-def _run(workdir, sample_dir, nproc, devices, cache=None) -> str:
-  """Runs a job to its end (bounded); returns process 0's output."""
-  procs, logs = _launch(workdir, sample_dir, nproc, devices, cache)
+def _finish(procs, logs) -> list[str]:
+  """Waits (bounded) for a started job to end; fails with the logs unless all exit 0.
+  Returns every process's output."""
   deadline = time.time() + LAUNCH_TIMEOUT_S
   try:
     while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -89,8 +104,13 @@ def _run(workdir, sample_dir, nproc, devices, cache=None) -> str:
     codes = [p.poll() for p in procs]
   finally:
     _kill(procs)
-  assert codes == [0] * nproc, f"exit codes {codes}\n" + _tails(logs)
-  return open(logs[0]).read()
+  assert codes == [0] * len(procs), f"exit codes {codes}\n" + _tails(logs)
+  return [open(path).read() for path in logs]
+
+
+def _run(workdir, sample_dir, nproc, devices, cache=None) -> str:
+  """Runs a job to its end (bounded); returns process 0's output."""
+  return _finish(*_launch(workdir, sample_dir, nproc, devices, cache))[0]
 
 
 def _run_killed(workdir, sample_dir, nproc, devices, at_step, cache=None) -> int:
@@ -192,3 +212,133 @@ def test_a_process_that_dies_stops_the_job_and_is_named(tmp_path):
   assert codes[0] != 0, _tails(logs)
   out = open(logs[0]).read()
   assert re.search(r"stopped sending heartbeats\):\s*1\b", out), _tails(logs)
+
+
+# ---------------------------------------------------------------- extraction and evaluation
+EXTRACT_RECORDS = 10  # shards of 3: 0 and 2 on process 0, 1 and 3 (the short one) on process 1
+EXTRACT_FIELDS = dict(shard_size=3, resolutions=(64,), batch_size=4)  # 64 px views: cheap renders
+
+
+def test_two_processes_extract_every_record_once_as_one_does(tmp_path):
+  """`python -m samclip_jax.extract` as a 2 x 2-device job writes each record once (each
+  process its own shards), verified and complete, with the views and embeddings of a
+  1-process run (in this process, while the job runs)."""
+  from samclip_jax import extract
+  paths = sample.ensure_sample(str(tmp_path / "sample"), num_clip_train=EXTRACT_RECORDS,
+                               num_clip_val=2, num_sam_train=1, num_sam_val=1)
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  port = _free_port()
+  fields = lambda i: dict(EXTRACT_FIELDS, data=paths["clip_train"], output_dir=two, **_dist_fields(port, 2, i))
+  commands = [[sys.executable, "-m", "samclip_jax.extract", "--config=configs/extract.py:local",
+               f"--workdir={tmp_path}", *[f"--config.{k}={v}" for k, v in fields(i).items()]]
+              for i in range(2)]
+  job = _start(commands, str(tmp_path / "extract"), devices=2)
+  try:
+    import configs.extract
+    c = configs.extract.get_config("local")
+    c.update(dict(EXTRACT_FIELDS, data=paths["clip_train"], output_dir=one))
+    ref = extract.run(c, str(tmp_path))
+  except BaseException:
+    _kill(job[0])
+    raise
+  logs = _finish(*job)
+  for i, log in enumerate(logs):
+    assert f"2 to do on this process ({i} of 2)" in log, log[-3000:]
+  man = teacher_store.read_manifest(two)
+  assert man["complete"] and ref["complete"] and teacher_store.num_shards(man) == 4
+  assert man == ref
+  assert not [n for n in os.listdir(two) if n.endswith(".tmp")]
+  load = lambda d, i, name: np.load(os.path.join(teacher_store.shard_dir(d, i), name))
+  keys = np.concatenate([load(two, i, "keys.npy") for i in range(4)])
+  np.testing.assert_array_equal(keys, np.arange(EXTRACT_RECORDS))  # each record once, in order
+  for i in range(4):
+    np.testing.assert_array_equal(load(two, i, "views.npy"), load(one, i, "views.npy"))
+    got, want = (load(d, i, "embeddings.npy").astype(np.float32) for d in (two, one))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+
+
+# Evaluation: each task's 2-process numbers against 1 process. 8 images per global batch over 8
+# devices either way; retrieval's last batch (images 8-9) holds none of process 1's rows.
+# (Retrieval, not classification: with these random models its recalls are not at 0 or 100.)
+EVAL_JOBS = (("retrieval", {"max_images": 10}),
+             ("instance_segmentation", {"max_images": 5}),
+             ("semantic_segmentation", {"max_images": 6, "mode": "clip"}))
+
+
+def _eval_config(task, fields):
+  c = importlib.import_module(f"configs.eval.{task}").get_config("local")
+  for k, v in fields.items():
+    *parents, name = k.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[name] = v
+  return c
+
+
+def _eval_fields(models, sample_dir, extra):
+  return dict({"model": models["samclip"], "data.sample_dir": sample_dir, "templates": "photo"},
+              resolution=64, **extra)
+
+
+def _eval_job():
+  """A process of the evaluation job: argv = JSON of [(task, fields)], JSON of the distributed
+  fields, output root. Joins the job as `python -m samclip_jax.evaluate` does, then runs the
+  tasks one after the other (one start and one model load for all of them)."""
+  from samclip_jax import evaluate, sharding
+  jobs, dist, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+  for i, (task, fields) in enumerate(jobs):
+    config = _eval_config(task, dict(fields, **dist))
+    if i == 0:
+      sharding.initialize_from_config(config)
+    evaluate.evaluate(config, os.path.join(out, task))
+
+
+def test_two_processes_evaluate_as_one_does(tmp_path_factory):
+  """Retrieval (gathered embeddings), instance segmentation (per-process masks, gathered
+  predictions) and semantic segmentation (summed confusion counts) on a 2 x 4-device job give
+  the numbers and files of 1 x 8 devices (this process, while the job runs); only process 0
+  writes them."""
+  import eval_models
+  from samclip_jax import evaluate
+  base = tmp_path_factory.getbasetemp()
+  models, sample_root = eval_models.ensure_models(base), eval_models.ensure_sample(base)["root"]
+  out = str(tmp_path_factory.mktemp("eval_two"))
+  jobs = [(task, _eval_fields(models, sample_root, extra)) for task, extra in EVAL_JOBS]
+  port = _free_port()
+  driver = "import sys; sys.path.insert(0, 'tests'); import test_multiprocess; test_multiprocess._eval_job()"
+  commands = [[sys.executable, "-c", driver, json.dumps(jobs), json.dumps(_dist_fields(port, 2, i)), out]
+              for i in range(2)]
+  job = _start(commands, os.path.join(out, "eval"), devices=4)
+  try:
+    one = str(tmp_path_factory.mktemp("eval_one"))
+    ref = {task: evaluate.evaluate(_eval_config(task, fields), os.path.join(one, task))
+           for task, fields in jobs}
+  except BaseException:
+    _kill(job[0])
+    raise
+  logs = _finish(*job)
+  for task, want in ref.items():
+    with open(os.path.join(out, task, f"{task}.json")) as f:
+      got = json.load(f)
+    assert got["processes"] == 2 and got["devices"] == want["devices"] == 8, task
+    assert got["num_images"] == want["num_images"], task
+    assert got["metrics"] == want["metrics"] or _close(got["metrics"], want["metrics"]), (task, got["metrics"], want["metrics"])
+    with open(os.path.join(out, task, f"{task}.md")) as f:
+      assert f.read() == evaluate.markdown(dict(got)), task
+  with open(os.path.join(out, "instance_segmentation", "instance_segmentation_predictions.json")) as f:
+    got = json.load(f)
+  with open(os.path.join(one, "instance_segmentation", "instance_segmentation_predictions.json")) as f:
+    want = json.load(f)
+  assert [(p["image_id"], p["category_id"], p["segmentation"]) for p in got] == \
+      [(p["image_id"], p["category_id"], p["segmentation"]) for p in want]
+  np.testing.assert_allclose([p["score"] for p in got], [p["score"] for p in want], atol=1e-5)
+  assert "[retrieval]" in logs[0] and "[retrieval]" not in logs[1]  # progress: process 0 only
+
+
+def _close(got, want, tol=1e-5):
+  if isinstance(want, dict):
+    return got.keys() == want.keys() and all(_close(got[k], want[k], tol) for k in want)
+  if isinstance(want, float):
+    return (np.isnan(want) and np.isnan(got)) or abs(got - want) <= tol * max(1.0, abs(want))
+  return got == want

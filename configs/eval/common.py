@@ -1,6 +1,8 @@
 """Fields shared by every evaluation config (python -m samclip_jax.evaluate --config=...)."""
 import ml_collections
 
+from configs import common as train_common
+
 # The README's main job writes here (python -m samclip_jax.main --config=configs/merge.py:local
 # --workdir=/tmp/samclip_local): the model ":local" evaluates unless --config.model is given.
 LOCAL_MODEL = "/tmp/samclip_local"
@@ -25,6 +27,9 @@ def base(task: str, arg: str | None) -> ml_collections.ConfigDict:
   # The embedded sample (samclip_jax.data.sample), built on first use; a relative path is
   # taken inside the workdir. When set, it fills the dataset paths of the task.
   c.data.sample_dir = "sample" if arg == "local" else ""
+  # Several processes (as training: --config.coordinator_address/num_processes/process_id):
+  # each loads its rows of every global batch; process 0 writes the outputs.
+  train_common.distributed_fields(c)
   if arg == "local":
     c.batch_size = 8
   return c
