@@ -104,21 +104,27 @@ def test_teacher_configs_refuse_bad_args():
     train.create_task(c, jax.devices()[:1])
 
 
-def test_clip_pretraining_runs_and_exports(tmp_path):
-  """30 steps of the tiny CLIP: held-out metrics come out, the export loads and classifies.
+@pytest.mark.parametrize("arg", ["clip,tiny", "clip,resnet,tiny"])
+def test_clip_pretraining_runs_and_exports(tmp_path, arg):
+  """30 steps of the tiny CLIP (ViT or ModifiedResNet tower): held-out metrics come out, the
+  export loads and classifies; a ResNet's export carries BatchNorm statistics of the data.
 
   Learning is held by test_shipped_teachers_quality: a CLIP run cheap enough for CI stays at
   chance contrastive loss on this world (measured: 150 steps of the tiny config and 200 steps
   at width 64 x 2 both end at ln(batch); the old top-1 >= 0.4 bar here was met by the class
   prior alone, 0.39 for a constant answer).
   """
-  out = train.train_and_evaluate(teachers.get_config("clip,tiny"), str(tmp_path), devices=jax.devices()[:1])
+  out = train.train_and_evaluate(teachers.get_config(arg), str(tmp_path), devices=jax.devices()[:1])
   assert out["step"] == 30 and all(np.isfinite(out[k]) for k in ("eval/loss", "eval/top1", "eval/retrieval_r1"))
   assert 0 <= out["eval/top1"] <= 1 and 0 <= out["eval/retrieval_r1"] <= 1
   from samclip_jax.clip_model import ClipModel
   model = ClipModel.from_checkpoint(str(tmp_path / "export"))
   probs = model.classify(sample.draw_scene(0, 1, 64, 64)["image"], list(sample.CLASSES))
   assert sorted(n for n, _ in probs) == sorted(sample.CLASSES) and abs(sum(p for _, p in probs) - 1) < 1e-4
+  if "resnet" in arg:  # precise BN replaced the initial statistics (0 and 1) with the data's
+    stem = model.params["visual"]["bn1"]
+    assert np.abs(np.asarray(stem["running_mean"])).max() > 1e-3
+    assert np.abs(np.asarray(stem["running_var"]) - 1).max() > 1e-3
 
 
 def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
