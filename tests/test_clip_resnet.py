@@ -54,8 +54,8 @@ def test_config_parses_resnet_towers(reference):
   assert config.vision.is_resnet and config.vision.layers == (1, 2, 1, 1)
   assert config.vision.heads == 8  # open_clip: width * 32 // head_width
   assert clip.ClipConfig.from_dict(config.to_dict()) == config  # JSON round trip keeps the tuple
-  with pytest.raises(ValueError, match="divisible by 32"):
-    clip.VisionConfig(image_size=48, layers=(1, 1, 1, 1), width=8, patch_size=None)
+  with pytest.raises(ValueError, match="4 stages"):
+    clip.VisionConfig(image_size=64, layers=(1, 1, 1), width=8, patch_size=None)
 
 
 def test_every_resnet_tensor_converts(reference):

@@ -65,8 +65,6 @@ class VisionConfig:
       object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
       if len(self.layers) != 4:
         raise ValueError(f"a ModifiedResNet tower has 4 stages, got layers={self.layers}")
-      if any(s % 32 for s in self.image_hw):
-        raise ValueError(f"a ModifiedResNet tower needs image sides divisible by 32, got {self.image_size}")
     elif not self.patch_size:
       raise ValueError("a ViT tower needs a patch_size")
     if self.tower_width % self.head_width:
