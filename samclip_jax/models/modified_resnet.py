@@ -8,16 +8,17 @@ pool. Parameter names mirror open_clip's state dict (`visual.layer2.0.downsample
 BatchNorm keeps its running statistics as ordinary parameters (`running_mean`,
 `running_var`), so a CLIP model stays one params tree everywhere (Orbax, converters, sharding).
 `batch_stats=True` normalises with the statistics of the batch instead, as torch's training
-mode does; nothing is updated in place: after training, `precise_bn` sets the running
-statistics to the population statistics of a few training batches (pycls's "precise BN"),
-which needs no moving average in the train state.
+mode does. They are the global batch's: under jit with a batch-sharded input XLA reduces
+across devices, so they do not depend on the device count. Nothing is updated in place: after
+training, `precise_bn` sets the running statistics to the population statistics of a few
+training batches (pycls's "precise BN"), which needs no moving average in the train state.
 """
-import numpy as np
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from samclip_jax.sharding import CONV_IN, EMBED, HEADS, NONE, NORM, POS, param_with_axes
 

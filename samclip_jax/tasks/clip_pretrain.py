@@ -197,13 +197,15 @@ class ClipPretrainTask:
 
   def _precise_bn(self, params):
     """A ResNet tower trains on batch statistics: its running statistics are those of
-    `precise_bn_batches` training batches (the same ones for the same seed)."""
+    `precise_bn_batches` global training batches (the same ones for the same seed; sharded as
+    training is, so every process computes the same statistics)."""
     from samclip_jax.models.modified_resnet import precise_bn
     loader = self.make_loaders(self.data_paths(None), "train")["clip"]
     collect = jax.jit(lambda p, images: self.model.apply(
         {"params": p}, common.normalize_clip(images), method=CLIP.encode_image,
         mutable=["batch_stats"])[1]["batch_stats"])
-    batches = (b["image"] for _, b in zip(range(self.config.precise_bn_batches), loader))
+    batches = (self.device_batches({"clip": b})["clip"]["image"]
+               for _, b in zip(range(self.config.precise_bn_batches), loader))
     return precise_bn(params, collect, batches)
 
 
