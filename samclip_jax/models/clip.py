@@ -1,4 +1,5 @@
-"""OpenCLIP's ViT image tower and text tower (open_clip/transformer.py, model.py) in Flax linen.
+"""OpenCLIP's ViT image tower and text tower (open_clip/transformer.py, model.py) in Flax linen;
+the ModifiedResNet image tower (RN50 family) lives in modified_resnet.py.
 
 Parameter names mirror open_clip's state dict (`visual.transformer.resblocks.3.attn.in_proj_weight`
 -> `visual/transformer/resblocks_3/attn/in_proj/kernel`), so convert/open_clip.py reads like a
