@@ -65,8 +65,9 @@ class Progress:
   batch does not inflate them (the first line shows the elapsed time only).
   """
 
-  def __init__(self, task: str, total: int, unit: str = "images"):
+  def __init__(self, task: str, total: int, unit: str = "images", quiet: bool = False):
     self.task, self.total, self.unit, self.done = task, total, unit, 0
+    self.quiet = quiet  # count, print nothing (e.g. processes other than 0 of a job)
     self.t0 = time.time()
     self.first = None      # (time, done) at the first update
     self.next = 0
@@ -76,7 +77,7 @@ class Progress:
     now = time.time()
     if self.first is None:
       self.first = (now, self.done)
-    if self.done < self.next and self.done < self.total:
+    if self.quiet or (self.done < self.next and self.done < self.total):
       return
     self.next = self.done + max(1, self.total // 10)
     line = f"[{self.task}] {self.done}/{self.total} {self.unit}"

@@ -521,11 +521,9 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   return out, len(items)
 
 
-def _progress(task: str, total: int):
+def _progress(task: str, total: int) -> cli.Progress:
   """Progress lines from process 0 only (each process sees every global batch go by)."""
-  if jax.process_index() == 0:
-    return cli.Progress(task, total)
-  return type("Quiet", (), {"update": lambda self, n: None})()
+  return cli.Progress(task, total, quiet=jax.process_index() != 0)
 
 
 def _check_label(gt, hw, path):

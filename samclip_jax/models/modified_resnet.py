@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samclip_jax.models.clip import resample_pos_embed  # clip imports this module lazily
 from samclip_jax.sharding import CONV_IN, EMBED, HEADS, NONE, NORM, POS, param_with_axes
 
 Dtype = Any
@@ -92,19 +93,18 @@ class AttentionPool2d(nn.Module):
   @nn.compact
   def __call__(self, x, dense: bool = False):
     """x [B, h, w, C] -> (pooled [B, output_dim], per-position embeddings [B, h, w, out] or None)."""
-    from samclip_jax.models.clip import resample_pos_embed  # clip imports this module
     b, h, w, c = x.shape
     pos = self.param("positional_embedding", param_with_axes(nn.initializers.normal(c ** -0.5), POS, EMBED),
                      (self.grid[0] * self.grid[1] + 1, c))
     tokens = x.reshape(b, h * w, c)
     tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
     tokens = tokens + resample_pos_embed(pos, self.grid, (h, w)).astype(self.dtype)
-    dense_layer = lambda name, axes: nn.Dense(
-        c if name != "c_proj" else self.output_dim, dtype=self.dtype, name=name,
+    dense_layer = lambda name, features, axes: nn.Dense(
+        features, dtype=self.dtype, name=name,
         kernel_init=param_with_axes(nn.initializers.normal(c ** -0.5), *axes),
         bias_init=param_with_axes(nn.initializers.zeros_init(), axes[-1]))
-    q_proj, k_proj = dense_layer("q_proj", (EMBED, HEADS)), dense_layer("k_proj", (EMBED, HEADS))
-    v_proj, c_proj = dense_layer("v_proj", (EMBED, HEADS)), dense_layer("c_proj", (HEADS, EMBED))
+    q_proj, k_proj, v_proj = (dense_layer(n, c, (EMBED, HEADS)) for n in ("q_proj", "k_proj", "v_proj"))
+    c_proj = dense_layer("c_proj", self.output_dim, (HEADS, EMBED))
     d = c // self.heads
     q = q_proj(tokens[:, :1]).reshape(b, 1, self.heads, d) * d ** -0.5  # only the mean token's output is kept
     k = k_proj(tokens).reshape(b, -1, self.heads, d)

@@ -194,7 +194,6 @@ class ClipPretrainTask:
               extra={"source": f"pretrained on the embedded world ({self.config.data.clip_train}), "
                                f"seed {self.config.seed}, {int(state.step)} steps"})
 
-
   def _precise_bn(self, params):
     """A ResNet tower trains on batch statistics: its running statistics are those of
     `precise_bn_batches` global training batches (the same ones for the same seed; sharded as
@@ -228,12 +227,9 @@ def _zero_unused_token_rows(params, config):
 
 def clip_config(config) -> ClipConfig:
   m = config.model
-  if m.get("resnet_layers"):  # open_clip's ModifiedResNet tower (RN50's layout, smaller)
-    vision = VisionConfig(image_size=config.clip_image_size, patch_size=None, width=m.width,
-                          layers=tuple(m.resnet_layers), head_width=m.head_width)
-  else:
-    vision = VisionConfig(image_size=config.clip_image_size, patch_size=m.patch_size, width=m.width,
-                          layers=m.layers, head_width=m.head_width)
+  resnet = tuple(m.get("resnet_layers") or ())  # open_clip's ModifiedResNet (RN50's layout, smaller)
+  vision = VisionConfig(image_size=config.clip_image_size, patch_size=None if resnet else m.patch_size,
+                        width=m.width, layers=resnet or m.layers, head_width=m.head_width)
   text = TextConfig(context_length=m.context_length, width=m.text_width,
                     heads=max(1, m.text_width // m.head_width), layers=m.text_layers)
   return ClipConfig(embed_dim=m.embed_dim, vision=vision, text=text)
