@@ -51,6 +51,9 @@ def _clip(c):
   # templates ("" keeps "a photo of a ..."): zero-shot prompts are then familiar sentences.
   c.caption_weights = (0.15, 0.15, 0.35, 0.35)
   c.caption_templates = "imagenet80"
+  # Per image, this many copies of its caption with one shape name swapped join the
+  # image->text softmax (NegCLIP): colour alone can no longer solve the batch.
+  c.hard_negatives = 0
   c.zero_unused_tokens = True  # export: zero token rows the world never uses (a small file)
   c.model = ml_collections.ConfigDict()
   c.model.resnet_layers = ()  # () = ViT; 4 block counts = open_clip's ModifiedResNet (',resnet')

@@ -65,6 +65,40 @@ def test_contrastive_loss_matches_hand_computation():
       jnp.asarray(img), jnp.asarray(txt), jnp.asarray(np.log(100.0)))), rtol=1e-6)
 
 
+def test_hard_negatives_join_only_their_images_row():
+  """NegCLIP: image b's extra captions are columns of its image->text softmax alone."""
+  rng = np.random.default_rng(2)
+  img, txt, neg = rng.normal(size=(3, 8)), rng.normal(size=(3, 8)), rng.normal(size=(3, 2, 8))
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  a, b, n = unit(img), unit(txt), unit(neg)
+  logits = 10.0 * a @ b.T
+  rows = np.concatenate([logits, 10.0 * np.einsum("bd,bkd->bk", a, n)], 1)
+  lse = lambda z: np.log(np.exp(z).sum(1))
+  want = 0.5 * (np.mean(lse(rows) - np.diag(logits)) + np.mean(lse(logits.T) - np.diag(logits)))
+  got = clip_pretrain.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(np.log(10.0)),
+                                       jnp.asarray(neg))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["a photo of a red star", "a sketch of the circle and a star and a ellipse.",
+                                  "a photo of a circle and a rectangle and a triangle and a ellipse and a star"])
+def test_swap_shapes_changes_exactly_one_shape_name(text):
+  import re
+  rng = np.random.default_rng(0)
+  words = re.findall(r"\w+|\W+", text)
+  named = set(words) & set(sample.CLASSES)
+  negatives = clip_pretrain.swap_shapes(text, 4, rng, sample.CLASSES)
+  assert len(negatives) == 4 and len(set(negatives)) == 4  # distinct while there are enough swaps
+  for neg in negatives:
+    diff = [(w, v) for w, v in zip(words, re.findall(r"\w+|\W+", neg)) if w != v]
+    assert len(diff) == 1 and diff[0][0] in sample.CLASSES and diff[0][1] in sample.CLASSES
+    if len(named) < len(sample.CLASSES):  # the new name is one the caption does not use
+      assert diff[0][1] not in named
+  # A caption naming no shape is rejected against single shapes.
+  assert all(n.split()[-1] in sample.CLASSES
+             for n in clip_pretrain.swap_shapes("a photo of plain background", 3, rng, sample.CLASSES))
+
+
 def test_world_source_is_deterministic_with_disjoint_splits():
   train_src, val_src = WorldSource("train", 50), WorldSource("val", 50)
   a = records.decode(train_src[3])
@@ -102,6 +136,10 @@ def test_teacher_configs_refuse_bad_args():
   c.clip_batch_size = 1
   with pytest.raises(ValueError, match="negatives"):
     train.create_task(c, jax.devices()[:1])
+  c = teachers.get_config("clip,tiny")
+  c.hard_negatives = -1
+  with pytest.raises(ValueError, match="hard_negatives"):
+    train.create_task(c, jax.devices()[:1])
 
 
 @pytest.mark.parametrize("arg", ["clip,tiny", "clip,resnet,tiny"])
@@ -114,7 +152,11 @@ def test_clip_pretraining_runs_and_exports(tmp_path, arg):
   at width 64 x 2 both end at ln(batch); the old top-1 >= 0.4 bar here was met by the class
   prior alone, 0.39 for a constant answer).
   """
-  out = train.train_and_evaluate(teachers.get_config(arg), str(tmp_path), devices=jax.devices()[:1])
+  config = teachers.get_config(arg)
+  if "resnet" in arg:  # the NegCLIP path too, at no extra compile
+    config.unlock()
+    config.hard_negatives = 2
+  out = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert out["step"] == 30 and all(np.isfinite(out[k]) for k in ("eval/loss", "eval/top1", "eval/retrieval_r1"))
   assert 0 <= out["eval/top1"] <= 1 and 0 <= out["eval/retrieval_r1"] <= 1
   from samclip_jax.clip_model import ClipModel

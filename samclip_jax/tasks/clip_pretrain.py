@@ -2,6 +2,10 @@
 
 Symmetric InfoNCE over the batch with a learned temperature, as open_clip: logits =
 exp(logit_scale) * normalised image . text embeddings, logit_scale clamped to ln(100).
+Optionally each image also meets `hard_negatives` captions of its own with one shape name
+swapped (NegCLIP, Yuksekgonul et al. 2023): in-batch negatives almost always differ in colour,
+so colour alone solves the batch and shapes get little gradient; a swapped shape name cannot
+be told apart by colour.
 Held-out metrics: zero-shot top-1 on the largest shape (class names in OpenAI's 80
 templates, averaged) and caption retrieval R@1 within each held-out batch.
 """
@@ -23,24 +27,51 @@ from samclip_jax.tasks import common
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature here
 
 
-def contrastive_loss(image_emb, text_emb, logit_scale):
-  """Symmetric InfoNCE (image->text and text->image cross-entropy, averaged)."""
-  img = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
-  txt = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
-  logits = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE)) * img @ txt.T
+def _unit(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale, negative_emb=None):
+  """Symmetric InfoNCE (image->text and text->image cross-entropy, averaged).
+
+  negative_emb [B, K, D]: extra captions only image b must reject (columns of its
+  image->text row alone; the text->image direction is unchanged).
+  """
+  img, txt = _unit(image_emb), _unit(text_emb)
+  scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+  logits = scale * img @ txt.T
   labels = jnp.arange(logits.shape[0])
   ce = optax.softmax_cross_entropy_with_integer_labels
-  return 0.5 * (jnp.mean(ce(logits, labels)) + jnp.mean(ce(logits.T, labels)))
+  rows = logits
+  if negative_emb is not None:
+    rows = jnp.concatenate([logits, scale * jnp.einsum("bd,bkd->bk", img, _unit(negative_emb))], 1)
+  return 0.5 * (jnp.mean(ce(rows, labels)) + jnp.mean(ce(logits.T, labels)))
+
+
+def swap_shapes(text: str, count: int, rng, classes) -> list[str]:
+  """`count` false versions of `text`, each with one class name replaced by a class the text
+  does not name (by any other class when it names them all), distinct while there are enough;
+  a text naming no class gets "a photo of a CLASS" versions."""
+  import re
+  found = list(re.finditer(r"\b(" + "|".join(map(re.escape, classes)) + r")\b", text))
+  named = {m.group(0) for m in found}
+  swaps = [text[:m.start()] + c + text[m.end():] for m in found
+           for c in ([c for c in classes if c not in named] or [c for c in classes if c != m.group(0)])]
+  swaps = list(dict.fromkeys(swaps)) or [f"a photo of a {c}" for c in classes]
+  order = rng.permutation(len(swaps))
+  return [swaps[order[i % len(swaps)]] for i in range(count)]
 
 
 class CaptionRender(grain.transforms.RandomMap):
   """Record -> the whole image at `resolution`, caption tokens, label; `train` adds a random
-  flip, a random one of the scene's true captions and a random prompt template around it."""
+  flip, a random one of the scene's true captions and a random prompt template around it,
+  and `hard_negatives` shape-swapped versions of that caption ("negative_tokens" [K, L])."""
 
   def __init__(self, resolution: int, context_length: int, train: bool,
-               caption_weights=None, templates: tuple[str, ...] = ()):
+               caption_weights=None, templates: tuple[str, ...] = (), hard_negatives: int = 0):
     self.resolution, self.context_length, self.flip = resolution, context_length, train
     self.caption_weights, self.templates = caption_weights, tuple(templates)
+    self.hard_negatives = hard_negatives if train else 0
     self._tokenizer, self._tokens = None, {}  # captions repeat: tokenise each once
 
   def caption(self, rec, rng) -> str:
@@ -68,10 +99,17 @@ class CaptionRender(grain.transforms.RandomMap):
     flip = self.flip and bool(rng.integers(2))
     image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
     text = self.caption(rec, rng)
+    out = {"image": image, "tokens": self._tokenize(text), "label": np.int32(rec.get("label", -1))}
+    if self.hard_negatives:
+      from samclip_jax.data import sample
+      negatives = swap_shapes(text, self.hard_negatives, rng, sample.CLASSES)
+      out["negative_tokens"] = np.stack([self._tokenize(t) for t in negatives])
+    return out
+
+  def _tokenize(self, text):
     if text not in self._tokens:
       self._tokens[text] = self._tokenizer(text)[0]
-    return {"image": image, "tokens": self._tokens[text],
-            "label": np.int32(rec.get("label", -1))}
+    return self._tokens[text]
 
 
 @dataclasses.dataclass
@@ -134,8 +172,14 @@ class ClipPretrainTask:
 
     def loss_fn(tp):
       params = optim.merge_params(tp, frozen)
-      img, txt = self._embed(params, batches["clip"])
-      return contrastive_loss(img, txt, params["logit_scale"])
+      b = batches["clip"]
+      img, txt = self._embed(params, b)
+      neg = None
+      if "negative_tokens" in b:
+        n, k, length = b["negative_tokens"].shape
+        neg = self.model.apply({"params": params}, b["negative_tokens"].reshape(n * k, length),
+                               method=CLIP.encode_text).astype(jnp.float32).reshape(n, k, -1)
+      return contrastive_loss(img, txt, params["logit_scale"], neg)
 
     loss, grads = jax.value_and_grad(loss_fn)(trainable)
     scale = optim.merge_params(trainable, frozen)["logit_scale"]
@@ -144,10 +188,8 @@ class ClipPretrainTask:
   def eval_metrics(self, params, aux, batches):
     b = batches["clip"]
     img, txt = self._embed(params, b)
-    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
-    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
-    cls = self.model.apply({"params": params}, aux["class_tokens"], method=CLIP.encode_text)
-    cls = cls / jnp.linalg.norm(cls, axis=-1, keepdims=True)
+    img, txt = _unit(img), _unit(txt)
+    cls = _unit(self.model.apply({"params": params}, aux["class_tokens"], method=CLIP.encode_text))
     cls = cls.reshape(len(self.class_names), -1, cls.shape[-1]).mean(1)  # average the templates
     pred = jnp.argmax(img @ cls.T, axis=-1)
     labelled = b["label"] >= 0
@@ -169,7 +211,8 @@ class ClipPretrainTask:
     from samclip_jax.templates import get_templates
     templates = get_templates(cfg.caption_templates) if cfg.get("caption_templates") else ()
     ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, train=is_train,
-                         caption_weights=cfg.get("caption_weights"), templates=templates),
+                         caption_weights=cfg.get("caption_weights"), templates=templates,
+                         hard_negatives=cfg.get("hard_negatives", 0)),
            grain.transforms.Batch(batch_size=cfg.clip_batch_size // nproc, drop_remainder=True)]
     return {"clip": pipeline.make_loader(
         source, ops, seed=cfg.seed if is_train else cfg.seed + 1, shard_index=jax.process_index(),
@@ -240,6 +283,8 @@ def create(config, devices=None) -> ClipPretrainTask:
   common.validate_batches(config, ("clip_batch_size",))
   if config.clip_batch_size < 2:
     raise ValueError("clip_batch_size must be >= 2 (contrastive learning needs negatives)")
+  if not (isinstance(config.get("hard_negatives", 0), int) and config.get("hard_negatives", 0) >= 0):
+    raise ValueError(f"hard_negatives must be an int >= 0, got {config.get('hard_negatives')!r}")
   from samclip_jax.data import sample
   mesh, rules = common.pretraining_mesh(config, devices, "clip_batch_size", ("clip_train", "clip_val"))
   cfg = clip_config(config)
