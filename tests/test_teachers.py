@@ -185,17 +185,18 @@ def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
 
 
 # What the shipped teachers achieve on held-out world scenes (README, "The embedded world and
-# its teachers"; measured on 64 scenes: SAM box 0.747 / click 0.741, CLIP colour top-1 0.56,
-# R@1 0.27, shape top-1 0.23), with bars below them by the sampling error of 32 scenes (on
-# these 32: colour 0.63, R@1 0.41). The CLIP teacher's shape top-1 is at chance (issue 7's
-# open gap), so its colour top-1 (chance 1/8) and retrieval (chance 1/32) are held.
-SHIPPED_BARS = {"sam": {"box_miou": 0.68, "point_miou": 0.66}, "clip": {"colour_top1": 0.40, "retrieval_r1": 0.20}}
+# its teachers"), with bars below them. SAM on 32 scenes (measured on 64: box 0.747, click
+# 0.741). CLIP on 128 scenes, since shape top-1 needs them to stand clear of the class prior
+# (0.27 on these 128): measured shape 0.37, colour 0.83, R@1 over 128 captions 0.40.
+SHIPPED_BARS = {"sam": ({"box_miou": 0.68, "point_miou": 0.66}, 32),
+                "clip": ({"top1": 0.33, "colour_top1": 0.70, "retrieval_r1": 0.30}, 128)}
 
 
 @pytest.mark.parametrize("name", ["sam", "clip"])
 def test_shipped_teachers_quality(name):
   from configs.common import shipped_teacher
   from samclip_jax import world_eval
-  got = world_eval.evaluate_model(shipped_teacher(name), num_scenes=32)
-  for metric, bar in SHIPPED_BARS[name].items():
+  bars, num_scenes = SHIPPED_BARS[name]
+  got = world_eval.evaluate_model(shipped_teacher(name), num_scenes=num_scenes)
+  for metric, bar in bars.items():
     assert got[metric] >= bar, (metric, got)

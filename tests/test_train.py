@@ -275,6 +275,13 @@ def test_config_errors_fail_before_compiling(env, tmp_path):
     merge_task.validate_config(tiny(env, sam_checkpoint=str(tmp_path / "missing")))
   with pytest.raises(ValueError, match="nan_policy"):
     merge_task.validate_config(tiny(env, nan_policy="ignore"))
+  # The world is a data source like any split (drawn on the fly); a malformed spec is named.
+  world = tiny(env)
+  world.data.clip_train = "world:train:1000:128:256"
+  merge_task.validate_config(world)
+  world.data.clip_train = "world:trian:1000"
+  with pytest.raises(ValueError, match="world split"):
+    merge_task.validate_config(world)
   bad_mesh = tiny(env)
   bad_mesh.mesh.fsdp = 3
   with pytest.raises(ValueError, match="do not divide the 8 available devices"):

@@ -61,9 +61,12 @@ def validate_config(config) -> None:
   if config.data.teacher_embeddings and not os.path.isdir(config.data.teacher_embeddings):
     raise FileNotFoundError(f"config.data.teacher_embeddings={config.data.teacher_embeddings!r} "
                             "is not a directory")
+  from samclip_jax.data import world
   for key in ("clip_train", "clip_val", "sam_train", "sam_val"):
     path = config.data[key]
-    if path and not (os.path.exists(path) or any(ch in path for ch in "*?[")):
+    if world.is_world(path):
+      world.source(path)  # a malformed spec raises here, naming itself
+    elif path and not (os.path.exists(path) or any(ch in path for ch in "*?[")):
       raise FileNotFoundError(f"config.data.{key}={path!r} does not exist")
 
 
