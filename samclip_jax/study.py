@@ -182,13 +182,27 @@ def table(results) -> str:
   return "\n".join(rows) + "\n"
 
 
+def nice_range(values, pad: float = 0.02, max_ticks: int = 7):
+  """(lo, hi, step): round axis bounds around `values` (within [0, 1]) and a tick step that
+  gives at most `max_ticks` ticks, so tick labels are the exact values of their ticks."""
+  lo, hi = (max(min(values) - pad, 0.0), min(max(values) + pad, 1.0)) if values else (0.0, 1.0)
+  for step in (0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.2, 0.25):
+    a, b = np.floor(lo / step + 1e-9) * step, np.ceil(hi / step - 1e-9) * step
+    if b <= a:
+      b = a + step
+    if round((b - a) / step) + 1 <= max_ticks:
+      return float(a), float(b), step
+  return 0.0, 1.0, 0.25
+
+
 def plot(results, x_key="top1", y_key="box_miou"):
   """SAM metric (box mIoU) against CLIP metric (zero-shot top-1) per merged variant, as a PIL
-  image; the teachers are reference lines (each has only one of the two metrics)."""
+  image; the teachers are reference lines (each has only one of the two metrics); a legend
+  on the right lists every variant's colour and values."""
   from PIL import Image, ImageDraw
   from samclip_jax.visualize import _font, palette
-  w, h, m = 720, 520, 70
-  img = Image.new("RGB", (w, h), "white")
+  w, h, m, legend_w = 720, 520, 70, 230
+  img = Image.new("RGB", (w + legend_w, h), "white")
   d = ImageDraw.Draw(img)
   font = _font(13)
   points = [(n, r[x_key], r[y_key]) for n, r in results.items() if x_key in r and y_key in r]
@@ -196,17 +210,20 @@ def plot(results, x_key="top1", y_key="box_miou"):
           "clip_teacher": (results.get("clip_teacher", {}).get(x_key), None)}
   xs = [p[1] for p in points] + [v[0] for v in refs.values() if v[0] is not None]
   ys = [p[2] for p in points] + [v[1] for v in refs.values() if v[1] is not None]
-  span = lambda v: (max(min(v) - 0.05, 0.0), min(max(v) + 0.05, 1.0)) if v else (0.0, 1.0)
-  (x0, x1), (y0, y1) = span(xs), span(ys)
+  (x0, x1, xstep), (y0, y1, ystep) = nice_range(xs), nice_range(ys)
   to_xy = lambda x, y: (m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
   d.rectangle([m, m, w - m, h - m], outline="black")
-  for t in np.linspace(0, 1, 6):
-    x, _ = to_xy(x0 + t * (x1 - x0), y0)
-    _, y = to_xy(x0, y0 + t * (y1 - y0))
+  digits = 3 if min(xstep, ystep) < 0.01 else 2
+  for i in range(int(round((x1 - x0) / xstep)) + 1):
+    v = x0 + i * xstep
+    x, _ = to_xy(v, y0)
     d.line([x, h - m, x, h - m + 5], fill="black")
-    d.text((x - 12, h - m + 8), f"{x0 + t * (x1 - x0):.2f}", fill="black", font=font)
+    d.text((x - 12, h - m + 8), f"{v:.{digits}f}", fill="black", font=font)
+  for i in range(int(round((y1 - y0) / ystep)) + 1):
+    v = y0 + i * ystep
+    _, y = to_xy(x0, v)
     d.line([m - 5, y, m, y], fill="black")
-    d.text((m - 45, y - 7), f"{y0 + t * (y1 - y0):.2f}", fill="black", font=font)
+    d.text((m - 45, y - 7), f"{v:.{digits}f}", fill="black", font=font)
   d.text((w // 2 - 90, h - 30), f"{x_key} (zero-shot, CLIP)", fill="black", font=font)
   d.text((8, 20), f"{y_key} (box prompts, SAM)", fill="black", font=font)
   placed = []  # (x, y, width) of every label drawn: later labels must not overlap them
@@ -220,6 +237,12 @@ def plot(results, x_key="top1", y_key="box_miou"):
     d.line([x, m, x, h - m], fill=(150, 150, 150))
     d.text((x + 4, m + 4), "CLIP teacher", fill=(110, 110, 110), font=font)
     placed.append((x + 4, m + 4, d.textlength("CLIP teacher", font=font)))
+  lx, ly = w + 5, m
+  d.text((lx, ly), f"variant: {x_key}, {y_key}", fill="black", font=font)
+  for name, ref in (("SAM teacher", refs["sam_teacher"][1]), ("CLIP teacher", refs["clip_teacher"][0])):
+    if ref is not None:
+      ly += 20
+      d.text((lx + 18, ly), f"{name}: {ref:.3f}", fill=(110, 110, 110), font=font)
   for (name, x, y), c in zip(points, palette(max(len(points), 1))):
     px, py = to_xy(x, y)
     d.ellipse([px - 6, py - 6, px + 6, py + 6], fill=c, outline="black")
@@ -231,6 +254,9 @@ def plot(results, x_key="top1", y_key="box_miou"):
     tx, ty = next(((x, y) for x, y in spots if free(x, y)), spots[0])
     placed.append((tx, ty, tw))
     d.text((tx, ty), name, fill="black", font=font)
+    ly += 20  # the legend: each variant's colour and exact values
+    d.ellipse([lx + 2, ly + 2, lx + 12, ly + 12], fill=c, outline="black")
+    d.text((lx + 18, ly), f"{name}: {x:.3f}, {y:.3f}", fill="black", font=font)
   return img
 
 

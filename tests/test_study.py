@@ -1,0 +1,56 @@
+"""The merge study: the :tiny study runs every variant through the real entry points (the
+merge configs, the loop, exports, world_eval) and writes a complete study.json, study.md and
+plots; a rerun runs and measures nothing again; the plot's axes."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import study as study_config
+from samclip_jax import study
+
+MERGED = {"box_miou", "point_miou", "top1", "colour_top1", "semseg_miou_clip", "semseg_miou_clip_sam",
+          "semseg_colour_miou_clip", "semseg_colour_miou_clip_sam"}
+EXPECTED = {"sam_teacher": {"box_miou", "point_miou"}, "clip_teacher": {"top1", "colour_top1", "retrieval_r1"},
+            "head_probe": MERGED, "no_rehearsal": MERGED, "samclip": MERGED, "weight_average": MERGED}
+
+
+def test_tiny_study_is_complete_and_resumes(tmp_path):
+  config = study_config.get_config("tiny")
+  said = []
+  results = study.Study(config, str(tmp_path), devices=jax.devices()[:1], say=said.append).run_all()
+  with open(tmp_path / "study.json") as f:
+    written = json.load(f)["variants"]
+  assert list(written) == list(config.variants) == list(EXPECTED)
+  for name, keys in EXPECTED.items():
+    assert keys <= set(written[name]), (name, written[name])
+    assert all(0.0 <= written[name][k] <= 1.0 for k in keys), (name, written[name])
+  rows = (tmp_path / "study.md").read_text().splitlines()
+  assert [r.split(" | ")[0].lstrip("| ") for r in rows[2:]] == list(EXPECTED)
+  for name, _ in study.PLOTS:
+    with Image.open(tmp_path / name) as img:
+      assert img.format == "PNG" and img.size[0] > 500
+  # Wise-FT: the averaged backbone is alpha * no_rehearsal + (1 - alpha) * stage 1 (SAM's weights).
+  from samclip_jax.models import samclip as sc
+  runs = tmp_path / "runs"
+  leaf = lambda p: np.asarray(p["image_encoder"]["patch_embed"]["proj"]["kernel"])
+  tuned, base, mixed = (leaf(sc.load_samclip(str(runs / n / e))[1])
+                        for n, e in (("no_rehearsal", "export"), ("probe", "export"), ("weight_average", "")))
+  assert not np.allclose(tuned, base)  # no_rehearsal moved the backbone
+  np.testing.assert_allclose(mixed, config.wise_alpha * tuned + (1 - config.wise_alpha) * base, rtol=1e-6)
+  # A rerun finds every run and measurement: nothing is run or measured again.
+  again = []
+  assert study.Study(config, str(tmp_path), devices=jax.devices()[:1], say=again.append).run_all() == results
+  assert again == []
+
+
+@pytest.mark.parametrize("values", [[0.354, 0.417, 0.744], [0.5], [], [0.0, 1.0], [0.7391, 0.7396]])
+def test_plot_axes_are_round_and_hold_every_value(values):
+  lo, hi, step = study.nice_range(values)
+  ticks = round((hi - lo) / step) + 1
+  assert 2 <= ticks <= 7 and 0.0 <= lo < hi <= 1.0
+  assert abs(lo / step - round(lo / step)) < 1e-6  # tick labels are their ticks' exact values
+  assert all(lo <= v <= hi for v in values)
