@@ -129,7 +129,9 @@ def _apply_local(c):
   c.inference_resolution = 128
   if c.stage == "distill":
     c.sam_batch_size = 4
-  c.learning_rate = 1e-3 if c.stage == "distill" else 2e-3
+  # The CLIP head starts from scratch and has 140-150 steps: 2e-3 (1e-3 before) raised the
+  # local main job's held-out colour top-1 from 0.45 to 0.56 at the same box mIoU (README).
+  c.learning_rate = 2e-3
   c.warmup_steps = 20
   c.model.sam_variant = "tiny"
   c.model.clip_variant = "tiny"

@@ -5,7 +5,9 @@ weight averaging and a lambda sweep, side by side on held-out world scenes.
 
 Each stage is a real merge run (configs/merge.py, the one loop, its export) in DIR/runs/NAME,
 chained through init_from; each variant's metrics (samclip_jax.world_eval) are kept in
-DIR/variants/NAME.json, so a rerun skips what is finished. Writes DIR/study.json
+DIR/variants/NAME.json, so a rerun skips what is finished. DIR/runs/NAME.run.json records what
+made each run (its merge config and its parents' records): a rerun whose config would make a
+run differently refuses to reuse it, and a measurement made of anything else is made again. Writes DIR/study.json
 ({"variants": {NAME: {METRIC: value}}}), DIR/study.md and DIR/study.png (SAM metric against
 CLIP metric per variant, as the paper's figure 1).
 """
@@ -56,12 +58,50 @@ class Study:
     from samclip_jax import train
     workdir = os.path.join(self.workdir, "runs", name)
     export = os.path.join(workdir, "export")
+    config = self.merge_config(stage, steps, **overrides)
+    settings = json.loads(config.to_json_best_effort(sort_keys=True))
+    if settings.get("init_from", "").startswith(self.workdir + os.sep):  # a moved study still matches
+      settings["init_from"] = os.path.relpath(settings["init_from"], self.workdir)
+    self.claim(name, {"config": settings, "parent": self.record_of(config.init_from)})
     if not os.path.isdir(export):
       t0 = time.time()
       self.say(f"[study] run {name}: stage {stage}, {steps} steps")
-      train.train_and_evaluate(self.merge_config(stage, steps, **overrides), workdir, devices=self.devices)
+      train.train_and_evaluate(config, workdir, devices=self.devices)
       self.say(f"[study] run {name} done in {time.time() - t0:.0f} s")
     return export
+
+  def record_path(self, name):
+    return os.path.join(self.workdir, "runs", name + ".run.json")
+
+  def record_of(self, path):
+    """The record of the study run whose export (or directory) is `path`; None for anything else."""
+    if not path:
+      return None
+    rel = os.path.relpath(os.path.abspath(path), os.path.join(self.workdir, "runs"))
+    name = rel.split(os.sep)[0]
+    if rel.startswith("..") or not os.path.isfile(self.record_path(name)):
+      return {"path": os.path.abspath(path)}  # a model from outside the study
+    with open(self.record_path(name)) as f:
+      return json.load(f)
+
+  def claim(self, name, record):
+    """Writes NAME's record, or checks that the one there says the same (else raises)."""
+    path = self.record_path(name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        old = json.load(f)
+      if old != record:
+        raise ValueError(
+            f"{os.path.join(self.workdir, 'runs', name)} was made by another configuration "
+            f"(differs in: {', '.join(_differences(old, record))}); "
+            "use a new --workdir, or delete that run (and the runs built on it) to redo it")
+      return
+    if os.path.isdir(os.path.join(self.workdir, "runs", name)):
+      raise ValueError(f"{os.path.join(self.workdir, 'runs', name)} exists but has no record "
+                       f"({path}): it was not made by this study; use a new --workdir")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with cli.atomic_write(path) as tmp, open(tmp, "w") as f:
+      json.dump(record, f, indent=2, sort_keys=True)
 
   def probe(self):
     return self.run("probe", "probe", self.config.probe_steps)
@@ -82,35 +122,39 @@ class Study:
     """Wise-FT: alpha * no_rehearsal + (1 - alpha) * SAM for the backbone and SAM head."""
     from samclip_jax.models import samclip as sc
     out = os.path.join(self.workdir, "runs", "weight_average")
+    a = float(self.config.wise_alpha)
+    tuned_dir, base_dir = self.no_rehearsal(), self.probe()  # stage 1 froze the SAM parts: they are SAM's
+    self.claim("weight_average", {"wise_alpha": a, "parents": [self.record_of(tuned_dir), self.record_of(base_dir)]})
     if os.path.isdir(out):
       return out
-    cfg, tuned = sc.load_samclip(self.no_rehearsal())
-    _, base = sc.load_samclip(self.probe())  # stage 1 froze the SAM parts: they are SAM's
-    a = float(self.config.wise_alpha)
+    cfg, tuned = sc.load_samclip(tuned_dir)
+    _, base = sc.load_samclip(base_dir)
     mixed = dict(tuned)
     for part in ("image_encoder", "mask_decoder"):
       mixed[part] = _mix(tuned[part], base[part], a)
     sc.save_samclip(out, cfg, mixed, {"stage": "weight_average", "wise_alpha": a,
-                                      **_text_facts(self.no_rehearsal())})
+                                      **_text_facts(tuned_dir)})
     return out
 
   # ---------------------------------------------------------------- measurements
   def measure(self, name, path, parts=("sam", "clip", "semseg")) -> dict:
-    """Metrics of variant NAME (cached in DIR/variants/NAME.json)."""
+    """Metrics of variant NAME (cached in DIR/variants/NAME.json, with what was measured and how)."""
+    c = self.config
+    what = {"model": self.record_of(path), "parts": list(parts), "scenes": [c.eval_scenes, c.scene_side, c.semseg_scenes]}
     cached = os.path.join(self.workdir, "variants", name + ".json")
     if os.path.isfile(cached):
       with open(cached) as f:
         record = json.load(f)
-      if record.get("metrics_version") == METRICS_VERSION:  # else an older version measured it
+      # Another metrics version, model, or set of scenes measured it: measure again.
+      if record.get("metrics_version") == METRICS_VERSION and record.get("measured") == what:
         return record["metrics"]
     from samclip_jax import world_eval
-    c = self.config
     t0 = time.time()
     values = world_eval.evaluate_model(path, c.eval_scenes, c.scene_side, c.semseg_scenes, parts=parts)
     self.say(f"[study] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in values.items()
                                             if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)")
     with cli.atomic_write(cached) as tmp, open(tmp, "w") as f:
-      json.dump({"metrics_version": METRICS_VERSION, "metrics": values}, f, indent=2)
+      json.dump({"metrics_version": METRICS_VERSION, "measured": what, "metrics": values}, f, indent=2)
     return values
 
   def variant(self, name) -> dict:
@@ -156,6 +200,13 @@ class Study:
     for name, x_key in PLOTS:
       with cli.atomic_write(os.path.join(self.workdir, name), suffix=".png") as tmp:
         plot(results, x_key=x_key).save(tmp, format="PNG")
+
+
+def _differences(a, b, prefix=""):
+  """Dotted keys where two nested records differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+  return [] if a == b else [prefix.rstrip(".") or "value"]
 
 
 def _mix(a, b, alpha):

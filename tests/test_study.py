@@ -1,6 +1,7 @@
 """The merge study: the :tiny study runs every variant through the real entry points (the
 merge configs, the loop, exports, world_eval) and writes a complete study.json, study.md and
-plots; a rerun runs and measures nothing again; the plot's axes."""
+plots; a rerun runs and measures nothing again, unless the config changed what it would make;
+the plot's axes."""
 import json
 import os
 
@@ -45,6 +46,19 @@ def test_tiny_study_is_complete_and_resumes(tmp_path):
   again = []
   assert study.Study(config, str(tmp_path), devices=jax.devices()[:1], say=again.append).run_all() == results
   assert again == []
+  # Another config: a run it would make differently is refused, not silently reused ...
+  changed = study_config.get_config("tiny")
+  changed.unlock()
+  changed.distill_steps = config.distill_steps + 1
+  with pytest.raises(ValueError, match="another configuration .*total_steps"):
+    study.Study(changed, str(tmp_path), devices=jax.devices()[:1], say=again.append).run_all()
+  # ... and measurements on other scenes are made again, from the same runs.
+  changed = study_config.get_config("tiny")
+  changed.unlock()
+  changed.eval_scenes = config.eval_scenes + 1
+  said = []
+  study.Study(changed, str(tmp_path), devices=jax.devices()[:1], say=said.append).run_all()
+  assert len(said) == len(EXPECTED) and not any("] run " in s for s in said), said
 
 
 @pytest.mark.parametrize("values", [[0.354, 0.417, 0.744], [0.5], [], [0.0, 1.0], [0.7391, 0.7396]])
