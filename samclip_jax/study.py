@@ -5,7 +5,8 @@ weight averaging and a lambda sweep, side by side on held-out world scenes.
 
 Each stage is a real merge run (configs/merge.py, the one loop, its export) in DIR/runs/NAME,
 chained through init_from; each variant's metrics (samclip_jax.world_eval) are kept in
-DIR/variants/NAME.json, so a rerun skips what is finished. DIR/runs/NAME.run.json records what
+DIR/variants/NAME.json, so a rerun skips what is finished. `ablations` add the samclip recipe
+with one design choice changed (configs/study.py ABLATIONS) as variants samclip_NAME. DIR/runs/NAME.run.json records what
 made each run (its merge config and its parents' records): a rerun whose config would make a
 run differently refuses to reuse it, and a measurement made of anything else is made again. Writes DIR/study.json
 ({"variants": {NAME: {METRIC: value}}}), DIR/study.md and DIR/study.png (SAM metric against
@@ -49,8 +50,12 @@ class Study:
     c.eval_every_steps = 0  # the study measures exports with world_eval instead
     c.checkpoint_every_steps = max(int(steps), 1)
     c.warmup_steps = min(c.warmup_steps, max(int(steps) - 1, 0))
-    for key, value in overrides.items():
-      c[key] = value
+    for key, value in overrides.items():  # "optim.no_decay" names a nested field
+      *parents, leaf = key.split(".")
+      node = c
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
     return c
 
   def run(self, name, stage, steps, **overrides) -> str:
@@ -106,17 +111,21 @@ class Study:
   def probe(self):
     return self.run("probe", "probe", self.config.probe_steps)
 
-  def distill(self, lam):
-    return self.run(f"distill_lambda{lam:g}", "distill", self.config.distill_steps,
-                    init_from=self.probe(), lambda_sam=float(lam))
+  def distill(self, lam, ablation=None):
+    suffix = f"_{ablation}" if ablation else ""
+    return self.run(f"distill_lambda{lam:g}{suffix}", "distill", self.config.distill_steps,
+                    init_from=self.probe(), lambda_sam=float(lam), **_ablation(ablation))
 
   def no_rehearsal(self):
     # Stage 2 without L_SAM: same steps, backbone trainable, no SAM batch.
     return self.run("no_rehearsal", "distill", self.config.distill_steps, init_from=self.probe(),
                     sam_batch_size=0, lambda_sam=0.0)
 
-  def samclip(self):
-    return self.run("samclip", "resolution", self.config.resolution_steps, init_from=self.distill(10.0))
+  def samclip(self, ablation=None):
+    """Stage 1 -> stage 2 (lambda 10) -> stage 3; an ablation changes stages 2 and 3."""
+    return self.run(f"samclip_{ablation}" if ablation else "samclip", "resolution",
+                    self.config.resolution_steps, init_from=self.distill(10.0, ablation),
+                    **_ablation(ablation))
 
   def weight_average(self):
     """Wise-FT: alpha * no_rehearsal + (1 - alpha) * SAM for the backbone and SAM head."""
@@ -176,10 +185,15 @@ class Study:
       return self.measure(name, self.weight_average())
     if name.startswith("samclip_lambda"):
       return self.measure(name, self.distill(float(name[len("samclip_lambda"):])))
+    if name.startswith("samclip_"):
+      return self.measure(name, self.samclip(name[len("samclip_"):]))
     raise ValueError(f"unknown study variant {name!r}")
 
   def names(self):
-    return list(self.config.variants) + [f"samclip_lambda{lam:g}" for lam in self.config.lambda_sweep]
+    for ablation in self.config.ablations:
+      _ablation(ablation)  # an unknown name fails before anything runs
+    return (list(self.config.variants) + [f"samclip_lambda{lam:g}" for lam in self.config.lambda_sweep]
+            + [f"samclip_{a}" for a in self.config.ablations])
 
   def run_all(self) -> dict:
     results = {}
@@ -200,6 +214,16 @@ class Study:
     for name, x_key in PLOTS:
       with cli.atomic_write(os.path.join(self.workdir, name), suffix=".png") as tmp:
         plot(results, x_key=x_key).save(tmp, format="PNG")
+
+
+def _ablation(name) -> dict:
+  """The merge-config overrides of ablation NAME (configs/study.py ABLATIONS); {} for None."""
+  from configs.study import ABLATIONS
+  if name is None:
+    return {}
+  if name not in ABLATIONS:
+    raise ValueError(f"unknown study ablation {name!r}; expected one of {sorted(ABLATIONS)}")
+  return ABLATIONS[name]
 
 
 def _differences(a, b, prefix=""):

@@ -16,16 +16,27 @@ from samclip_jax import study
 MERGED = {"box_miou", "point_miou", "top1", "colour_top1", "semseg_miou_clip", "semseg_miou_clip_sam",
           "semseg_colour_miou_clip", "semseg_colour_miou_clip_sam"}
 EXPECTED = {"sam_teacher": {"box_miou", "point_miou"}, "clip_teacher": {"top1", "colour_top1", "retrieval_r1"},
-            "head_probe": MERGED, "no_rehearsal": MERGED, "samclip": MERGED, "weight_average": MERGED}
+            "head_probe": MERGED, "no_rehearsal": MERGED, "samclip": MERGED, "weight_average": MERGED,
+            "samclip_soft_targets": MERGED}
+
+
+def tiny_config(**changes):
+  """The :tiny study with one ablation (the samclip recipe on soft SAM targets)."""
+  c = study_config.get_config("tiny")
+  c.unlock()
+  c.ablations = ("soft_targets",)
+  for key, value in changes.items():
+    c[key] = value
+  return c
 
 
 def test_tiny_study_is_complete_and_resumes(tmp_path):
-  config = study_config.get_config("tiny")
+  config = tiny_config()
   said = []
   results = study.Study(config, str(tmp_path), devices=jax.devices()[:1], say=said.append).run_all()
   with open(tmp_path / "study.json") as f:
     written = json.load(f)["variants"]
-  assert list(written) == list(config.variants) == list(EXPECTED)
+  assert list(written) == list(config.variants) + ["samclip_soft_targets"] == list(EXPECTED)
   for name, keys in EXPECTED.items():
     assert keys <= set(written[name]), (name, written[name])
     assert all(0.0 <= written[name][k] <= 1.0 for k in keys), (name, written[name])
@@ -47,18 +58,20 @@ def test_tiny_study_is_complete_and_resumes(tmp_path):
   assert study.Study(config, str(tmp_path), devices=jax.devices()[:1], say=again.append).run_all() == results
   assert again == []
   # Another config: a run it would make differently is refused, not silently reused ...
-  changed = study_config.get_config("tiny")
-  changed.unlock()
-  changed.distill_steps = config.distill_steps + 1
+  changed = tiny_config(distill_steps=config.distill_steps + 1)
   with pytest.raises(ValueError, match="another configuration .*total_steps"):
     study.Study(changed, str(tmp_path), devices=jax.devices()[:1], say=again.append).run_all()
   # ... and measurements on other scenes are made again, from the same runs.
-  changed = study_config.get_config("tiny")
-  changed.unlock()
-  changed.eval_scenes = config.eval_scenes + 1
+  changed = tiny_config(eval_scenes=config.eval_scenes + 1)
   said = []
   study.Study(changed, str(tmp_path), devices=jax.devices()[:1], say=said.append).run_all()
   assert len(said) == len(EXPECTED) and not any("] run " in s for s in said), said
+
+
+def test_unknown_ablation_is_refused_before_anything_runs(tmp_path):
+  with pytest.raises(ValueError, match="unknown study ablation 'soft'"):
+    study.Study(tiny_config(ablations=("soft",)), str(tmp_path)).run_all()
+  assert not os.path.exists(tmp_path / "runs")
 
 
 @pytest.mark.parametrize("values", [[0.354, 0.417, 0.744], [0.5], [], [0.0, 1.0], [0.7391, 0.7396]])
