@@ -288,7 +288,7 @@ def plot(results, x_key="top1", y_key="box_miou"):
   (x0, x1, xstep), (y0, y1, ystep) = nice_range(xs), nice_range(ys)
   to_xy = lambda x, y: (m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m))
   d.rectangle([m, m, w - m, h - m], outline="black")
-  digits = 3 if min(xstep, ystep) < 0.01 else 2
+  digits = max(2, *(len(f"{v:g}".split(".")[-1]) for v in (xstep, ystep)))  # 0.025 -> 3: labels exact
   for i in range(int(round((x1 - x0) / xstep)) + 1):
     v = x0 + i * xstep
     x, _ = to_xy(v, y0)
