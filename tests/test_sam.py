@@ -233,16 +233,18 @@ def _torch_prompt(coords, labels):
   return (pts if (points & ~is_box).any() else None), box
 
 
-def test_absent_slots_compute_what_sam_computes_per_prompt(ref):
+@pytest.mark.parametrize("attention", ["reference", "xla"])
+def test_absent_slots_compute_what_sam_computes_per_prompt(ref, attention):
   """K prompts of different lengths in one [K, P] batch (ABSENT filling each slot) give what
-  segment_anything gives on each prompt alone; without the mask they would not."""
+  segment_anything gives on each prompt alone; without the mask they would not. Both the
+  explicit attention and the fused jax.nn.dot_product_attention (key mask) path."""
   tsam, params = ref
   rng = np.random.default_rng(5)
   A, PAD = S.ABSENT, S.PAD
   labels = np.array([[2, 3, A, A], [1, PAD, A, A], [1, 0, PAD, A], [1, A, PAD, A], [1, 1, 0, PAD]], np.int32)
   coords = np.sort(rng.uniform(0, TINY.image_size, (len(labels), 4, 2)).astype(np.float32), axis=1)
   emb = rng.normal(size=(1, EH, EW, C)).astype(np.float32)
-  model = S.Sam(TINY)
+  model = S.Sam(TINY, attention=attention)
   run = jax.jit(lambda l: model.apply({"params": params}, emb, coords[None], l[None], None, True,
                                       method=S.Sam.predict_masks))
   masks, iou = run(labels)
@@ -279,3 +281,37 @@ def test_sampled_prompts_hold_sams_own_sequences():
       np.testing.assert_array_equal(kept, want)
       seen.add(len(kept))
   assert seen >= {2, 3, 4}  # boxes, one and more points
+
+
+def test_fused_decoder_attention_gradients_match_the_reference(ref):
+  """Training through the fused two-way transformer (absent slots masked) gives the explicit
+  path's gradients, for every decoder parameter and the image embedding."""
+  _, params = ref
+  rng = np.random.default_rng(6)
+  A = S.ABSENT
+  labels = np.array([[[2, 3, A], [1, 0, S.PAD]]], np.int32)
+  coords = rng.uniform(0, TINY.image_size, (1, 2, 3, 2)).astype(np.float32)
+  emb = jnp.asarray(rng.normal(size=(1, EH, EW, C)).astype(np.float32))
+
+  def grads(attention):
+    model = S.Sam(TINY, attention=attention)
+    def loss(p, e):
+      masks, iou = model.apply({"params": p}, e, coords, labels, None, True, method=S.Sam.predict_masks)
+      return jnp.sum(jnp.tanh(masks) * jnp.cos(masks)) + jnp.sum(iou ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, emb)
+
+  (p_ref, e_ref), (p_xla, e_xla) = grads("reference"), grads("xla")
+  rel = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(a)).max(), 1e-12))
+  assert rel(e_ref, e_xla) <= 1e-5
+  flat_ref = jax.tree_util.tree_leaves_with_path(p_ref["mask_decoder"])
+  flat_xla = jax.tree.leaves(p_xla["mask_decoder"])
+  assert len(flat_ref) == len(flat_xla) > 20
+  scale = max(float(np.abs(np.asarray(a)).max()) for _, a in flat_ref)
+  for (path, a), b in zip(flat_ref, flat_xla):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['k_proj']['bias']"):
+      # A key bias shifts each query's logits by a constant: its gradient is 0, both paths
+      # give rounding noise only.
+      assert max(np.abs(np.asarray(a)).max(), np.abs(np.asarray(b)).max()) <= 1e-5 * scale, name
+    else:
+      assert rel(a, b) <= 1e-5, name

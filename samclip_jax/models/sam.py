@@ -286,12 +286,27 @@ def build_sparse_prompt(point_coords=None, point_labels=None, box=None):
 # ----------------------------------------------------------------------------- two-way transformer
 
 
+def decoder_attention(attention: str | None) -> str:
+  """The two-way transformer's implementation: `attention` if given (the model-wide choice:
+  "reference", "xla" or "cudnn"), else "reference" on CPU (plain einsums) and XLA's fused
+  jax.nn.dot_product_attention elsewhere."""
+  impl = attention or ("reference" if jax.devices()[0].platform == "cpu" else "xla")
+  if impl not in ("reference", "xla", "cudnn"):
+    raise ValueError(f"unknown attention {impl!r}; expected one of ['cudnn', 'reference', 'xla']")
+  return impl
+
+
 class Attention(nn.Module):
-  """Multi-head attention whose projections shrink the width by `downsample_rate`."""
+  """Multi-head attention whose projections shrink the width by `downsample_rate`.
+
+  attention: "reference" (explicit logits, fp32 softmax) or "xla" / "cudnn"
+  (jax.nn.dot_product_attention with the key mask); None: decoder_attention's default.
+  """
   embedding_dim: int
   num_heads: int
   downsample_rate: int = 1
   dtype: Dtype = jnp.float32
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, q, k, v, key_mask=None):
@@ -299,17 +314,24 @@ class Attention(nn.Module):
     internal = self.embedding_dim // self.downsample_rate
     if internal % self.num_heads:
       raise ValueError(f"num_heads {self.num_heads} must divide the internal dim {internal}")
+    impl = decoder_attention(self.attention)
     q = dense(internal, (EMBED, HEADS), self.dtype, name="q_proj")(q)
     k = dense(internal, (EMBED, HEADS), self.dtype, name="k_proj")(k)
     v = dense(internal, (EMBED, HEADS), self.dtype, name="v_proj")(v)
     split = lambda x: x.reshape(x.shape[:-1] + (self.num_heads, internal // self.num_heads))
     q, k, v = split(q), split(k), split(v)
-    attn = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(internal // self.num_heads)
-    attn = attn.astype(jnp.float32)  # fp32 softmax under bf16
-    if key_mask is not None:
-      attn = jnp.where(key_mask[..., None, None, :], attn, -jnp.inf)
-    attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...hqk,...khd->...qhd", attn, v)
+    if impl == "reference":
+      attn = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(internal // self.num_heads)
+      attn = attn.astype(jnp.float32)  # fp32 softmax under bf16
+      if key_mask is not None:
+        attn = jnp.where(key_mask[..., None, None, :], attn, -jnp.inf)
+      attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
+      out = jnp.einsum("...hqk,...khd->...qhd", attn, v)
+    else:  # the fused kernels take [B, T, H, d]: leading axes flattened into one batch axis
+      flat = lambda x: x.reshape((-1,) + x.shape[-3:])
+      mask = None if key_mask is None else key_mask.reshape(-1, 1, 1, key_mask.shape[-1])
+      out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), mask=mask, implementation=impl)
+      out = out.reshape(q.shape[:-3] + out.shape[-3:])
     out = out.reshape(out.shape[:-2] + (internal,))
     return dense(self.embedding_dim, (HEADS, EMBED), self.dtype, name="out_proj")(out)
 
@@ -322,27 +344,29 @@ class TwoWayAttentionBlock(nn.Module):
   attention_downsample_rate: int = 2
   skip_first_layer_pe: bool = False
   dtype: Dtype = jnp.float32
+  attention: str | None = None  # Attention implementation
 
   @nn.compact
   def __call__(self, queries, keys, query_pe, key_pe, token_mask=None):
     """token_mask [B, Nq] bool (None: all): absent tokens are never attended to."""
     dim, heads, rate, dt = self.embedding_dim, self.num_heads, self.attention_downsample_rate, self.dtype
+    attn = functools.partial(Attention, dtype=dt, attention=self.attention)
     if self.skip_first_layer_pe:
-      queries = Attention(dim, heads, dtype=dt, name="self_attn")(queries, queries, queries, token_mask)
+      queries = attn(dim, heads, name="self_attn")(queries, queries, queries, token_mask)
     else:
       q = queries + query_pe
-      queries = queries + Attention(dim, heads, dtype=dt, name="self_attn")(q, q, queries, token_mask)
+      queries = queries + attn(dim, heads, name="self_attn")(q, q, queries, token_mask)
     queries = _layer_norm(dt, "norm1")(queries)
 
     q, k = queries + query_pe, keys + key_pe
-    queries = queries + Attention(dim, heads, rate, dt, name="cross_attn_token_to_image")(q, k, keys)
+    queries = queries + attn(dim, heads, rate, name="cross_attn_token_to_image")(q, k, keys)
     queries = _layer_norm(dt, "norm2")(queries)
 
     queries = queries + MLPBlock(dim, self.mlp_dim, dt, act=nn.relu, name="mlp")(queries)
     queries = _layer_norm(dt, "norm3")(queries)
 
     q, k = queries + query_pe, keys + key_pe
-    keys = keys + Attention(dim, heads, rate, dt, name="cross_attn_image_to_token")(k, q, queries, token_mask)
+    keys = keys + attn(dim, heads, rate, name="cross_attn_image_to_token")(k, q, queries, token_mask)
     keys = _layer_norm(dt, "norm4")(keys)
     return queries, keys
 
@@ -355,6 +379,7 @@ class TwoWayTransformer(nn.Module):
   mlp_dim: int
   attention_downsample_rate: int = 2
   dtype: Dtype = jnp.float32
+  attention: str | None = None  # Attention implementation
 
   @nn.compact
   def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
@@ -367,11 +392,11 @@ class TwoWayTransformer(nn.Module):
     for i in range(self.depth):
       queries, keys = TwoWayAttentionBlock(
           self.embedding_dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-          skip_first_layer_pe=(i == 0), dtype=self.dtype, name=f"layers_{i}")(
+          skip_first_layer_pe=(i == 0), dtype=self.dtype, attention=self.attention, name=f"layers_{i}")(
               queries, keys, point_embedding, key_pe, token_mask)
     q, k = queries + point_embedding, keys + key_pe
     queries = queries + Attention(self.embedding_dim, self.num_heads, self.attention_downsample_rate, self.dtype,
-                                  name="final_attn_token_to_image")(q, k, keys)
+                                  self.attention, name="final_attn_token_to_image")(q, k, keys)
     queries = _layer_norm(self.dtype, "norm_final_attn")(queries)
     return queries, keys
 
@@ -390,6 +415,7 @@ class MaskDecoder(nn.Module):
   mlp_dim: int = 2048
   attention_downsample_rate: int = 2
   dtype: Dtype = jnp.float32
+  attention: str | None = None  # the two-way transformer's Attention implementation
 
   @nn.compact
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
@@ -416,7 +442,7 @@ class MaskDecoder(nn.Module):
       token_mask = jnp.concatenate([jnp.ones((b * k, output_tokens.shape[0]), bool),
                                     sparse_present.reshape(b * k, n)], axis=1)
     hs, src = TwoWayTransformer(self.depth, dim, self.num_heads, self.mlp_dim, self.attention_downsample_rate,
-                                dt, name="transformer")(src, pos_src, tokens, token_mask)
+                                dt, self.attention, name="transformer")(src, pos_src, tokens, token_mask)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1:1 + num_mask_tokens, :]
 
@@ -446,7 +472,7 @@ class Sam(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   remat_policy: str | None = None  # vit_det.REMAT_POLICIES key (implies remat)
-  attention: str | None = None  # vit_det.Attention implementation; None: per backend
+  attention: str | None = None  # encoder's and decoder's attention implementation; None: per backend
 
   def setup(self):
     cfg = self.config
@@ -456,7 +482,8 @@ class Sam(nn.Module):
                                         (cfg.image_size, cfg.image_size), cfg.mask_in_chans, self.dtype)
     self.mask_decoder = MaskDecoder(cfg.prompt_embed_dim, cfg.num_multimask_outputs, cfg.iou_head_depth,
                                     cfg.iou_head_hidden_dim, cfg.decoder_depth, cfg.decoder_num_heads,
-                                    cfg.decoder_mlp_dim, cfg.attention_downsample_rate, self.dtype)
+                                    cfg.decoder_mlp_dim, cfg.attention_downsample_rate, self.dtype,
+                                    self.attention)
 
   def __call__(self, images, point_coords, point_labels, mask_input=None, multimask_output: bool = True):
     """Whole model (initialises every parameter): images normalised, padded [B,S,S,3];

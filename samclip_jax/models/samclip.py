@@ -125,7 +125,7 @@ class SamClipNet(nn.Module):
   dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
   remat: bool = False
   remat_policy: str | None = None  # vit_det.REMAT_POLICIES key (implies remat)
-  attention: str | None = None  # vit_det.Attention implementation; None: per backend
+  attention: str | None = None  # encoder's, CLIP head's and decoder's attention; None: per backend
 
   def setup(self):
     cfg = self.config.sam
@@ -140,7 +140,8 @@ class SamClipNet(nn.Module):
         transformer_dim=cfg.prompt_embed_dim, num_multimask_outputs=cfg.num_multimask_outputs,
         iou_head_depth=cfg.iou_head_depth, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads, mlp_dim=cfg.decoder_mlp_dim,
-        attention_downsample_rate=cfg.attention_downsample_rate, dtype=self.dtype)
+        attention_downsample_rate=cfg.attention_downsample_rate, dtype=self.dtype,
+        attention=self.attention)
     self.clip_head = ClipHead(self.config, self.dtype, self.remat, self.remat_policy, self.attention)
 
   def __call__(self, images, point_coords, point_labels, multimask_output: bool = False):
