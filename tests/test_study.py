@@ -16,15 +16,12 @@ from samclip_jax import study
 MERGED = {"box_miou", "point_miou", "top1", "colour_top1", "semseg_miou_clip", "semseg_miou_clip_sam",
           "semseg_colour_miou_clip", "semseg_colour_miou_clip_sam"}
 EXPECTED = {"sam_teacher": {"box_miou", "point_miou"}, "clip_teacher": {"top1", "colour_top1", "retrieval_r1"},
-            "head_probe": MERGED, "no_rehearsal": MERGED, "samclip": MERGED, "weight_average": MERGED,
-            "samclip_soft_targets": MERGED}
+            "head_probe": MERGED, "no_rehearsal": MERGED, "samclip": MERGED, "weight_average": MERGED}
 
 
 def tiny_config(**changes):
-  """The :tiny study with one ablation (the samclip recipe on soft SAM targets)."""
   c = study_config.get_config("tiny")
   c.unlock()
-  c.ablations = ("soft_targets",)
   for key, value in changes.items():
     c[key] = value
   return c
@@ -36,7 +33,7 @@ def test_tiny_study_is_complete_and_resumes(tmp_path):
   results = study.Study(config, str(tmp_path), devices=jax.devices()[:1], say=said.append).run_all()
   with open(tmp_path / "study.json") as f:
     written = json.load(f)["variants"]
-  assert list(written) == list(config.variants) + ["samclip_soft_targets"] == list(EXPECTED)
+  assert list(written) == list(config.variants) == list(EXPECTED)
   for name, keys in EXPECTED.items():
     assert keys <= set(written[name]), (name, written[name])
     assert all(0.0 <= written[name][k] <= 1.0 for k in keys), (name, written[name])
@@ -61,11 +58,33 @@ def test_tiny_study_is_complete_and_resumes(tmp_path):
   changed = tiny_config(distill_steps=config.distill_steps + 1)
   with pytest.raises(ValueError, match="another configuration .*total_steps"):
     study.Study(changed, str(tmp_path), devices=jax.devices()[:1], say=again.append).run_all()
-  # ... and measurements on other scenes are made again, from the same runs.
-  changed = tiny_config(eval_scenes=config.eval_scenes + 1)
+  # ... and a measurement on other scenes is made again, from the same runs.
+  changed = tiny_config(eval_scenes=config.eval_scenes + 1, variants=("samclip",))
   said = []
   study.Study(changed, str(tmp_path), devices=jax.devices()[:1], say=said.append).run_all()
-  assert len(said) == len(EXPECTED) and not any("] run " in s for s in said), said
+  assert len(said) == 1 and said[0].startswith("[study] samclip: "), said
+
+
+def test_ablations_change_stages_2_and_3_of_the_samclip_recipe(tmp_path, monkeypatch):
+  """samclip_NAME chains probe -> distill -> resolution with NAME's overrides on the last two
+  (the runs themselves are the real ones of the test above; here only what is asked of them)."""
+  asked = []
+  monkeypatch.setattr(study.Study, "run", lambda self, name, stage, steps, **kw: asked.append(
+      (name, stage, self.merge_config(stage, steps, **kw))) or f"/runs/{name}/export")
+  monkeypatch.setattr(study.Study, "measure", lambda self, name, path, parts=(): {"path": path})
+  s = study.Study(tiny_config(variants=(), ablations=("decay_all", "soft_targets")), str(tmp_path))
+  assert s.run_all() == {"samclip_decay_all": {"path": "/runs/samclip_decay_all/export"},
+                         "samclip_soft_targets": {"path": "/runs/samclip_soft_targets/export"}}
+  runs = {name: (stage, c) for name, stage, c in asked}
+  assert runs["distill_lambda10_decay_all"][1].init_from == "/runs/probe/export"
+  assert runs["samclip_decay_all"][1].init_from == "/runs/distill_lambda10_decay_all/export"
+  for name in ("distill_lambda10_decay_all", "samclip_decay_all"):
+    assert list(runs[name][1].optim.no_decay) == [".*pos_embed", ".*rel_pos_.*"], name
+    assert not runs[name][1].sam_soft_targets
+  for name in ("distill_lambda10_soft_targets", "samclip_soft_targets"):
+    assert runs[name][1].sam_soft_targets, name
+  assert not runs["probe"][1].sam_soft_targets  # stage 1 is shared and unchanged
+  assert runs["samclip_soft_targets"][0] == "resolution" and runs["distill_lambda10_soft_targets"][1].lambda_sam == 10
 
 
 def test_unknown_ablation_is_refused_before_anything_runs(tmp_path):
