@@ -5,10 +5,11 @@ weight averaging and a lambda sweep, side by side on held-out world scenes.
 
 Each stage is a real merge run (configs/merge.py, the one loop, its export) in DIR/runs/NAME,
 chained through init_from; each variant's metrics (samclip_jax.world_eval) are kept in
-DIR/variants/NAME.json, so a rerun skips what is finished. `ablations` add the samclip recipe
-with one design choice changed (configs/study.py ABLATIONS) as variants samclip_NAME. DIR/runs/NAME.run.json records what
+DIR/variants/NAME.json, so a rerun skips what is finished. DIR/runs/NAME.run.json records what
 made each run (its merge config and its parents' records): a rerun whose config would make a
-run differently refuses to reuse it, and a measurement made of anything else is made again. Writes DIR/study.json
+run differently refuses to reuse it, and a measurement of another model or scenes is made
+again. `ablations` add the samclip recipe with one design choice changed (configs/study.py
+ABLATIONS) as variants samclip_NAME. Writes DIR/study.json
 ({"variants": {NAME: {METRIC: value}}}), DIR/study.md and DIR/study.png (SAM metric against
 CLIP metric per variant, as the paper's figure 1).
 """
@@ -50,12 +51,7 @@ class Study:
     c.eval_every_steps = 0  # the study measures exports with world_eval instead
     c.checkpoint_every_steps = max(int(steps), 1)
     c.warmup_steps = min(c.warmup_steps, max(int(steps) - 1, 0))
-    for key, value in overrides.items():  # "optim.no_decay" names a nested field
-      *parents, leaf = key.split(".")
-      node = c
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
+    c.update_from_flattened_dict(overrides)  # "optim.no_decay" names a nested field
     return c
 
   def run(self, name, stage, steps, **overrides) -> str:
@@ -79,13 +75,14 @@ class Study:
     return os.path.join(self.workdir, "runs", name + ".run.json")
 
   def record_of(self, path):
-    """The record of the study run whose export (or directory) is `path`; None for anything else."""
+    """The record of the study run whose export (or directory) is `path`; {"path": ...} for a
+    model from outside the study; None for no path."""
     if not path:
       return None
     rel = os.path.relpath(os.path.abspath(path), os.path.join(self.workdir, "runs"))
     name = rel.split(os.sep)[0]
     if rel.startswith("..") or not os.path.isfile(self.record_path(name)):
-      return {"path": os.path.abspath(path)}  # a model from outside the study
+      return {"path": os.path.abspath(path)}
     with open(self.record_path(name)) as f:
       return json.load(f)
 

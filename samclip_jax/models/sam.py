@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samclip_jax import checkpoint
-from samclip_jax.models.vit_det import ImageEncoderConfig, ImageEncoderViT, LayerNorm2d, MLPBlock, dense
+from samclip_jax.models.vit_det import ATTENTION, ImageEncoderConfig, ImageEncoderViT, LayerNorm2d, MLPBlock, dense
 from samclip_jax.sharding import CONV_IN, CONV_OUT, EMBED, HEADS, MLP, NONE, NORM, param_with_axes
 
 Dtype = Any
@@ -291,8 +291,8 @@ def decoder_attention(attention: str | None) -> str:
   "reference", "xla" or "cudnn"), else "reference" on CPU (plain einsums) and XLA's fused
   jax.nn.dot_product_attention elsewhere."""
   impl = attention or ("reference" if jax.devices()[0].platform == "cpu" else "xla")
-  if impl not in ("reference", "xla", "cudnn"):
-    raise ValueError(f"unknown attention {impl!r}; expected one of ['cudnn', 'reference', 'xla']")
+  if impl not in ATTENTION:  # the encoder's choices, so one setting names both
+    raise ValueError(f"unknown attention {impl!r}; expected one of {sorted(ATTENTION)}")
   return impl
 
 
