@@ -135,13 +135,16 @@ def test_merge_end_to_end_resume_and_sigkill(env):
          "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0"]
   penv = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
               JAX_COMPILATION_CACHE_DIR=env["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  # Its output goes to a file: an unread pipe fills up and stalls a chatty run (JAX_LOG_COMPILES).
+  log = env["root"] / "killed.log"
+  with open(log, "wb") as out:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=penv, stdout=out, stderr=subprocess.STDOUT)
   ckpt = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 600
   try:
     while not _finalized_steps(ckpt) and proc.poll() is None and time.time() < deadline:
       time.sleep(0.05)
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert proc.poll() is None, log.read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()

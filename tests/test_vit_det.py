@@ -335,6 +335,7 @@ def _loss_grad(model):
   """jit of (output, d/d(variables, x) of a loss that weights every output element differently)."""
   def loss(variables, x):
     y = model.apply(variables, x)
+    y = y[0] if isinstance(y, tuple) else y  # the encoder's (embeddings, aux)
     return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) / y.size), y
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
@@ -419,3 +420,35 @@ def test_remat_policy():
   got = grad(vit_det.maybe_remat(vit_det.Block, policy="dots_with_no_batch_dims_saveable")(
       32, 2, use_rel_pos=True, window_size=0, input_size=(4, 4)))
   assert max(jax.tree.leaves(jax.tree.map(max_rel, got, want))) <= 1e-5
+
+
+def test_block_period():
+  period = lambda name: vit_det.block_period(vit_det.ImageEncoderConfig.from_name(name))
+  assert (period("vit_b"), period("vit_l"), period("vit_h")) == (3, 6, 8)
+  assert vit_det.block_period(TINY) == 3  # (window, global, window): no repeat, one group
+  assert vit_det.block_period(dataclasses.replace(TINY, depth=4, global_attn_indexes=(1, 3))) == 2
+
+
+def test_scan_blocks_matches_torch_and_unrolled_gradients():
+  # Depth 6 in two groups of (window, window, global), as vit_b's four; remat inside the scan too.
+  cfg = dataclasses.replace(TINY, depth=6, global_attn_indexes=(2, 5))
+  enc = randomize_(torch_image_encoder(cfg), seed=16)
+  variables = to_flax(enc)
+  x = rand(2, 112, 96, 3, seed=17)
+  want, want_blocks = torch_encoder(enc, x)
+  unrolled = vit_det.ImageEncoderViT(cfg)
+  for scanned in (unrolled.clone(scan_blocks=True), unrolled.clone(scan_blocks=True, remat=True)):
+    check_tree(scanned, variables, x)
+    got, aux = jax.jit(scanned.apply)(variables, x)
+    assert max_abs(got, want) <= TOL
+    for i in range(cfg.depth):
+      assert max_abs(aux[f"block_{i}"], want_blocks[i]) <= TOL
+    (_, y), g = _loss_grad(scanned)(variables, x)
+    (_, y_ref), g_ref = _loss_grad(unrolled)(variables, x)
+    flat, flat_ref = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (g, g_ref))
+    assert flat.keys() == flat_ref.keys()
+    errs = {jax.tree_util.keystr(k): max_rel(flat[k], v) for k, v in flat_ref.items()}
+    assert max(errs.values()) <= 1e-5, errs
+  # One group is compiled: the jaxpr holds one scan and no block twice.
+  jaxpr = str(jax.make_jaxpr(functools.partial(unrolled.clone(scan_blocks=True).apply))(variables, x))
+  assert jaxpr.count("scan[") == 1

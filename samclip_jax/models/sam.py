@@ -473,11 +473,13 @@ class Sam(nn.Module):
   remat: bool = False
   remat_policy: str | None = None  # vit_det.REMAT_POLICIES key (implies remat)
   attention: str | None = None  # encoder's and decoder's attention implementation; None: per backend
+  scan_blocks: bool = False  # ImageEncoderViT.scan_blocks
 
   def setup(self):
     cfg = self.config
     self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat,
-                                         remat_policy=self.remat_policy, attention=self.attention)
+                                         remat_policy=self.remat_policy, attention=self.attention,
+                                         scan_blocks=self.scan_blocks)
     self.prompt_encoder = PromptEncoder(cfg.prompt_embed_dim, cfg.image_embedding_size,
                                         (cfg.image_size, cfg.image_size), cfg.mask_in_chans, self.dtype)
     self.mask_decoder = MaskDecoder(cfg.prompt_embed_dim, cfg.num_multimask_outputs, cfg.iou_head_depth,

@@ -126,11 +126,13 @@ class SamClipNet(nn.Module):
   remat: bool = False
   remat_policy: str | None = None  # vit_det.REMAT_POLICIES key (implies remat)
   attention: str | None = None  # encoder's, CLIP head's and decoder's attention; None: per backend
+  scan_blocks: bool = False  # ImageEncoderViT.scan_blocks (the backbone; the head has 3 blocks)
 
   def setup(self):
     cfg = self.config.sam
     self.image_encoder = ImageEncoderViT(cfg.image_encoder, dtype=self.dtype, remat=self.remat,
-                                         remat_policy=self.remat_policy, attention=self.attention)
+                                         remat_policy=self.remat_policy, attention=self.attention,
+                                         scan_blocks=self.scan_blocks)
     # The same submodules (names and settings) as models.sam.Sam: SAM params load as they are.
     self.prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim, image_embedding_size=cfg.image_embedding_size,

@@ -356,6 +356,38 @@ def maybe_remat(module: type[nn.Module], remat: bool = False, policy: str | None
   return nn.remat(module, policy=REMAT_POLICIES.get(policy))
 
 
+def block_period(config: ImageEncoderConfig) -> int:
+  """Smallest p dividing depth with block i global iff block i mod p is (vit_b: 3, vit_h: 8)."""
+  glob = set(config.global_attn_indexes)
+  for p in range(1, config.depth + 1):
+    if config.depth % p == 0 and all((i in glob) == (i % p in glob) for i in range(config.depth)):
+      return p
+  return config.depth
+
+
+def scanned_blocks(make: Callable, params: Mapping, x, period: int) -> list:
+  """The blocks blocks_0..blocks_{D-1} as a jax.lax.scan over D / period groups of `period`.
+
+  make(i) builds block i (unbound); params holds each block's parameters under blocks_i. The
+  groups' parameters are stacked inside the computation (a copy; gradients flow back through
+  it), so XLA compiles one group instead of D blocks. -> every block's output, in order.
+  """
+  depth = sum(1 for k in params if k.startswith("blocks_"))
+  groups = depth // period
+
+  def group(x, group_params):
+    ys = []
+    for j in range(period):
+      x = make(j, parent=None).apply({"params": group_params[j]}, x)
+      ys.append(x)
+    return x, jnp.stack(ys)
+
+  stacked = [jax.tree.map(lambda *a: jnp.stack(a), *[params[f"blocks_{g * period + j}"] for g in range(groups)])
+             for j in range(period)]
+  _, ys = jax.lax.scan(group, x, stacked)                                     # [G, period, ...]
+  return [ys[i // period, i % period] for i in range(depth)]
+
+
 class LayerNorm2d(nn.Module):
   """Channel LayerNorm of NHWC maps (eps 1e-6); params keep torch's names weight/bias."""
   num_channels: int
@@ -380,6 +412,9 @@ class ImageEncoderViT(nn.Module):
   remat: bool = False  # rematerialise each block in the backward pass (jax's default policy)
   remat_policy: str | None = None  # REMAT_POLICIES key for those blocks; implies remat
   attention: str | None = None  # Attention.attention
+  # Run the blocks as one jax.lax.scan over their repeating group (compile time at depth 24-32);
+  # the parameters keep their per-block layout (blocks_i), so checkpoints are unchanged.
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -394,13 +429,19 @@ class ImageEncoderViT(nn.Module):
                              (1, g, g, c.embed_dim))
       x = x + resize_abs_pos(pos_embed, x.shape[1:3]).astype(self.dtype)
     block = maybe_remat(Block, self.remat, self.remat_policy)
-    aux = {}
-    for i in range(c.depth):
-      x = block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos,
-                0 if i in c.global_attn_indexes else c.window_size,
-                (c.grid_size, c.grid_size), self.dtype, self.attention, name=f"blocks_{i}")(x)
-      aux[f"block_{i}"] = x
-    aux["tokens"] = x
+    make = lambda i, **kw: block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.use_rel_pos,  # noqa: E731
+                                 0 if i in c.global_attn_indexes else c.window_size,
+                                 (c.grid_size, c.grid_size), self.dtype, self.attention, **kw)
+    if self.scan_blocks and not self.is_initializing():
+      outs = scanned_blocks(make, self.variables["params"], x, block_period(c))
+    else:
+      outs = []
+      for i in range(c.depth):
+        x = make(i, name=f"blocks_{i}")(x)
+        outs.append(x)
+    aux = {f"block_{i}": y for i, y in enumerate(outs)}
+    aux["tokens"] = outs[-1]
+    x = outs[-1]
     conv_axes = (NONE, NONE, CONV_IN, CONV_OUT)
     x = nn.Conv(c.out_chans, (1, 1), use_bias=False, dtype=self.dtype, name="neck_0",
                 kernel_init=param_with_axes(_dense_init, *conv_axes))(x)

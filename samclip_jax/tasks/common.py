@@ -57,7 +57,7 @@ def normalize_sam(images, content_hw=None):
 def model_options(config) -> dict:
   """The ViT-Det backbone's memory and kernel choices from the run config (loop_fields)."""
   return {"remat": bool(config.remat), "remat_policy": config.get("remat_policy"),
-          "attention": config.get("attention")}
+          "attention": config.get("attention"), "scan_blocks": bool(config.get("scan_blocks", False))}
 
 
 def normalize_clip(images):
