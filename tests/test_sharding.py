@@ -102,9 +102,10 @@ def test_multiprocess_detection(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the train step
-def _tiny_merge_config(**mesh):
+def _tiny_merge_config(scan_blocks=False, **mesh):
   from configs import merge
   c = merge.get_config("tiny")
+  c.scan_blocks = scan_blocks
   c.sam_batch_size = 8  # divisible by 8 data-parallel devices
   c.optim.eps = 1e-6  # Adam's first step is sign-like: keep near-zero grads from amplifying noise
   for k, v in mesh.items():
@@ -114,7 +115,8 @@ def _tiny_merge_config(**mesh):
 
 def test_sharded_step_matches_single_device_and_fsdp_memory():
   """One step of the tiny merge on 1 device and on a data=2 x fsdp=4 mesh gives the same
-  losses, params and optimizer state; per-device params + optimizer memory under 8-way FSDP
+  losses, params and optimizer state (the sharded run with the backbone's blocks scanned, the
+  single one unrolled); per-device params + optimizer memory under 8-way FSDP
   is at most 1/6 of the replicated size. (One test: xdist would rebuild a shared fixture.)
 
   The initial state and teachers are built once (one device) and laid out on each mesh with
@@ -123,7 +125,7 @@ def test_sharded_step_matches_single_device_and_fsdp_memory():
   from samclip_jax import loop
   from samclip_jax.tasks import merge as merge_task
   single = merge_task.create(_tiny_merge_config(data=-1, fsdp=1), jax.devices()[:1])
-  sharded = merge_task.create(_tiny_merge_config(data=2, fsdp=4))
+  sharded = merge_task.create(_tiny_merge_config(data=2, fsdp=4, scan_blocks=True))
   teachers = single.init_aux()
   state = jax.device_get(single.init_state(teachers))  # host copy: steps donate theirs
   host = single.fake_batches(seed=3, sam_frame=128)  # 128 px frame: exercises the resize
