@@ -141,8 +141,8 @@ class MergeTask:
       _, params = load_clip(cfg.clip_checkpoint)
       out["clip"] = jax.device_put(nn.unbox(params["visual"]), self.aux_shardings["clip"])
     else:
-      visual = lambda k: self._random_clip_params(k)["visual"]
-      out["clip"] = jax.jit(visual, out_shardings=self.aux_shardings["clip"])(keys["clip"])
+      out["clip"] = jax.device_put(random_clip_params(self.clip_config, keys["clip"])["visual"],
+                                   self.aux_shardings["clip"])
     return out
 
   def init_state(self, teachers) -> loop.TrainState:
@@ -154,11 +154,6 @@ class MergeTask:
     head_key = _keys(self.config.seed, self.config.prng_impl)["head"]
     build = lambda k, sp: self.make_state(samclip_lib.samclip_params_from_sam(sp, self.model_config, k))
     return jax.jit(build, out_shardings=self.state_shardings)(head_key, sam_params)
-
-  def _random_clip_params(self, key):
-    """A randomly initialised full CLIP (the stand-in teacher with no checkpoint): training
-    uses its image tower, the export keeps the whole model as text_model/."""
-    return nn.unbox(init_variables(self.clip_config, key))["params"]
 
   def _random_sam_params(self, key, shardings=None):
     """A randomly initialised SAM (the stand-in teacher when no checkpoint is given)."""
@@ -370,9 +365,17 @@ class MergeTask:
     from samclip_jax.api import TEXT_MODEL_DIR
     from samclip_jax.clip_model import save_clip
     key = _keys(self.config.seed, self.config.prng_impl)["clip"]
-    params = jax.jit(self._random_clip_params)(key)
+    params = random_clip_params(self.clip_config, key)
     save_clip(os.path.join(directory, TEXT_MODEL_DIR), self.clip_config, params,
               name=f"random {self.config.model.clip_variant}", extra={"seed": self.config.seed})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def random_clip_params(config: ClipConfig, key):
+  """A randomly initialised full CLIP (the stand-in teacher with no checkpoint): training uses
+  its image tower, the export keeps the whole model as text_model/. Compiled once per config in
+  a process (every run of a study or a test suite builds the same one)."""
+  return nn.unbox(init_variables(config, key))["params"]
 
 
 def _keys(seed, impl="threefry2x32"):
