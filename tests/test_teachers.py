@@ -142,6 +142,21 @@ def test_teacher_configs_refuse_bad_args():
     train.create_task(c, jax.devices()[:1])
 
 
+def test_open_residuals_start_every_resnet_block_open():
+  """open_clip zero-inits each Bottleneck's last BatchNorm scale; open_residuals starts it at 1."""
+  from flax import traverse_util
+  def bn3_scales(open_residuals):
+    c = teachers.get_config("clip,resnet,tiny")
+    c.unlock()
+    c.model.open_residuals = open_residuals
+    params = clip_pretrain.create(c, jax.devices()[:1]).init_state(None).params
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    return {k[-3]: v for k, v in flat.items() if k[-2:] == ("bn3", "scale") and k[-3].startswith("layer")}
+  closed, opened = bn3_scales(False), bn3_scales(True)
+  assert sorted(opened) == ["layer1_0", "layer2_0", "layer3_0", "layer4_0"]
+  assert all((v == 0).all() for v in closed.values()) and all((v == 1).all() for v in opened.values())
+
+
 @pytest.mark.parametrize("arg", ["clip,tiny", "clip,resnet,tiny"])
 def test_clip_pretraining_runs_and_exports(tmp_path, arg):
   """30 steps of the tiny CLIP (ViT or ModifiedResNet tower): held-out metrics come out, the
