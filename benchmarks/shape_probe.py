@@ -20,7 +20,7 @@ import optax
 
 from samclip_jax.data import sample
 from samclip_jax.models import clip
-from samclip_jax.tasks import common
+from samclip_jax.tasks import clip_pretrain, common
 
 
 class Cnn(nn.Module):
@@ -54,11 +54,16 @@ class ConvNext(nn.Module):
 
 class Probe(nn.Module):
   tower: nn.Module
+  meanmax: bool = False  # ResNet: mean+max of its final feature map instead of its attention pool
 
   @nn.compact
   def __call__(self, pixels):
-    e = self.tower(pixels)
-    e = e[0] if isinstance(e, tuple) else e
+    if self.meanmax:
+      x = self.tower(pixels, dense=True)[1]["tokens"]
+      e = jnp.concatenate([x.mean((1, 2)), x.max((1, 2))], -1)
+    else:
+      e = self.tower(pixels)
+      e = e[0] if isinstance(e, tuple) else e
     e = nn.Dense(128, use_bias=False)(e)
     return 10 * (e / jnp.linalg.norm(e, axis=-1, keepdims=True)) @ self.param("head", nn.initializers.zeros, (128, 5))
 
@@ -87,6 +92,10 @@ def main():
   ap.add_argument("--steps", type=int, default=600)
   ap.add_argument("--lr", type=float, default=2e-3)
   ap.add_argument("--width", type=int, default=16, help="resnet: stem width (final features 32x)")
+  ap.add_argument("--open_residuals", action="store_true",
+                  help="resnet: blocks' last BatchNorm scale starts at 1 (configs/teachers.py model.open_residuals)")
+  ap.add_argument("--meanmax", action="store_true",
+                  help="resnet: pool the final feature map by mean+max, not the attention pool (diagnosis)")
   a = ap.parse_args()
   sizes = (0.2, 0.4) if a.max_shapes == 1 else (0.07, 0.28)
   scenes = [sample.draw_scene(7, i, a.side, a.side, a.max_shapes, sizes) for i in range(a.train + 512)]
@@ -94,8 +103,9 @@ def main():
   y = np.array([sample.label(s) for s in scenes])
   xt, yt, xv, yv = x[:a.train], np.maximum(y[:a.train], 0), x[a.train:], y[a.train:]
   prior = np.bincount(yv[yv >= 0], minlength=5).max() / (yv >= 0).sum()
-  model = Probe(make_tower(a.tower, a.side, a.width))
-  params = {"params": model.init(jax.random.PRNGKey(0), jnp.zeros((2, a.side, a.side, 3)))["params"]}
+  model = Probe(make_tower(a.tower, a.side, a.width), a.meanmax)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, a.side, a.side, 3)))["params"])
+  params = {"params": clip_pretrain.open_residuals(params, a.open_residuals)}
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, a.lr, 50, a.steps), b2=0.95, weight_decay=0.05)
   opt = tx.init(params)
   logits = lambda p, images: model.apply(p, common.normalize_clip(images))
@@ -109,7 +119,8 @@ def main():
 
   predict = jax.jit(lambda p, images: logits(p, images).argmax(-1))
   rng, t0 = np.random.default_rng(0), time.time()
-  print(f"{a.tower}{f' width {a.width}' if a.tower == 'resnet' else ''}: {a.side} px, max {a.max_shapes} shapes, {a.train} scenes; class prior {prior:.3f}")
+  extras = "".join(f", {k}" for k in ("open_residuals", "meanmax") if getattr(a, k))
+  print(f"{a.tower}{f' width {a.width}{extras}' if a.tower == 'resnet' else ''}: {a.side} px, max {a.max_shapes} shapes, {a.train} scenes; class prior {prior:.3f}")
   for s in range(a.steps):
     i = rng.integers(0, a.train, 64)
     flip = rng.integers(2, size=64).astype(bool)[:, None, None, None]
