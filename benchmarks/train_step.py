@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import merge  # noqa: E402
-from samclip_jax import loop  # noqa: E402
+from samclip_jax import loop, sharding  # noqa: E402
 from samclip_jax.tasks import merge as merge_task  # noqa: E402
 
 # Dense peak FLOP/s per chip (bf16 tensor cores / MXU), vendor figures.
@@ -54,6 +54,7 @@ def make_config(args, stage="distill", clip_batch=None, sam_batch=None, clip_res
   c.clip_resolutions = (clip_res or args.clip_res,)
   c.compute_dtype = args.dtype
   c.remat = args.remat
+  c.scan_blocks = args.scan_blocks
   c.mesh.data, c.mesh.fsdp = -1, 1
   if args.fsdp:
     c.mesh.data, c.mesh.fsdp = 1, -1
@@ -69,7 +70,7 @@ def abstract_inputs(exp, clip_res, offline_teacher):
   if offline_teacher and "clip" in host:
     host["clip"]["teacher_embedding"] = np.zeros((exp.config.clip_batch_size, exp.clip_config.embed_dim),
                                                  np.float32)
-  bs = exp.batch_sharding
+  bs = sharding.batch_sharding(exp.mesh, exp.rules)
   batches = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=bs), host)
   return state, teachers, batches
 
@@ -172,6 +173,7 @@ def main():
   p.add_argument("--clip_res", type=int, default=224)
   p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--scan_blocks", action="store_true", help="the backbone's blocks as one lax.scan (compile time)")
   p.add_argument("--fsdp", action="store_true", help="shard params FSDP over all devices")
   p.add_argument("--offline_teacher", action="store_true", help="teacher embeddings come with the batch")
   p.add_argument("--steps", type=int, default=5)
