@@ -94,6 +94,8 @@ def main():
   ap.add_argument("--width", type=int, default=16, help="resnet: stem width (final features 32x)")
   ap.add_argument("--open_residuals", action="store_true",
                   help="resnet: blocks' last BatchNorm scale starts at 1 (configs/teachers.py model.open_residuals)")
+  ap.add_argument("--mean_pool_init", action="store_true",
+                  help="resnet: the attention pool's query projection starts at 0 (model.mean_pool_init)")
   ap.add_argument("--meanmax", action="store_true",
                   help="resnet: pool the final feature map by mean+max, not the attention pool (diagnosis)")
   a = ap.parse_args()
@@ -105,7 +107,7 @@ def main():
   prior = np.bincount(yv[yv >= 0], minlength=5).max() / (yv >= 0).sum()
   model = Probe(make_tower(a.tower, a.side, a.width), a.meanmax)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((2, a.side, a.side, 3)))["params"])
-  params = {"params": clip_pretrain.open_residuals(params, a.open_residuals)}
+  params = {"params": clip_pretrain.resnet_init(params, a.open_residuals, a.mean_pool_init)}
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, a.lr, 50, a.steps), b2=0.95, weight_decay=0.05)
   opt = tx.init(params)
   logits = lambda p, images: model.apply(p, common.normalize_clip(images))
@@ -119,7 +121,7 @@ def main():
 
   predict = jax.jit(lambda p, images: logits(p, images).argmax(-1))
   rng, t0 = np.random.default_rng(0), time.time()
-  extras = "".join(f", {k}" for k in ("open_residuals", "meanmax") if getattr(a, k))
+  extras = "".join(f", {k}" for k in ("open_residuals", "mean_pool_init", "meanmax") if getattr(a, k))
   print(f"{a.tower}{f' width {a.width}{extras}' if a.tower == 'resnet' else ''}: {a.side} px, max {a.max_shapes} shapes, {a.train} scenes; class prior {prior:.3f}")
   for s in range(a.steps):
     i = rng.integers(0, a.train, 64)

@@ -59,6 +59,7 @@ def _clip(c):
   c.model.resnet_layers = ()  # () = ViT; 4 block counts = open_clip's ModifiedResNet (',resnet')
   # ResNet init: each block's last BatchNorm scale at 1, not open_clip's 0 (README: the shape probe)
   c.model.open_residuals = False
+  c.model.mean_pool_init = False  # ResNet init: the attention pool starts as a mean (query weights 0)
   c.precise_bn_batches = 32  # ResNet: training batches whose statistics become BatchNorm's
   c.model.patch_size = 8  # 12x12 tokens: shapes span several patches (16 px patches saw only colours)
   c.model.width = 128

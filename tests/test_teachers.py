@@ -142,19 +142,25 @@ def test_teacher_configs_refuse_bad_args():
     train.create_task(c, jax.devices()[:1])
 
 
-def test_open_residuals_start_every_resnet_block_open():
-  """open_clip zero-inits each Bottleneck's last BatchNorm scale; open_residuals starts it at 1."""
+def test_resnet_init_choices():
+  """open_clip zero-inits each Bottleneck's last BatchNorm scale (open_residuals: 1) and draws
+  the attention pool's query weights at random (mean_pool_init: 0, a uniform pool)."""
   from flax import traverse_util
-  def bn3_scales(open_residuals):
+  def init(**choices):
     c = teachers.get_config("clip,resnet,tiny")
     c.unlock()
-    c.model.open_residuals = open_residuals
+    c.model.update(choices)
     params = clip_pretrain.create(c, jax.devices()[:1]).init_state(None).params
-    flat = traverse_util.flatten_dict(jax.device_get(params))
-    return {k[-3]: v for k, v in flat.items() if k[-2:] == ("bn3", "scale") and k[-3].startswith("layer")}
-  closed, opened = bn3_scales(False), bn3_scales(True)
-  assert sorted(opened) == ["layer1_0", "layer2_0", "layer3_0", "layer4_0"]
-  assert all((v == 0).all() for v in closed.values()) and all((v == 1).all() for v in opened.values())
+    return traverse_util.flatten_dict(jax.device_get(params["visual"]))
+  default, chosen = init(), init(open_residuals=True, mean_pool_init=True)
+  bn3 = [k for k in default if k[-2:] == ("bn3", "scale") and k[0].startswith("layer")]
+  query = [k for k in default if k[:2] == ("attnpool", "q_proj")]
+  assert len(bn3) == 4 and len(query) == 2
+  assert all((default[k] == 0).all() and (chosen[k] == 1).all() for k in bn3)
+  assert all(np.abs(default[k]).max() > 0 or k[-1] == "bias" for k in query)
+  assert all((chosen[k] == 0).all() for k in query)
+  untouched = [k for k in default if k not in bn3 + query]
+  assert all(np.array_equal(default[k], chosen[k]) for k in untouched)
 
 
 @pytest.mark.parametrize("arg", ["clip,tiny", "clip,resnet,tiny"])

@@ -157,8 +157,10 @@ class ClipPretrainTask:
   def init_state(self, aux):
     del aux
     key = jax.random.key(self.config.seed, impl=self.config.prng_impl)
-    init = lambda k: loop.make_state(self.tx, self.config.optim.frozen, open_residuals(
-        nn.unbox(init_variables(self.clip_config, k))["params"], self.config.model.get("open_residuals", False)))
+    m = self.config.model
+    init = lambda k: loop.make_state(self.tx, self.config.optim.frozen, resnet_init(
+        nn.unbox(init_variables(self.clip_config, k))["params"], m.get("open_residuals", False),
+        m.get("mean_pool_init", False)))
     return jax.jit(init, out_shardings=self.state_shardings)(key)
 
   def _embed(self, params, batch):
@@ -252,14 +254,23 @@ class ClipPretrainTask:
     return precise_bn(params, collect, batches)
 
 
-def open_residuals(params, enabled: bool):
-  """ModifiedResNet init: open_clip starts each Bottleneck's last BatchNorm scale at 0 (every
-  residual branch closed, so at first only the stem's three convolutions see space); enabled,
-  at 1. Measured on the shape probe (README): held-out top-1 0.41 -> 0.55 after 600 steps."""
-  if not enabled:
-    return params
-  open_bn3 = lambda path, x: jnp.ones_like(x) if tuple(path[-2:]) == ("bn3", "scale") else x  # noqa: E731
-  return traverse_util.path_aware_map(open_bn3, params)
+def resnet_init(params, open_residuals: bool = False, mean_pool: bool = False):
+  """ModifiedResNet initialisation choices (the module stays open_clip's; README: the shape probe).
+
+  open_residuals: each Bottleneck's last BatchNorm scale starts at 1, not open_clip's 0 (every
+  residual branch closed, so at first only the stem's three convolutions see space).
+  mean_pool: the attention pool's query projection starts at 0, so the pool starts as a mean
+  over the positions (uniform attention) and learns where to look from there.
+  """
+  rules = [(open_residuals, lambda path: path[-2:] == ("bn3", "scale"), jnp.ones_like),
+           (mean_pool, lambda path: path[-3:-1] == ("attnpool", "q_proj"), jnp.zeros_like)]
+
+  def init(path, x):
+    for enabled, matches, value in rules:
+      if enabled and matches(tuple(path)):
+        return value(x)
+    return x
+  return traverse_util.path_aware_map(init, params)
 
 
 def _zero_unused_token_rows(params, config):
