@@ -365,14 +365,14 @@ def block_period(config: ImageEncoderConfig) -> int:
   return config.depth
 
 
-def scanned_blocks(make: Callable, params: Mapping, x, period: int) -> list:
-  """The blocks blocks_0..blocks_{D-1} as a jax.lax.scan over D / period groups of `period`.
+def scanned_blocks(make: Callable, params: Mapping, x, config: ImageEncoderConfig) -> list:
+  """The blocks blocks_0..blocks_{D-1} as a jax.lax.scan over groups of block_period(config).
 
   make(i) builds block i (unbound); params holds each block's parameters under blocks_i. The
   groups' parameters are stacked inside the computation (a copy; gradients flow back through
   it), so XLA compiles one group instead of D blocks. -> every block's output, in order.
   """
-  depth = sum(1 for k in params if k.startswith("blocks_"))
+  depth, period = config.depth, block_period(config)
   groups = depth // period
 
   def group(x, group_params):
@@ -433,7 +433,7 @@ class ImageEncoderViT(nn.Module):
                                  0 if i in c.global_attn_indexes else c.window_size,
                                  (c.grid_size, c.grid_size), self.dtype, self.attention, **kw)
     if self.scan_blocks and not self.is_initializing():
-      outs = scanned_blocks(make, self.variables["params"], x, block_period(c))
+      outs = scanned_blocks(make, self.variables["params"], x, c)
     else:
       outs = []
       for i in range(c.depth):
