@@ -130,6 +130,9 @@ def get_config(arg: str = "sam") -> ml_collections.ConfigDict:
   c.eval_batches = 4
   c.checkpoint_every_steps = 250
   c.prng_impl = "unsafe_rbg"  # CPU: init compiles faster
+  # A model dir of this teacher and size (e.g. an earlier run's export) to start from instead of
+  # random weights; optimizer and schedule start fresh (a run whose checkpoints cannot resume).
+  c.init_from = ""
   c.data = ml_collections.ConfigDict()
   c.data.worker_count = 1  # one process draws the world while the step runs; raise on big hosts
   (_sam if teachers[0] == "sam" else _clip)(c)

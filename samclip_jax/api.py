@@ -472,7 +472,7 @@ class SamClip:
   # -------------------------------------------------------------- text-prompted instances
   def segment_text(self, image, text: str, contrast: Sequence[str] = TEXT_CONTRAST,
                    templates="imagenet80", threshold: float | None = None, nms_thresh: float = 0.5,
-                   max_candidates: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                   max_candidates: int = 16, min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Instances a free-text query names -> (masks bool [N,H,W], scores float32 [N]), best first.
 
     Relevance is segment_semantic's zero-shot rule with the query as one class and `contrast`
@@ -486,8 +486,9 @@ class SamClip:
     three masks per point is scored p_mask x predicted IoU (clipped to [0, 1]), p_mask the
     query's probability from the mean logits inside the mask (logits bilinearly upsampled to
     the image, as label_masks names masks); the best non-empty mask of each point is kept,
-    then greedy NMS on mask IoU (> `nms_thresh` suppressed, `mask_nms`).
-    No patch of the query, or no non-empty mask: 0 masks ([0,H,W] and [0]).
+    then greedy NMS on mask IoU (> `nms_thresh` suppressed, `mask_nms`); masks scored below
+    `min_score` are dropped (0 keeps every one: what a query finds among distractors is often
+    low-scored). No patch of the query, or no mask left: 0 masks ([0,H,W] and [0]).
     """
     if not isinstance(text, str) or not text.strip():
       raise ValueError(f"segment_text needs a non-empty text query, got {text!r}")
@@ -495,6 +496,8 @@ class SamClip:
       raise ValueError(f"threshold must be None or in [0, 1), got {threshold}")
     if max_candidates < 1:
       raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
+    if not 0.0 <= min_score <= 1.0:
+      raise ValueError(f"min_score must be in [0, 1] (scores are p_mask x predicted IoU), got {min_score}")
     query = " ".join(text.lower().split())
     others = [c for c in check_class_names(contrast) if " ".join(c.lower().split()) != query]
     if not others:
@@ -531,7 +534,7 @@ class SamClip:
       p_mask = np.asarray(jax.nn.softmax(inside, axis=1))[:, 0]
       score = np.where(area > 0, p_mask * iou[i], -np.inf)
       best = int(np.argmax(score))                                           # SAM's 3 -> 1 per point
-      if np.isfinite(score[best]):
+      if np.isfinite(score[best]) and score[best] >= min_score:
         masks.append(m[best])
         scores.append(score[best])
     if not masks:

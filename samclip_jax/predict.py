@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text", help="free-text query: its instance masks (e.g. 'red star')")
   p.add_argument("--contrast", help="--text: comma-separated prompts the query competes with per patch "
                                      "(default: background)")
+  p.add_argument("--min-score", type=float, default=0.0,
+                 help="--text: drop masks scored below this (p_mask x predicted IoU, 0 to 1; default 0 keeps all)")
   p.add_argument("--points-per-side", type=int,
                  help=f"--everything grid (default: a point every {GRID_SPACING} px of the image as the "
                       "model sees it, 4 to 32 a side)")
@@ -152,6 +154,10 @@ def run(args) -> str:
     raise UsageError("--labels needs --points")
   if args.contrast is not None and args.text is None:
     raise UsageError("--contrast needs --text")
+  if args.min_score != 0.0 and args.text is None:
+    raise UsageError("--min-score needs --text")
+  if not 0.0 <= args.min_score <= 1.0:
+    raise UsageError(f"--min-score must be in [0, 1], got {args.min_score}")
   if args.everything and prompted:
     raise UsageError("--everything takes no --points / --boxes")
   if args.text is not None:
@@ -212,8 +218,9 @@ def run(args) -> str:
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, points=points,
                                   point_labels=labels, boxes=boxes, tags=tags)
   elif args.text is not None:
-    masks, scores = model.segment_text(image, args.text, contrast=contrast, templates=args.templates)
-    print(text_summary(args.text, scores), file=sys.stderr)
+    masks, scores = model.segment_text(image, args.text, contrast=contrast, templates=args.templates,
+                                       min_score=args.min_score)
+    print(text_summary(args.text, scores, args.min_score), file=sys.stderr)
     pic = visualize.overlay_masks(image, masks, alpha=args.alpha, tags=[f"{s:.2f}" for s in scores],
                                   title=f"{args.text!r}: {cli.plural(len(masks), 'mask')}")
   elif args.everything:
@@ -246,11 +253,13 @@ def everything_summary(side: int, c: dict, args) -> str:
   return line
 
 
-def text_summary(text: str, scores) -> str:
+def text_summary(text: str, scores, min_score: float = 0.0) -> str:
   """How many instances --text found, with their scores, or what to try when none."""
   line = f"[text] {text!r}: {cli.plural(len(scores), 'mask')}"
   if len(scores):
     return line + " (scores " + ", ".join(f"{s:.2f}" for s in scores) + ")"
+  if min_score > 0:
+    return line + f"\n[text] none scored >= --min-score {min_score}: lower it (0 keeps every mask)"
   return line + ("\n[text] no patch of the picture is more like the query than like each --contrast "
                  "prompt: rephrase it, or name fewer / other --contrast prompts")
 

@@ -54,6 +54,19 @@ def test_masks_sorted_and_deduplicated(model):
   assert all(m.tobytes() in flat for m in masks)
 
 
+def test_min_score_drops_exactly_the_low_scored_masks(model):
+  img = _image()
+  masks, scores = model.segment_text(img, "red rectangle", templates="photo", nms_thresh=1.0)
+  assert len(np.unique(scores)) >= 2
+  cut = float(np.sort(scores)[len(scores) // 2])          # a score that some masks miss
+  kept, kept_scores = model.segment_text(img, "red rectangle", templates="photo", nms_thresh=1.0,
+                                         min_score=cut)
+  np.testing.assert_array_equal(kept_scores, scores[scores >= cut])
+  np.testing.assert_array_equal(kept, masks[scores >= cut])
+  none, none_scores = model.segment_text(img, "red rectangle", templates="photo", min_score=1.0)
+  assert none.shape == (0, 150, 210) and none_scores.shape == (0,)    # p_mask < 1: no score reaches 1
+
+
 def test_nothing_matches(model):
   # No patch has p(query) > 0.999 (the tiny model's relevance stays below 0.98): 0 masks.
   masks, scores = model.segment_text(_image(), "red rectangle", templates="photo", threshold=0.999)
@@ -71,6 +84,8 @@ def test_nothing_matches(model):
     (dict(text="star", contrast=[]), "at least one class name"),
     (dict(text="star", threshold=1.0), "threshold"),
     (dict(text="star", max_candidates=0), "max_candidates"),
+    (dict(text="star", min_score=-0.1), "min_score"),
+    (dict(text="star", min_score=1.5), "min_score"),
     (dict(text="star", image=np.zeros((10, 10, 3), np.float32)), "uint8"),
     (dict(text="star", image=np.zeros((10, 10, 2), np.uint8)), "HxWx3"),
     (dict(text="star", image=np.zeros((0, 10, 3), np.uint8)), "HxWx3"),
@@ -143,6 +158,8 @@ def test_predict_text_writes_picture(paths, tmp_path, capsys):
     (["--text", " "], "non-empty query"),
     (["--contrast", "a,b", "--classes", "a,b"], "--contrast needs --text"),
     (["--text", "star", "--contrast", " , "], "--contrast: give"),
+    (["--classes", "a,b", "--min-score", "0.5"], "--min-score needs --text"),
+    (["--text", "star", "--min-score", "2"], "--min-score must be in [0, 1]"),
 ])
 def test_predict_text_bad_arguments(paths, tmp_path, capsys, extra, message):
   out = tmp_path / "out.png"

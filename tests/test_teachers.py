@@ -203,6 +203,26 @@ def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
   assert out["eval/iou_mse"] < 0.05
   from samclip_jax.predictor import SamPredictor
   SamPredictor.from_checkpoint(str(tmp_path / "export"))  # a SAM model dir like a converted one
+  # init_from: a new run starts from the export's weights with a fresh optimizer, and refuses
+  # a model of another size or kind before anything runs.
+  from flax import traverse_util
+  from samclip_jax.models.sam import load_sam
+  c.unlock()
+  c.init_from = str(tmp_path / "export")
+  state = train.create_task(c, jax.devices()[:1]).init_state(None)
+  _, exported = load_sam(c.init_from)
+  from samclip_jax.tasks.common import export_params
+  got, want = (traverse_util.flatten_dict(jax.device_get(t)) for t in (export_params(state), exported))
+  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  assert int(state.step) == 0
+  c.model.depth = 3
+  with pytest.raises(ValueError, match="holds a model of config"):
+    train.create_task(c, jax.devices()[:1])
+  clip_c = teachers.get_config("clip,tiny")
+  clip_c.unlock()
+  clip_c.init_from = str(tmp_path / "export")
+  with pytest.raises(ValueError, match="holds a 'sam' model, expected"):
+    train.create_task(clip_c, jax.devices()[:1])
 
 
 # What the shipped teachers achieve on held-out world scenes (README, "The embedded world and

@@ -553,6 +553,15 @@ def abstract_params(config: ClipConfig) -> dict:
   return nn.unbox(jax.eval_shape(functools.partial(init_variables, config)))["params"]
 
 
+def load_clip_config(directory: str) -> ClipConfig:
+  """The ClipConfig of an OpenCLIP model dir, without reading its parameters."""
+  from samclip_jax import checkpoint
+  meta = checkpoint.load_config(directory)
+  if meta.get("model_type") != MODEL_TYPE:
+    raise ValueError(f"{directory} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
+  return ClipConfig.from_dict(meta["config"])
+
+
 def load_clip(directory: str) -> tuple[ClipConfig, dict]:
   """Reads a model directory written by convert/open_clip.py -> (ClipConfig, params)."""
   from samclip_jax import checkpoint  # Orbax is only needed here.

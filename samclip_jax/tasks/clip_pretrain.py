@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from samclip_jax import loop, sharding
-from samclip_jax.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig, init_variables
+from samclip_jax.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig, init_variables, load_clip, load_clip_config
 from samclip_jax.tasks import common
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature here
@@ -156,11 +156,14 @@ class ClipPretrainTask:
 
   def init_state(self, aux):
     del aux
+    make = lambda params: loop.make_state(self.tx, self.config.optim.frozen, params)
+    if self.config.init_from:  # an exported CLIP of this size: its weights, a fresh optimizer
+      _, params = load_clip(self.config.init_from)
+      return jax.jit(make, out_shardings=self.state_shardings)(nn.unbox(params))
     key = jax.random.key(self.config.seed, impl=self.config.prng_impl)
     m = self.config.model
-    init = lambda k: loop.make_state(self.tx, self.config.optim.frozen, resnet_init(
-        nn.unbox(init_variables(self.clip_config, k))["params"], m.get("open_residuals", False),
-        m.get("mean_pool_init", False)))
+    init = lambda k: make(resnet_init(nn.unbox(init_variables(self.clip_config, k))["params"],
+                                      m.get("open_residuals", False), m.get("mean_pool_init", False)))
     return jax.jit(init, out_shardings=self.state_shardings)(key)
 
   def _embed(self, params, batch):
@@ -310,6 +313,7 @@ def create(config, devices=None) -> ClipPretrainTask:
   from samclip_jax.data import sample
   mesh, rules = common.pretraining_mesh(config, devices, "clip_batch_size", ("clip_train", "clip_val"))
   cfg = clip_config(config)
+  common.check_init_from(config, cfg, load_clip_config)
   boxed = jax.eval_shape(lambda: init_variables(cfg))["params"]
   tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)
   return ClipPretrainTask(config=config, mesh=mesh, rules=rules, clip_config=cfg,

@@ -2,10 +2,10 @@
 import jax
 import jax.numpy as jnp
 
-from samclip_jax import checkpoint
 from samclip_jax.models import samclip as samclip_lib
-from samclip_jax.models.clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig, TextConfig, VisionConfig
-from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, SamConfig
+from samclip_jax.models.clip import (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ClipConfig, TextConfig, VisionConfig,
+                                     load_clip_config)
+from samclip_jax.models.sam import PIXEL_MEAN, PIXEL_STD, SamConfig, load_sam_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -13,7 +13,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def sam_config_from(config) -> SamConfig:
   """The SAM config: the checkpoint's, or the variant named by config.model."""
   if config.sam_checkpoint:
-    return SamConfig.from_dict(checkpoint.load_config(config.sam_checkpoint))
+    return load_sam_config(config.sam_checkpoint)
   m = config.model
   if m.sam_variant == "tiny":
     return samclip_lib.tiny_sam_config(config.sam_image_size, m.tiny_embed_dim, m.tiny_depth,
@@ -21,10 +21,19 @@ def sam_config_from(config) -> SamConfig:
   return SamConfig.from_name(m.sam_variant)
 
 
+def check_init_from(config, built, read_config) -> None:
+  """Refuses, before anything runs, an init_from model dir holding another model than this run builds."""
+  if config.get("init_from"):
+    stored = read_config(config.init_from)
+    if stored != built:
+      raise ValueError(f"init_from={config.init_from} holds a model of config {stored}, "
+                       f"but this run builds {built}")
+
+
 def clip_config_from(config) -> ClipConfig:
   """The CLIP config: the checkpoint's, or the variant named by config.model."""
   if config.clip_checkpoint:
-    return ClipConfig.from_dict(checkpoint.load_config(config.clip_checkpoint)["config"])
+    return load_clip_config(config.clip_checkpoint)
   m = config.model
   if m.clip_variant == "tiny":
     vision = VisionConfig(image_size=config.clip_teacher_image_size or 224, patch_size=m.tiny_clip_patch,

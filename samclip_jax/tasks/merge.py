@@ -401,11 +401,7 @@ def create(config, devices=None) -> MergeTask:
   model_cfg = SamClipConfig(sam=sam_cfg, head_depth=config.model.head_depth,
                             head_mlp_hidden=tuple(config.model.head_mlp_hidden),
                             out_dim=clip_cfg.embed_dim)
-  if config.init_from:
-    init_cfg = samclip_lib.load_samclip_config(config.init_from)
-    if init_cfg != model_cfg:
-      raise ValueError(f"init_from={config.init_from} holds a model of config {init_cfg}, "
-                       f"but this run builds {model_cfg}")
+  common.check_init_from(config, model_cfg, samclip_lib.load_samclip_config)
   student = SamClipNet(model_cfg, dtype=dtype, **common.model_options(config))
   # The SAM teacher runs in float32: bf16 rounding flips the sign of logits near 0, i.e. the
   # binarised targets' boundary pixels.

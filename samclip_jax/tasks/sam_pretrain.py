@@ -103,9 +103,12 @@ class SamPretrainTask:
 
   def init_state(self, aux):
     del aux
+    make = lambda params: loop.make_state(self.tx, self.config.optim.frozen, params)
+    if self.config.init_from:  # an exported SAM of this size: its weights, a fresh optimizer
+      _, params = sam_lib.load_sam(self.config.init_from)
+      return jax.jit(make, out_shardings=self.state_shardings)(nn.unbox(params))
     key = jax.random.key(self.config.seed, impl=self.config.prng_impl)
-    init = lambda k: loop.make_state(self.tx, self.config.optim.frozen, nn.unbox(
-        Sam(self.sam_config).init(k, *sam_lib.example_inputs(self.sam_config))["params"]))
+    init = lambda k: make(nn.unbox(Sam(self.sam_config).init(k, *sam_lib.example_inputs(self.sam_config))["params"]))
     return jax.jit(init, out_shardings=self.state_shardings)(key)
 
   def _forward(self, params, batch):
@@ -179,6 +182,7 @@ def create(config, devices=None) -> SamPretrainTask:
     raise ValueError("sam_batch_size and masks_per_image must be >= 1")
   mesh, rules = common.pretraining_mesh(config, devices, "sam_batch_size", ("sam_train", "sam_val"))
   cfg = sam_config(config)
+  common.check_init_from(config, cfg, sam_lib.load_sam_config)
   boxed = jax.eval_shape(lambda k: Sam(cfg).init(k, *sam_lib.example_inputs(cfg))["params"], jax.random.key(0))
   tx, schedule, state_sh, trainable, frozen = loop.state_layout(config, boxed, mesh, rules)
   return SamPretrainTask(config=config, mesh=mesh, rules=rules, sam_config=cfg,
