@@ -215,6 +215,9 @@ def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
   got, want = (traverse_util.flatten_dict(jax.device_get(t)) for t in (export_params(state), exported))
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
   assert int(state.step) == 0
+  from samclip_jax.tasks.common import pretraining_source
+  assert pretraining_source(c, "world:train:9", 5).endswith(   # the export says where it started
+      "5 steps, starting from a model pretrained on the embedded world (world:train:100000:64), seed 0, 30 steps")
   c.model.depth = 3
   with pytest.raises(ValueError, match="holds a model of config"):
     train.create_task(c, jax.devices()[:1])

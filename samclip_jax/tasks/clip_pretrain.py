@@ -240,8 +240,8 @@ class ClipPretrainTask:
     if self.config.zero_unused_tokens:
       params = _zero_unused_token_rows(params, self.config)
     save_clip(directory, self.clip_config, params, name="world CLIP",
-              extra={"source": f"pretrained on the embedded world ({self.config.data.clip_train}), "
-                               f"seed {self.config.seed}, {int(state.step)} steps"})
+              extra={"source": common.pretraining_source(self.config, self.config.data.clip_train,
+                                                         int(state.step))})
 
   def _precise_bn(self, params):
     """A ResNet tower trains on batch statistics: its running statistics are those of

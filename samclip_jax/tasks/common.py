@@ -30,6 +30,15 @@ def check_init_from(config, built, read_config) -> None:
                        f"but this run builds {built}")
 
 
+def pretraining_source(config, data: str, steps: int) -> str:
+  """An export's provenance line: data, seed, steps, and the model it started from (init_from)."""
+  line = f"pretrained on the embedded world ({data}), seed {config.seed}, {steps} steps"
+  if config.get("init_from"):
+    from samclip_jax import checkpoint
+    line += f", starting from a model {checkpoint.load_config(config.init_from).get('source', 'of unknown source')}"
+  return line
+
+
 def clip_config_from(config) -> ClipConfig:
   """The CLIP config: the checkpoint's, or the variant named by config.model."""
   if config.clip_checkpoint:

@@ -158,8 +158,8 @@ class SamPretrainTask:
   def export(self, state, directory):
     """A SAM model directory (the converter's format: load_sam, SamPredictor, merge configs read it)."""
     params = common.export_params(state)
-    meta = dict(self.sam_config.to_dict(), source=f"pretrained on the embedded world "
-                f"({self.config.data.sam_train}), seed {self.config.seed}, {int(state.step)} steps")
+    meta = dict(self.sam_config.to_dict(),
+                source=common.pretraining_source(self.config, self.config.data.sam_train, int(state.step)))
     checkpoint.save_model(directory, params, meta)
 
 
