@@ -177,8 +177,10 @@ def restore_latest(mngr, abstract_state, make_iterators, say=print):
     bad.append(step)
   if bad:
     raise RuntimeError(f"no usable checkpoint in {mngr.directory} (steps {sorted(bad)}, see the "
-                       "messages above); they were left as they are. Fix the cause, or move that "
-                       "directory away to train from scratch.")
+                       "messages above); they were left as they are. Fix the cause, move that "
+                       "directory away to train from scratch, or start another --workdir from this "
+                       "run's export with --config.init_from=EXPORT_DIR (weights kept, optimizer and "
+                       "data order new).")
   return None, None, make_iterators()
 
 
