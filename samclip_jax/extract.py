@@ -40,9 +40,7 @@ KILL_ENV = "SAMCLIP_EXTRACT_KILL_AFTER_SHARDS"
 def teacher_config(config):
   """(ClipConfig, description) of the teacher, without loading or creating weights."""
   if config.clip_checkpoint:
-    from samclip_jax import checkpoint
-    meta = checkpoint.load_config(config.clip_checkpoint)
-    return (clip_lib.ClipConfig.from_dict(meta["config"]),
+    return (clip_lib.load_clip_config(config.clip_checkpoint),
             {"checkpoint": os.path.abspath(config.clip_checkpoint)})
   m = config.model
   if m.clip_variant == "tiny":

@@ -259,7 +259,8 @@ def text_summary(text: str, scores, min_score: float = 0.0) -> str:
   if len(scores):
     return line + " (scores " + ", ".join(f"{s:.2f}" for s in scores) + ")"
   if min_score > 0:
-    return line + f"\n[text] none scored >= --min-score {min_score}: lower it (0 keeps every mask)"
+    return line + (f"\n[text] none matched, or none scored >= --min-score {min_score}: lower it (0 keeps "
+                   "every mask), rephrase the query, or name fewer / other --contrast prompts")
   return line + ("\n[text] no patch of the picture is more like the query than like each --contrast "
                  "prompt: rephrase it, or name fewer / other --contrast prompts")
 

@@ -13,6 +13,7 @@ from samclip_jax import train
 from samclip_jax.data import pipeline, records, sample
 from samclip_jax.data.world import WorldSource
 from samclip_jax.tasks import clip_pretrain, sam_pretrain
+from samclip_jax.tasks.common import export_params, pretraining_source
 
 
 def _np_focal(x, t, alpha=0.25, gamma=2.0):
@@ -188,6 +189,19 @@ def test_clip_pretraining_runs_and_exports(tmp_path, arg):
     stem = model.params["visual"]["bn1"]
     assert np.abs(np.asarray(stem["running_mean"])).max() > 1e-3
     assert np.abs(np.asarray(stem["running_var"]) - 1).max() > 1e-3
+    # init_from: the weights (BatchNorm statistics included) start a new run
+    from samclip_jax.models.clip import load_clip
+    config.init_from = str(tmp_path / "export")
+    _assert_starts_from(train.create_task(config, jax.devices()[:1]), load_clip(config.init_from)[1])
+
+
+def _assert_starts_from(task, exported):
+  """The task's fresh state holds the exported weights, at step 0."""
+  from flax import traverse_util
+  state = task.init_state(None)
+  got, want = (traverse_util.flatten_dict(jax.device_get(t)) for t in (export_params(state), exported))
+  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  assert int(state.step) == 0
 
 
 def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
@@ -205,18 +219,12 @@ def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
   SamPredictor.from_checkpoint(str(tmp_path / "export"))  # a SAM model dir like a converted one
   # init_from: a new run starts from the export's weights with a fresh optimizer, and refuses
   # a model of another size or kind before anything runs.
-  from flax import traverse_util
   from samclip_jax.models.sam import load_sam
   c.unlock()
   c.init_from = str(tmp_path / "export")
-  state = train.create_task(c, jax.devices()[:1]).init_state(None)
-  _, exported = load_sam(c.init_from)
-  from samclip_jax.tasks.common import export_params
-  got, want = (traverse_util.flatten_dict(jax.device_get(t)) for t in (export_params(state), exported))
-  assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-  assert int(state.step) == 0
-  from samclip_jax.tasks.common import pretraining_source
-  assert pretraining_source(c, "world:train:9", 5).endswith(   # the export says where it started
+  task = train.create_task(c, jax.devices()[:1])
+  _assert_starts_from(task, load_sam(c.init_from)[1])
+  assert pretraining_source(task, "world:train:9", 5).endswith(   # the export says where it started
       "5 steps, starting from a model pretrained on the embedded world (world:train:100000:64), seed 0, 30 steps")
   c.model.depth = 3
   with pytest.raises(ValueError, match="holds a model of config"):

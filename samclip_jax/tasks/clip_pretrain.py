@@ -127,6 +127,7 @@ class ClipPretrainTask:
   trainable_paths: list
   frozen_paths: list
   class_names: tuple
+  started_from: str = ""  # the init_from model's provenance (common.started_from)
   log_keys = ("total_loss", "logit_scale")
   metric_names = ("total_loss", "logit_scale")
 
@@ -240,7 +241,7 @@ class ClipPretrainTask:
     if self.config.zero_unused_tokens:
       params = _zero_unused_token_rows(params, self.config)
     save_clip(directory, self.clip_config, params, name="world CLIP",
-              extra={"source": common.pretraining_source(self.config, self.config.data.clip_train,
+              extra={"source": common.pretraining_source(self, self.config.data.clip_train,
                                                          int(state.step))})
 
   def _precise_bn(self, params):
@@ -321,4 +322,5 @@ def create(config, devices=None) -> ClipPretrainTask:
                                      batch_stats=cfg.vision.is_resnet), tx=tx,
                           schedule=schedule, state_shardings=state_sh,
                           aux_shardings={"class_tokens": sharding.replicated(mesh)},
-                          trainable_paths=trainable, frozen_paths=frozen, class_names=sample.CLASSES)
+                          trainable_paths=trainable, frozen_paths=frozen, class_names=sample.CLASSES,
+                          started_from=common.started_from(config))

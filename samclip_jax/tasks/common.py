@@ -30,13 +30,19 @@ def check_init_from(config, built, read_config) -> None:
                        f"but this run builds {built}")
 
 
-def pretraining_source(config, data: str, steps: int) -> str:
+def started_from(config) -> str:
+  """Provenance of an init_from model ('' without one), read when the run is built: the
+  export still says it if that directory has gone by the end of the run."""
+  if not config.get("init_from"):
+    return ""
+  from samclip_jax import checkpoint
+  source = checkpoint.load_config(config.init_from).get("source")
+  return f", starting from a model {source}" if source else f", starting from {config.init_from}"
+
+
+def pretraining_source(task, data: str, steps: int) -> str:
   """An export's provenance line: data, seed, steps, and the model it started from (init_from)."""
-  line = f"pretrained on the embedded world ({data}), seed {config.seed}, {steps} steps"
-  if config.get("init_from"):
-    from samclip_jax import checkpoint
-    line += f", starting from a model {checkpoint.load_config(config.init_from).get('source', 'of unknown source')}"
-  return line
+  return f"pretrained on the embedded world ({data}), seed {task.config.seed}, {steps} steps{task.started_from}"
 
 
 def clip_config_from(config) -> ClipConfig:

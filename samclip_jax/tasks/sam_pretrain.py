@@ -76,6 +76,7 @@ class SamPretrainTask:
   state_shardings: Any
   trainable_paths: list
   frozen_paths: list
+  started_from: str = ""  # the init_from model's provenance (common.started_from)
   aux_shardings = {}
   log_keys = ("total_loss", "focal", "dice", "iou_mse", "mask_iou")
   metric_names = ("total_loss", "focal", "dice", "iou_mse", "mask_iou")
@@ -159,7 +160,7 @@ class SamPretrainTask:
     """A SAM model directory (the converter's format: load_sam, SamPredictor, merge configs read it)."""
     params = common.export_params(state)
     meta = dict(self.sam_config.to_dict(),
-                source=common.pretraining_source(self.config, self.config.data.sam_train, int(state.step)))
+                source=common.pretraining_source(self, self.config.data.sam_train, int(state.step)))
     checkpoint.save_model(directory, params, meta)
 
 
@@ -188,4 +189,4 @@ def create(config, devices=None) -> SamPretrainTask:
   return SamPretrainTask(config=config, mesh=mesh, rules=rules, sam_config=cfg,
                          model=Sam(cfg, dtype=common.DTYPES[config.compute_dtype], **common.model_options(config)), tx=tx,
                          schedule=schedule, state_shardings=state_sh, trainable_paths=trainable,
-                         frozen_paths=frozen)
+                         frozen_paths=frozen, started_from=common.started_from(config))
