@@ -148,13 +148,17 @@ def _foreign_entries(directory: str, ours: set[str]) -> list[str]:
   return out
 
 
-def load_config(directory: str) -> dict:
-  """Reads the config.json of a model directory, with a clear error if it is not one."""
+def load_config(directory: str, expected_type: str | None = None) -> dict:
+  """Reads the config.json of a model directory, with a clear error if it is not one (or, given
+  `expected_type`, holds another kind of model)."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not a samclip_jax model directory (no {CONFIG_FILE})")
   with open(path) as f:
-    return json.load(f)
+    config = json.load(f)
+  if expected_type is not None and config.get("model_type") != expected_type:
+    raise ValueError(f"{directory} holds a {config.get('model_type')!r} model, expected {expected_type!r}")
+  return config
 
 
 def load_model(directory: str, expected_type: str | None = None, target=None):
@@ -165,9 +169,7 @@ def load_model(directory: str, expected_type: str | None = None, target=None):
   only its shards and gets global jax.Arrays, so on multi-host jobs every process calls it
   with the same target. Without a target the arrays land on the default device.
   """
-  config = load_config(directory)
-  if expected_type is not None and config.get("model_type") != expected_type:
-    raise ValueError(f"{directory} holds a {config.get('model_type')!r} model, expected {expected_type!r}")
+  config = load_config(directory, expected_type)
   ckptr = ocp.StandardCheckpointer()
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   params = ckptr.restore(path, target) if target is not None else ckptr.restore(path)

@@ -556,10 +556,7 @@ def abstract_params(config: ClipConfig) -> dict:
 def load_clip_config(directory: str) -> ClipConfig:
   """The ClipConfig of an OpenCLIP model dir, without reading its parameters."""
   from samclip_jax import checkpoint
-  meta = checkpoint.load_config(directory)
-  if meta.get("model_type") != MODEL_TYPE:
-    raise ValueError(f"{directory} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
-  return ClipConfig.from_dict(meta["config"])
+  return ClipConfig.from_dict(checkpoint.load_config(directory, expected_type=MODEL_TYPE)["config"])
 
 
 def load_clip(directory: str) -> tuple[ClipConfig, dict]:

@@ -554,10 +554,7 @@ def preprocess(images, valid_hw=None):
 
 def load_sam_config(directory: str) -> SamConfig:
   """The SamConfig of a SAM model dir, without reading its parameters."""
-  meta = checkpoint.load_config(directory)
-  if meta.get("model_type") != "sam":
-    raise ValueError(f"{directory} holds a {meta.get('model_type')!r} model, expected 'sam'")
-  return SamConfig.from_dict(meta)
+  return SamConfig.from_dict(checkpoint.load_config(directory, expected_type="sam"))
 
 
 def load_sam(directory: str, target=None) -> tuple[SamConfig, dict]:

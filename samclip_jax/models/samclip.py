@@ -250,10 +250,7 @@ def _config_from_meta(meta: Mapping[str, Any]) -> SamClipConfig:
 
 def load_samclip_config(directory: str) -> SamClipConfig:
   """The SamClipConfig of a merged model dir, without reading its parameters."""
-  meta = checkpoint.load_config(directory)
-  if meta.get("model_type") != MODEL_TYPE:
-    raise ValueError(f"{directory} holds a {meta.get('model_type')!r} model, expected {MODEL_TYPE!r}")
-  return _config_from_meta(meta)
+  return _config_from_meta(checkpoint.load_config(directory, expected_type=MODEL_TYPE))
 
 
 def load_samclip(directory: str) -> tuple[SamClipConfig, dict]:
