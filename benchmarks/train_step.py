@@ -64,8 +64,7 @@ def make_config(args, stage="distill", clip_batch=None, sam_batch=None, clip_res
 def abstract_inputs(exp, clip_res, offline_teacher):
   """ShapeDtypeStructs (with shardings) of (state, teachers, batches): lowering needs no memory."""
   state = exp.abstract_state()
-  teachers = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          exp.abstract_teachers, exp.aux_shardings)
+  teachers = exp.teacher_targets
   host = exp.fake_batches(0, clip_resolution=clip_res)
   if offline_teacher and "clip" in host:
     host["clip"]["teacher_embedding"] = np.zeros((exp.config.clip_batch_size, exp.clip_config.embed_dim),

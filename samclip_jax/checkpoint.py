@@ -161,16 +161,21 @@ def load_config(directory: str, expected_type: str | None = None) -> dict:
   return config
 
 
-def load_model(directory: str, expected_type: str | None = None, target=None):
+def load_model(directory: str, expected_type: str | None = None, target=None, partial: bool = False):
   """Returns (params, config) of a model directory.
 
-  `target`, a tree of jax.ShapeDtypeStruct with `sharding` set (e.g. from jax.eval_shape
-  plus the mesh's NamedShardings), restores straight into that layout: each process reads
-  only its shards and gets global jax.Arrays, so on multi-host jobs every process calls it
-  with the same target. Without a target the arrays land on the default device.
+  `target`, a tree of jax.ShapeDtypeStruct with `sharding` set (sharding.shaped), restores
+  straight into that layout: each process reads only its shards and gets global jax.Arrays,
+  so on multi-host jobs every process calls it with the same target. `partial=True` restores
+  only the subtrees the target names (a CLIP's image tower). Without a target the arrays land
+  on the default device.
   """
   config = load_config(directory, expected_type)
-  ckptr = ocp.StandardCheckpointer()
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
-  params = ckptr.restore(path, target) if target is not None else ckptr.restore(path)
+  if target is None:
+    params = ocp.StandardCheckpointer().restore(path)
+  else:
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=partial,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    params = ocp.PyTreeCheckpointer().restore(path, args=args)
   return params, config

@@ -76,8 +76,13 @@ def state_layout(config, boxed_params, mesh, rules):
 def abstract_state(tx, frozen_patterns, abstract_params, state_shardings):
   """ShapeDtypeStructs (with shardings) of the train state built from `abstract_params`."""
   shapes = jax.eval_shape(lambda p: make_state(tx, frozen_patterns, p), abstract_params)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, state_shardings)
+  return sharding.shaped(shapes, state_shardings)
+
+
+def params_target(abstract):
+  """The full params (trainable and frozen) of an abstract_state: the target that restores a
+  model directory's weights straight into the run's layout (init_from)."""
+  return optim.merge_params(abstract.params, abstract.frozen)
 
 
 # ----------------------------------------------------------------------------- step

@@ -180,6 +180,12 @@ def tree_shardings(abstract_boxed, mesh: Mesh, rules=DEFAULT_RULES):
       logical, shapes, is_leaf=_is_spec)
 
 
+def shaped(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` laid out by `shardings`: a restore target (each process
+  reads only its shards and gets global arrays)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

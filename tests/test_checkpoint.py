@@ -57,3 +57,34 @@ def test_empty_directory_and_symlink(tmp_path):
   _save(tmp_path / "link", 5.0)  # written where the link points; the link stays
   assert os.path.islink(tmp_path / "link")
   np.testing.assert_array_equal(_kernel(empty), PARAMS["dense"]["kernel"] + 5.0)
+
+
+def test_restores_into_a_target_layout_and_only_the_subtrees_it_names(tmp_path):
+  """init_from and the merge's teachers restore straight into the run's shardings (each host
+  reads its shards: no full copy on one device first); a CLIP teacher restores its image tower only."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from samclip_jax import sharding
+  params = {"visual": {"kernel": np.arange(32, dtype=np.float32).reshape(8, 4)},
+            "text": {"embedding": np.ones((3, 5), np.float32)}}
+  checkpoint.save_model(str(tmp_path / "m"), params, {"model_type": "clip"})
+  mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+  row = NamedSharding(mesh, P("fsdp"))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shardings = {"visual": {"kernel": row}, "text": {"embedding": sharding.replicated(mesh)}}
+  whole, _ = checkpoint.load_model(str(tmp_path / "m"), "clip", target=sharding.shaped(shapes, shardings))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(whole):
+    name = jax.tree_util.keystr(path)
+    assert leaf.sharding == (row if "visual" in name else sharding.replicated(mesh)), name
+  np.testing.assert_array_equal(np.asarray(whole["visual"]["kernel"]), params["visual"]["kernel"])
+  np.testing.assert_array_equal(np.asarray(whole["text"]["embedding"]), params["text"]["embedding"])
+  assert {s.data.shape for s in whole["visual"]["kernel"].addressable_shards} == {(1, 4)}
+
+  part, _ = checkpoint.load_model(str(tmp_path / "m"), "clip", partial=True,
+                                  target={"visual": sharding.shaped(shapes["visual"], shardings["visual"])})
+  assert list(part) == ["visual"]
+  np.testing.assert_array_equal(np.asarray(part["visual"]["kernel"]), params["visual"]["kernel"])
+  with pytest.raises(ValueError, match="not compatible with the stored shape"):  # never truncated
+    bad = {"visual": {"kernel": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=sharding.replicated(mesh))}}
+    checkpoint.load_model(str(tmp_path / "m"), "clip", partial=True, target=bad)

@@ -156,3 +156,42 @@ def test_sharded_step_matches_single_device_and_fsdp_memory():
   fsdp = sharding.per_device_bytes((s8.params, s8.frozen, s8.opt_state))
   assert fsdp <= replicated / 6, (fsdp, replicated, fsdp / replicated)
   assert many["bytes"] <= replicated / 3  # data=2 x fsdp=4: FSDP over 4
+
+
+def test_teachers_and_init_from_restore_into_the_mesh(tmp_path):
+  """The local merge on a data=2 x fsdp=4 mesh: the shipped teachers and an init_from export
+  are restored straight into the run's shardings (on a pod each host reads only its shards),
+  with the stored values; the CLIP teacher's text tower is not read at all."""
+  from configs import merge
+  from samclip_jax import loop, optim
+  from samclip_jax.models import samclip as samclip_lib
+  from samclip_jax.models.clip import load_clip
+  from samclip_jax.models.sam import load_sam
+  from samclip_jax.tasks import merge as merge_task
+  c = merge.get_config("local")
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  c.sam_batch_size, c.clip_batch_size = 8, 16
+  exp = merge_task.create(c)
+  teachers = exp.init_aux()
+  want = {"sam": load_sam(c.sam_checkpoint)[1], "clip": load_clip(c.clip_checkpoint)[1]["visual"]}
+  fsdp_leaves = 0
+  for name in ("sam", "clip"):
+    for got, sh, ref in zip(jax.tree.leaves(teachers[name]), jax.tree.leaves(exp.aux_shardings[name]),
+                            jax.tree.leaves(want[name])):
+      assert got.sharding == sh
+      fsdp_leaves += "fsdp" in jax.tree.leaves(tuple(sh.spec))
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert fsdp_leaves > 10  # the layout really splits weights across devices
+
+  state = exp.init_state(teachers)  # the student starts from the SAM teacher
+  samclip_lib.save_samclip(str(tmp_path / "stage"), exp.model_config,
+                           jax.device_get(optim.merge_params(state.params, state.frozen)))
+  c.unlock()
+  c.init_from = str(tmp_path / "stage")
+  again = merge_task.create(c)
+  restored = again.init_state(again.init_aux())
+  target = loop.params_target(again.abstract_state())
+  for got, t, ref in zip(jax.tree.leaves(optim.merge_params(restored.params, restored.frozen)),
+                         jax.tree.leaves(target), jax.tree.leaves(optim.merge_params(state.params, state.frozen))):
+    assert got.sharding == t.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

@@ -559,10 +559,11 @@ def load_clip_config(directory: str) -> ClipConfig:
   return ClipConfig.from_dict(checkpoint.load_config(directory, expected_type=MODEL_TYPE)["config"])
 
 
-def load_clip(directory: str) -> tuple[ClipConfig, dict]:
-  """Reads a model directory written by convert/open_clip.py -> (ClipConfig, params)."""
+def load_clip(directory: str, target=None, partial: bool = False) -> tuple[ClipConfig, dict]:
+  """Reads a model directory written by convert/open_clip.py -> (ClipConfig, params);
+  `target` / `partial` as checkpoint.load_model (e.g. {"visual": ...} restores the image tower)."""
   from samclip_jax import checkpoint  # Orbax is only needed here.
-  params, meta = checkpoint.load_model(directory, expected_type=MODEL_TYPE)
+  params, meta = checkpoint.load_model(directory, expected_type=MODEL_TYPE, target=target, partial=partial)
   return ClipConfig.from_dict(meta["config"]), params
 
 

@@ -253,9 +253,10 @@ def load_samclip_config(directory: str) -> SamClipConfig:
   return _config_from_meta(checkpoint.load_config(directory, expected_type=MODEL_TYPE))
 
 
-def load_samclip(directory: str) -> tuple[SamClipConfig, dict]:
-  """Reads a model directory written by save_samclip -> (SamClipConfig, params)."""
-  params, meta = checkpoint.load_model(directory, expected_type=MODEL_TYPE)
+def load_samclip(directory: str, target=None) -> tuple[SamClipConfig, dict]:
+  """Reads a model directory written by save_samclip -> (SamClipConfig, params); `target` as
+  checkpoint.load_model."""
+  params, meta = checkpoint.load_model(directory, expected_type=MODEL_TYPE, target=target)
   return _config_from_meta(meta), params
 
 

@@ -159,8 +159,8 @@ class ClipPretrainTask:
     del aux
     make = lambda params: loop.make_state(self.tx, self.config.optim.frozen, params)
     if self.config.init_from:  # an exported CLIP of this size: its weights, a fresh optimizer
-      _, params = load_clip(self.config.init_from)
-      return jax.jit(make, out_shardings=self.state_shardings)(nn.unbox(params))
+      _, params = load_clip(self.config.init_from, target=loop.params_target(self.abstract_state()))
+      return jax.jit(make, out_shardings=self.state_shardings)(params)
     key = jax.random.key(self.config.seed, impl=self.config.prng_impl)
     m = self.config.model
     init = lambda k: make(resnet_init(nn.unbox(init_variables(self.clip_config, k))["params"],

@@ -86,7 +86,8 @@ class MergeTask:
   schedule: Any
   state_shardings: Any
   aux_shardings: Any
-  abstract_teachers: Any
+  sam_target: Any  # a SAM's params as ShapeDtypeStructs with shardings (teacher or student start)
+  teacher_targets: Any  # the same for each teacher that runs: {"sam"?, "clip"}
   trainable_paths: list
   frozen_paths: list
 
@@ -131,15 +132,11 @@ class MergeTask:
     """Frozen teachers, sharded: converted checkpoints, or random ones from the seed."""
     cfg, keys = self.config, _keys(self.config.seed, self.config.prng_impl)
     out = {}
-    if "sam" in self.aux_shardings:
-      if cfg.sam_checkpoint:
-        _, params = load_sam(cfg.sam_checkpoint)
-        out["sam"] = jax.device_put(nn.unbox(params), self.aux_shardings["sam"])
-      else:
-        out["sam"] = self._random_sam_params(keys["sam"], self.aux_shardings["sam"])
-    if cfg.clip_checkpoint:
-      _, params = load_clip(cfg.clip_checkpoint)
-      out["clip"] = jax.device_put(nn.unbox(params["visual"]), self.aux_shardings["clip"])
+    if "sam" in self.teacher_targets:
+      out["sam"] = self._sam_params(keys["sam"])
+    if cfg.clip_checkpoint:  # the image tower only, restored straight into its layout
+      _, params = load_clip(cfg.clip_checkpoint, target={"visual": self.teacher_targets["clip"]}, partial=True)
+      out["clip"] = params["visual"]
     else:
       out["clip"] = jax.device_put(random_clip_params(self.clip_config, keys["clip"])["visual"],
                                    self.aux_shardings["clip"])
@@ -148,27 +145,27 @@ class MergeTask:
   def init_state(self, teachers) -> loop.TrainState:
     """A fresh, sharded train state (jit with out_shardings: built in place on the devices)."""
     if self.config.init_from:  # an earlier stage's export
-      _, params = samclip_lib.load_samclip(self.config.init_from)
-      return jax.jit(self.make_state, out_shardings=self.state_shardings)(nn.unbox(params))
+      _, params = samclip_lib.load_samclip(self.config.init_from, target=loop.params_target(self.abstract_state()))
+      return jax.jit(self.make_state, out_shardings=self.state_shardings)(params)
     sam_params = self._sam_params_for_student(teachers)
     head_key = _keys(self.config.seed, self.config.prng_impl)["head"]
     build = lambda k, sp: self.make_state(samclip_lib.samclip_params_from_sam(sp, self.model_config, k))
     return jax.jit(build, out_shardings=self.state_shardings)(head_key, sam_params)
 
-  def _random_sam_params(self, key, shardings=None):
-    """A randomly initialised SAM (the stand-in teacher when no checkpoint is given)."""
+  def _sam_params(self, key):
+    """SAM's weights in sam_target's layout: the converted checkpoint, else random from `key`
+    (the stand-in teacher)."""
+    if self.config.sam_checkpoint:
+      return load_sam(self.config.sam_checkpoint, target=self.sam_target)[1]
     inputs = samclip_lib.example_inputs(self.model_config)[:3]
     init = lambda k: nn.unbox(Sam(self.sam_config).init(k, *inputs)["params"])
-    return jax.jit(init, out_shardings=shardings)(key)
+    return jax.jit(init, out_shardings=jax.tree.map(lambda t: t.sharding, self.sam_target))(key)
 
   def _sam_params_for_student(self, teachers):
     """The SAM weights the student starts from: the teacher's (same converted checkpoint)."""
     if "sam" in teachers:
       return teachers["sam"]
-    if self.config.sam_checkpoint:
-      _, params = load_sam(self.config.sam_checkpoint)
-      return nn.unbox(params)
-    return self._random_sam_params(_keys(self.config.seed, self.config.prng_impl)["sam"])
+    return self._sam_params(_keys(self.config.seed, self.config.prng_impl)["sam"])
 
   # ---------------------------------------------------------------- step
   def clip_targets(self, teachers, clip_batch):
@@ -413,16 +410,16 @@ def create(config, devices=None) -> MergeTask:
   tx, schedule, state_sh, trainable_paths, frozen_paths = loop.state_layout(
       config, abstract_student, mesh, rules)
 
-  teacher_boxed = {}
-  if sam_teacher is not None:
-    teacher_boxed["sam"] = jax.eval_shape(
-        lambda k: Sam(sam_cfg).init(k, *samclip_lib.example_inputs(model_cfg)[:3]), jax.random.key(0))["params"]
-  teacher_boxed["clip"] = jax.eval_shape(
-      lambda k: clip_teacher.init(k, jnp.zeros((1,) + clip_cfg.vision.image_hw + (3,))), jax.random.key(0))["params"]
-  aux_sh = {k: sharding.tree_shardings(v, mesh, rules) for k, v in teacher_boxed.items()}
+  target = lambda boxed: sharding.shaped(nn.unbox(boxed), sharding.tree_shardings(boxed, mesh, rules))
+  sam_target = target(jax.eval_shape(
+      lambda k: Sam(sam_cfg).init(k, *samclip_lib.example_inputs(model_cfg)[:3]), jax.random.key(0))["params"])
+  teacher_targets = {"sam": sam_target} if sam_teacher is not None else {}
+  teacher_targets["clip"] = target(jax.eval_shape(
+      lambda k: clip_teacher.init(k, jnp.zeros((1,) + clip_cfg.vision.image_hw + (3,))), jax.random.key(0))["params"])
+  aux_sh = jax.tree.map(lambda t: t.sharding, teacher_targets)
 
   return MergeTask(config=config, mesh=mesh, rules=rules, sam_config=sam_cfg, clip_config=clip_cfg,
                    model_config=model_cfg, student=student, sam_teacher=sam_teacher,
                    clip_teacher=clip_teacher, tx=tx, schedule=schedule, state_shardings=state_sh,
-                   aux_shardings=aux_sh, abstract_teachers={k: nn.unbox(v) for k, v in teacher_boxed.items()},
+                   aux_shardings=aux_sh, sam_target=sam_target, teacher_targets=teacher_targets,
                    trainable_paths=trainable_paths, frozen_paths=frozen_paths)

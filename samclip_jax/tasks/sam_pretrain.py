@@ -106,8 +106,8 @@ class SamPretrainTask:
     del aux
     make = lambda params: loop.make_state(self.tx, self.config.optim.frozen, params)
     if self.config.init_from:  # an exported SAM of this size: its weights, a fresh optimizer
-      _, params = sam_lib.load_sam(self.config.init_from)
-      return jax.jit(make, out_shardings=self.state_shardings)(nn.unbox(params))
+      _, params = sam_lib.load_sam(self.config.init_from, target=loop.params_target(self.abstract_state()))
+      return jax.jit(make, out_shardings=self.state_shardings)(params)
     key = jax.random.key(self.config.seed, impl=self.config.prng_impl)
     init = lambda k: make(nn.unbox(Sam(self.sam_config).init(k, *sam_lib.example_inputs(self.sam_config))["params"]))
     return jax.jit(init, out_shardings=self.state_shardings)(key)
