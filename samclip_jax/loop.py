@@ -31,7 +31,7 @@ import optax
 from absl import logging
 
 from samclip_jax import cli, optim, run_checkpoints, sharding
-from samclip_jax.workdir_lock import WorkdirLock
+from samclip_jax.workdir_lock import LOCK_FILE, WorkdirLock
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -265,6 +265,19 @@ def validate_common(config) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+def check_workdir(workdir: str) -> None:
+  """A workdir is new, empty, or one a run used before (it holds the run's lock file or its
+  checkpoints): a run never writes its files into a user's directory."""
+  if not os.path.lexists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise FileExistsError(f"--workdir {workdir} exists and is not a directory")
+  entries = set(os.listdir(workdir))
+  if entries and not entries & {LOCK_FILE, run_checkpoints.CHECKPOINT_DIR}:
+    raise FileExistsError(f"--workdir {workdir} holds files of something else (e.g. "
+                          f"{sorted(entries)[0]!r}); give a new or empty directory, or an earlier run's workdir")
+
+
 def run(task, workdir: str, *, stop_at_step: int | None = None) -> dict:
   """Runs (or resumes) `task` in `workdir`; returns final metrics, the state and the history.
 
@@ -272,6 +285,7 @@ def run(task, workdir: str, *, stop_at_step: int | None = None) -> dict:
   would; rerunning resumes. The schedule still spans config.total_steps.
   """
   workdir = os.path.abspath(workdir)
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   writer = MetricWriter(workdir)
   with WorkdirLock(workdir, say=writer.print):

@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m samclip_jax.predict", description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="merged model directory or training workdir")
   p.add_argument("--image", required=True, help="input picture (any format PIL reads)")
-  p.add_argument("--output", required=True, help="overlay picture to write (.png or .jpg)")
+  p.add_argument("--output", required=True, help="overlay picture to write (.png or .jpg); an existing "
+                 "one is replaced only if predict wrote it (else pass --overwrite)")
+  p.add_argument("--overwrite", action="store_true", help="replace --output even if predict did not write it")
   p.add_argument("--classes", help="comma-separated class names")
   p.add_argument("--mode", choices=("clip+sam", "clip"), default="clip+sam",
                  help="semantic segmentation without prompts (default clip+sam)")
@@ -177,6 +179,9 @@ def run(args) -> str:
   out_dir = os.path.dirname(os.path.abspath(args.output))
   if not os.path.isdir(out_dir):
     raise UsageError(f"output directory does not exist: {out_dir}")
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise UsageError(f"output directory is not writable: {out_dir}")
+  check_output(args.output, args.image, args.overwrite)
   classes = parse_classes(args.classes) if args.classes else None
   contrast = parse_classes(args.contrast, "--contrast") if args.contrast is not None else api.TEXT_CONTRAST
   points = parse_points(args.points) if args.points is not None else None
@@ -265,9 +270,43 @@ def text_summary(text: str, scores, min_score: float = 0.0) -> str:
                  "prompt: rephrase it, or name fewer / other --contrast prompts")
 
 
+MARK = "samclip_jax.predict"  # in every picture predict writes: a PNG text chunk, a JPEG comment
+
+
+def written_by_predict(path: str) -> bool:
+  """Whether `path` is a picture this command wrote (its mark is in the file's metadata)."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      mark = im.info.get("Software") or im.info.get("comment") or b""
+  except Exception:  # noqa: BLE001 - not a picture we can read: not ours
+    return False
+  return (mark.decode(errors="replace") if isinstance(mark, bytes) else str(mark)) == MARK
+
+
+def check_output(output: str, image: str, overwrite: bool) -> None:
+  """Refuses, before the model runs, an --output that is a directory, the input image, or a file
+  predict did not write (unless --overwrite): a user's picture is never replaced by accident."""
+  if not os.path.lexists(output):
+    return
+  if os.path.isdir(output):
+    raise UsageError(f"--output {output} is a directory")
+  if os.path.exists(image) and os.path.samefile(output, image):
+    raise UsageError(f"--output {output} is the input image: give another path")
+  if not overwrite and not written_by_predict(output):
+    raise UsageError(f"--output {output} exists and was not written by predict: pass --overwrite "
+                     "to replace it, or give another path")
+
+
 def _save_atomic(pic, path: str, ext: str):
+  from PIL import PngImagePlugin
   with cli.atomic_write(path, suffix=ext, prefix=".predict-") as tmp:
-    pic.save(tmp, format="PNG" if ext == ".png" else "JPEG")
+    if ext == ".png":
+      info = PngImagePlugin.PngInfo()
+      info.add_text("Software", MARK)
+      pic.save(tmp, format="PNG", pnginfo=info)
+    else:
+      pic.save(tmp, format="JPEG", comment=MARK.encode())
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from absl import logging
 from samclip_jax import optim, sharding
 
 CHECKSUM_DIR = "checksums"
+CHECKPOINT_DIR = "checkpoints"  # WORKDIR/: Orbax steps
 UNUSABLE_DIR = "unusable_checkpoints"  # WORKDIR/: bad steps moved out of the way (kept, not deleted)
 
 
@@ -27,7 +28,7 @@ def manager(workdir, config):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep, create=True,
       enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
 
 
 class _Snapshot:

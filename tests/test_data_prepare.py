@@ -79,6 +79,33 @@ def test_folder_bad_inputs(tmp_path):
   assert b["image"].shape == (2, 224, 224, 3)
 
 
+def test_bad_options_and_a_users_output_directory(tmp_path):
+  """Options that would drop inputs silently, and an --output holding a user's files (or a
+  file), are refused before anything is written."""
+  src = tmp_path / "in"
+  _write(str(src / "a.jpg"), _img(seed=1))
+  out = tmp_path / "out"
+  for kw, message in ((dict(shard_size=-1), "--shard-size"), (dict(shard_size=0), "--shard-size"),
+                      (dict(val_fraction=float("nan")), "--val-fraction"),
+                      (dict(val_fraction=1.5), "--val-fraction"), (dict(workers=-2), "--workers")):
+    with pytest.raises(SystemExit, match=message):
+      prepare.prepare("folder", str(src), str(out), log=_quiet, **kw)
+  assert not out.exists()
+  user = tmp_path / "mine"
+  _write(str(user / "manifest.json"), '{"mine": 1}')
+  _write(str(user / "notes.txt"), "years of work")
+  with pytest.raises(SystemExit, match="not an earlier prepare's output"):
+    prepare.prepare("folder", str(src), str(user), log=_quiet)
+  assert sorted(os.listdir(user)) == ["manifest.json", "notes.txt"]
+  assert (user / "manifest.json").read_text() == '{"mine": 1}'
+  _write(str(tmp_path / "a_file"), "x")
+  with pytest.raises(SystemExit, match="not a directory"):
+    prepare.prepare("folder", str(src), str(tmp_path / "a_file"), log=_quiet)
+  # An earlier output of its own is taken (the rerun resumes it).
+  prepare.prepare("folder", str(src), str(out), val_fraction=0.0, log=_quiet)
+  assert prepare.prepare("folder", str(src), str(out), val_fraction=0.0, log=_quiet)["splits"]["train"]["records"] == 1
+
+
 def test_folder_class_labels(tmp_path):
   for cls, n in (("cat", 2), ("dog", 1)):
     for i in range(n):

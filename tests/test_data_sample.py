@@ -92,12 +92,30 @@ def test_idempotent_and_half_built(tmp_path):
   mtime = os.path.getmtime(p["manifest"])
   assert sample.ensure_sample(d, **small) == p
   assert os.path.getmtime(p["manifest"]) == mtime
-  # A directory without a valid manifest (e.g. half-copied) is rebuilt, not trusted.
-  os.remove(p["manifest"])
+  # A sample of another config is rebuilt whole, not trusted.
   os.remove(records.resolve_files(p["clip_val"])[0])
-  p2 = sample.ensure_sample(d, **small)
-  assert len(records.read_all(p2["clip_val"])) == 1
+  p2 = sample.ensure_sample(d, **dict(small, num_clip_val=2))
+  assert len(records.read_all(p2["clip_val"])) == 2
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp dirs left
+
+
+def test_never_builds_over_a_users_directory(tmp_path):
+  """sample_dir pointed at a user's directory (or a copy of a sample without its manifest):
+  refused before anything is built, and nothing in it is touched."""
+  small = dict(num_clip_train=2, num_clip_val=1, num_sam_train=2, num_sam_val=1)
+  user = tmp_path / "mine"
+  user.mkdir()
+  (user / "thesis.tex").write_text("years of work")
+  (user / "manifest.json").write_text('{"files": 3}')  # someone else's manifest
+  with pytest.raises(FileExistsError, match="not the embedded sample"):
+    sample.ensure_sample(str(user), **small)
+  assert sorted(os.listdir(user)) == ["manifest.json", "thesis.tex"]
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(FileExistsError, match="not a directory"):
+    sample.ensure_sample(str(tmp_path / "a_file"), **small)
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "mine"]  # no temporary left
+  (tmp_path / "empty").mkdir()  # an empty directory is fine
+  assert os.path.isfile(sample.ensure_sample(str(tmp_path / "empty"), **small)["manifest"])
 
 
 def test_caption_names_largest_shape():

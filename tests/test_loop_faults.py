@@ -276,6 +276,21 @@ def test_second_run_on_a_workdir_is_refused(env, tmp_path):
   assert len(said) == 1 and f"pid {proc.pid} " in said[0] and "taking over" in said[0]
 
 
+def test_a_users_directory_is_not_a_workdir(env, tmp_path):
+  """--workdir pointed at a user's non-empty directory (or a file): refused before anything is
+  written there; a new or empty directory, or an earlier run's, is taken."""
+  user = tmp_path / "mine"
+  user.mkdir()
+  (user / "model_config.json").write_text('{"mine": 1}')
+  with pytest.raises(FileExistsError, match="holds files of something else"):
+    run(tiny(env), str(user))
+  assert os.listdir(user) == ["model_config.json"] and (user / "model_config.json").read_text() == '{"mine": 1}'
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(FileExistsError, match="not a directory"):
+    run(tiny(env), str(tmp_path / "a_file"))
+  assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_lock_file_of_a_dead_process_is_taken_over(tmp_path):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait(timeout=60)

@@ -116,6 +116,28 @@ def test_bad_files(env, tmp_path, capsys):
   assert not out.exists()
 
 
+def test_output_replaces_only_its_own_pictures(env, tmp_path, capsys):
+  """A rerun replaces predict's own picture; a user's file, the input image or a directory as
+  --output is refused before the model runs (--overwrite replaces a user's file on purpose)."""
+  import shutil
+  out = tmp_path / "out.png"
+  args = ("--classes", "circle,star", "--mode", "clip")
+  assert _run(env, out, *args) == 0
+  assert _run(env, out, *args) == 0, capsys.readouterr().err   # its own picture: replaced
+  user = tmp_path / "mine.png"
+  shutil.copy(env["image"], user)
+  before = user.read_bytes()
+  assert _run(env, user, *args) == 2
+  assert "not written by predict: pass --overwrite" in capsys.readouterr().err
+  assert predict.main(["--checkpoint", env["models"]["samclip"], "--image", str(user), "--output", str(user),
+                       *args, "--overwrite"]) == 2
+  assert "is the input image" in capsys.readouterr().err
+  assert user.read_bytes() == before
+  (tmp_path / "dir.png").mkdir()
+  assert _run(env, tmp_path / "dir.png", *args) == 2 and "is a directory" in capsys.readouterr().err
+  assert _run(env, user, *args, "--overwrite") == 0 and user.read_bytes() != before
+
+
 def test_command_line(env, tmp_path):
   out = tmp_path / "pic.png"
   cmd = [sys.executable, "-m", "samclip_jax.predict", "--checkpoint", env["models"]["samclip"],

@@ -501,6 +501,18 @@ def _commit(progress_path, info):
   os.replace(tmp, progress_path)
 
 
+def _check_output(output: str) -> None:
+  """--output is new, empty, or an earlier prepare's output (it holds PROGRESS/): a user's
+  files are never overwritten."""
+  if not os.path.lexists(output):
+    return
+  if not os.path.isdir(output):
+    raise SystemExit(f"prepare: --output {output} exists and is not a directory")
+  if os.listdir(output) and not os.path.isdir(os.path.join(output, PROGRESS)):
+    raise SystemExit(f"prepare: --output {output} holds files that are not an earlier prepare's "
+                     "output; give a new or empty directory")
+
+
 def prepare(source: str, input_path: str, output: str, annotations: str | None = None,
             shard_size: int = 1000, val_fraction: float = 0.01, workers: int = 0,
             log=print) -> dict:
@@ -512,6 +524,13 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
     raise SystemExit("prepare: --source coco needs --annotations")
   if not os.path.exists(input_path) and not any(c in input_path for c in "*?["):
     raise SystemExit(f"prepare: input {input_path} does not exist")
+  if shard_size < 1:
+    raise SystemExit(f"prepare: --shard-size must be at least 1, got {shard_size}")
+  if not 0.0 <= val_fraction <= 1.0:  # NaN fails this too
+    raise SystemExit(f"prepare: --val-fraction must be in [0, 1], got {val_fraction}")
+  if workers < 0:
+    raise SystemExit(f"prepare: --workers must be >= 0, got {workers}")
+  _check_output(output)
   items, extra = SOURCES[source][0](args)
   items, duplicates = _unique_keys(items)
   extra = dict(extra, skipped=extra.get("skipped", []) + duplicates)

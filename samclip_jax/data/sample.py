@@ -282,6 +282,23 @@ def _is_built(root: str, cfg: dict) -> bool:
   return m.get("version") == FORMAT_VERSION and m.get("config") == cfg
 
 
+def _check_replaceable(root: str) -> None:
+  """Refuses to build over anything but nothing, an empty directory or a sample of ours (any
+  version): a user's directory given as sample_dir is never deleted."""
+  if not os.path.lexists(root):
+    return
+  if not os.path.isdir(root) or os.path.islink(root):
+    raise FileExistsError(f"sample directory {root} exists and is not a directory of the embedded sample")
+  try:
+    with open(os.path.join(root, "manifest.json")) as f:
+      ours = {"version", "config", "counts"} <= set(json.load(f))
+  except (OSError, ValueError, TypeError):
+    ours = False
+  if os.listdir(root) and not ours:
+    raise FileExistsError(f"{root} holds files that are not the embedded sample's; the sample is "
+                          "not built there (choose an empty or new directory)")
+
+
 def ensure_sample(directory: str, **overrides) -> dict:
   """Builds the embedded sample in `directory` once (atomic) and returns its paths.
 
@@ -298,6 +315,7 @@ def ensure_sample(directory: str, **overrides) -> dict:
   root = os.path.abspath(directory)
   if _is_built(root, cfg):
     return _paths(root)
+  _check_replaceable(root)
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
@@ -315,7 +333,8 @@ def ensure_sample(directory: str, **overrides) -> dict:
       json.dump({"version": FORMAT_VERSION, "config": cfg, "counts": counts,
                  "build_seconds": round(time.time() - t0, 2)}, f, indent=2)
     if os.path.exists(root) and not _is_built(root, cfg):
-      shutil.rmtree(root)  # stale or half-written by an older version: rebuild
+      _check_replaceable(root)  # again: the directory may have changed during the build
+      shutil.rmtree(root)  # a sample of another version or config: rebuild
     try:
       os.rename(tmp, root)
     except OSError:
