@@ -154,11 +154,30 @@ def load_config(directory: str, expected_type: str | None = None) -> dict:
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not a samclip_jax model directory (no {CONFIG_FILE})")
-  with open(path) as f:
-    config = json.load(f)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except ValueError as e:  # truncated or not JSON (UnicodeDecodeError is a ValueError too)
+    raise ValueError(f"{path} is not valid JSON ({e}): not a usable model directory") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{path} holds a {type(config).__name__}, not a model config: not a usable model directory")
   if expected_type is not None and config.get("model_type") != expected_type:
     raise ValueError(f"{directory} holds a {config.get('model_type')!r} model, expected {expected_type!r}")
   return config
+
+
+def check_finite(params, directory: str) -> None:
+  """Refuses weights holding NaN or infinity (a diverged or corrupted model), naming the first
+  such tensor: such a model answers every query with garbage, silently."""
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if not np.issubdtype(x.dtype, np.inexact):
+      continue
+    # Sharded over several hosts: a global reduction, so every process gets the same answer.
+    finite = np.isfinite(np.asarray(x)).all() if getattr(x, "is_fully_addressable", True) else (
+        bool(jax.numpy.isfinite(x).all()))
+    if not finite:
+      raise ValueError(f"{directory} is not a usable model: its weights hold NaN or infinite values "
+                       f"(first in {jax.tree_util.keystr(path)})")
 
 
 def load_model(directory: str, expected_type: str | None = None, target=None, partial: bool = False):
@@ -172,10 +191,13 @@ def load_model(directory: str, expected_type: str | None = None, target=None, pa
   """
   config = load_config(directory, expected_type)
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/: not a complete model directory")
   if target is None:
     params = ocp.StandardCheckpointer().restore(path)
   else:
     args = ocp.args.PyTreeRestore(item=target, partial_restore=partial,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     params = ocp.PyTreeCheckpointer().restore(path, args=args)
+  check_finite(params, directory)
   return params, config

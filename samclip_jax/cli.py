@@ -1,6 +1,6 @@
 """Glue shared by the command-line entry points: absl runs with quiet logs and a --help that
-exits 0 and lists the config's fields, usage errors as one line, progress lines, files
-written whole with the umask's permissions."""
+exits 0 and lists the config's fields, errors of the user's input as one line, progress
+lines, files written whole with the umask's permissions."""
 import contextlib
 import importlib.util
 import io
@@ -11,7 +11,9 @@ import tempfile
 import time
 import tokenize
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
+TRACEBACK_ENV = "SAMCLIP_TRACEBACK"  # =1: user errors re-raise with their traceback
 HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
 
@@ -130,15 +132,24 @@ def _leaves(config, prefix: str = ""):
       yield f"{prefix}{k}", v
 
 
-def config_help(spec: str) -> str:
-  """The fields of `--config=FILE[:ARG]` with their values and source comments."""
+def _load_config(spec: str):
+  """(module, config) of `--config=FILE[:ARG]`; a bad FILE or ARG is a UsageError."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise UsageError(f"--config: no such file {path!r}")
   module_spec = importlib.util.spec_from_file_location("_config_for_help", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    return module, (module.get_config(arg) if arg else module.get_config())
+  except ValueError as e:
+    raise UsageError(f"--config={spec}: {e}") from None
+
+
+def config_help(spec: str) -> str:
+  """The fields of `--config=FILE[:ARG]` with their values and source comments."""
+  path = spec.partition(":")[0]
+  module, config = _load_config(spec)
   # Comments from the file, then from the config modules it builds on, and theirs
   # (configs/eval/common.py, which builds on configs/common.py).
   comments, sources, todo, seen = {}, [path], [module], set()
@@ -193,6 +204,41 @@ def help_text(doc: str, argv) -> str:
 
 
 # ----------------------------------------------------------------------------- running
+def reported(fn, *args):
+  """fn(*args), with errors of the user's input as one line on stderr instead of a traceback:
+  a UsageError exits 2; a ValueError or OSError (a config value, a file, a model directory)
+  exits 1, unless SAMCLIP_TRACEBACK=1 asks for the traceback."""
+  try:
+    return fn(*args)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+  except (ValueError, OSError) as e:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+      raise
+    print(f"error: {e}\n(the traceback: rerun with {TRACEBACK_ENV}=1)", file=sys.stderr)
+    sys.exit(EXIT_FAILURE)
+
+
+def check_overrides(argv) -> None:
+  """Every --config.FIELD=VALUE names a field of the config, else one UsageError naming it
+  (ml_collections raises a bare AttributeError from inside absl's flag parsing)."""
+  spec = _config_arg(argv)
+  if not spec:
+    return
+  _, config = _load_config(spec)
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    key = a[len("--config."):].split("=", 1)[0]
+    node = config
+    for part in key.split("."):
+      if not (hasattr(node, "keys") and part in node.keys()):
+        raise UsageError(f"--config.{key}: {spec} has no field {key!r} "
+                         f"(its fields: --config={spec} --help)")
+      node = node[part]
+
+
 def run(main, doc: str):
   """absl's app.run for an entry point: --help exits 0 (absl's exits 1) and lists the
   config's fields; Orbax's INFO lines are hidden unless --verbosity is given; a UsageError
@@ -212,10 +258,7 @@ def run(main, doc: str):
   def quiet_main(args):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
-    try:
-      return main(args)
-    except UsageError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(EXIT_USAGE)
+    return reported(main, args)
 
+  reported(check_overrides, argv[1:])
   app.run(quiet_main)

@@ -552,10 +552,19 @@ def _write_atomic(path: str, text: str):
     f.write(text)
 
 
+def check_config(config) -> None:
+  """The fields every task reads, refused by name before anything loads (a negative
+  max_images would drop images silently)."""
+  if config.task not in RUNNERS:
+    raise cli.UsageError(f"unknown task {config.task!r}; expected one of {TASKS}")
+  for name, low in (("max_images", 0), ("batch_size", 1), ("num_workers", 0)):
+    if not isinstance(config[name], int) or config[name] < low:
+      raise cli.UsageError(f"--config.{name} must be an integer >= {low}, got {config[name]!r}")
+
+
 def evaluate(config, workdir: str) -> dict:
   """Runs config.task; writes WORKDIR/<task>.json and .md; returns the result dict."""
-  if config.task not in RUNNERS:
-    raise ValueError(f"unknown task {config.task!r}; expected one of {TASKS}")
+  check_config(config)
   t0 = time.time()
   model = load(config)            # before the workdir exists: a bad model leaves nothing behind
   mesh = data_mesh()

@@ -21,9 +21,8 @@ import sys
 import numpy as np
 
 from samclip_jax import cli
-from samclip_jax.cli import EXIT_USAGE, UsageError
+from samclip_jax.cli import EXIT_FAILURE, EXIT_USAGE, UsageError
 
-EXIT_FAILURE = 1
 GRID_SPACING = 32     # --everything default: a point every 32 px of the model input (SAM: 32x32 at 1024)
 
 
@@ -321,7 +320,7 @@ def main(argv=None) -> int:
   except api.CheckpointNotFound as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
-  except ValueError as e:   # e.g. a checkpoint of the wrong kind, no text tower
+  except (ValueError, OSError) as e:   # e.g. a checkpoint of the wrong kind, no text tower, no params
     print(f"error: {e}", file=sys.stderr)
     return EXIT_FAILURE
   print(f"wrote {out}")

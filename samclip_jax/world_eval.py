@@ -210,6 +210,8 @@ def main(argv=None) -> int:
   p.add_argument("--text", action="store_true",
                  help="text-prompted instance segmentation of a merged model (text_metrics) instead")
   args = p.parse_args(argv)
+  if args.scenes < 1 or args.side < 16:
+    p.error(f"--scenes must be >= 1 and --side >= 16, got {args.scenes} and {args.side}")
   if args.text:
     from samclip_jax import api
     model = api.SamClip.from_checkpoint(args.model)
@@ -220,4 +222,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from samclip_jax import cli
+  sys.exit(cli.reported(main))

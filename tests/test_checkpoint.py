@@ -88,3 +88,35 @@ def test_restores_into_a_target_layout_and_only_the_subtrees_it_names(tmp_path):
   with pytest.raises(ValueError, match="not compatible with the stored shape"):  # never truncated
     bad = {"visual": {"kernel": jax.ShapeDtypeStruct((4, 8), np.float32, sharding=sharding.replicated(mesh))}}
     checkpoint.load_model(str(tmp_path / "m"), "clip", partial=True, target=bad)
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+  """A diverged or corrupted model would answer every query with garbage, silently: refused
+  at load, naming the tensor."""
+  for bad in (np.nan, np.inf):
+    kernel = PARAMS["dense"]["kernel"].copy()
+    kernel[1, 2] = bad
+    checkpoint.save_model(str(tmp_path / "m"), {"dense": {"kernel": kernel}, "ok": np.zeros(2, np.float32)},
+                          {"model_type": "sam"})
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(first in \['dense'\]\['kernel'\]\)"):
+      checkpoint.load_model(str(tmp_path / "m"))
+  _save(tmp_path / "m")  # finite again: loads
+  np.testing.assert_array_equal(_kernel(tmp_path / "m"), PARAMS["dense"]["kernel"])
+
+
+def test_broken_model_directories_are_named(tmp_path):
+  """A truncated or foreign config.json, or a missing params/, is an error naming the file."""
+  _save(tmp_path / "m")
+  config = tmp_path / "m" / checkpoint.CONFIG_FILE
+  text = config.read_text()
+  config.write_text(text[: len(text) // 2])
+  with pytest.raises(ValueError, match=f"{config} is not valid JSON"):
+    checkpoint.load_model(str(tmp_path / "m"))
+  config.write_text("[1, 2]")
+  with pytest.raises(ValueError, match="holds a list, not a model config"):
+    checkpoint.load_model(str(tmp_path / "m"))
+  config.write_text(text)
+  import shutil
+  shutil.rmtree(tmp_path / "m" / checkpoint.PARAMS_DIR)
+  with pytest.raises(FileNotFoundError, match="has no params/"):
+    checkpoint.load_model(str(tmp_path / "m"))

@@ -11,9 +11,9 @@ from samclip_jax import cli
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _python(*args, timeout=120):
+def _python(*args, timeout=120, **env):
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
 
 
 def test_help_exits_0_and_tells_how_to_see_the_fields():
@@ -32,6 +32,29 @@ def test_help_lists_config_fields_with_comments():
   assert any("global images per step" in line for line in lines)   # from configs/eval/common.py
   bad = _python("samclip_jax.evaluate", "--config=configs/eval/nope.py", "--help")
   assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (("samclip_jax.main", "--config=configs/merge.py:local", "--config.foo=1"), 2,
+     "--config.foo: configs/merge.py:local has no field 'foo'"),
+    (("samclip_jax.main", "--config=configs/merge.py:bogus"), 2, "unknown config arg(s) ['bogus']"),
+    (("samclip_jax.main", "--config=configs/merge.py:local", "--config.total_steps=-5"), 1,
+     "total_steps must be positive"),
+    (("samclip_jax.world_eval", "--model", "samclip_jax/assets/teachers/clip", "--text"), 1,
+     "holds a 'open_clip' model, expected 'samclip'"),
+], ids=["unknown-field", "unknown-arg", "bad-value", "wrong-model"])
+def test_user_errors_are_one_line(tmp_path, args, code, message):
+  """Bad input gets one line naming the problem and a non-zero exit, no traceback, and the
+  workdir is not created; SAMCLIP_TRACEBACK=1 brings the traceback back."""
+  workdir = str(tmp_path / "w")
+  args += (f"--workdir={workdir}",) if args[0] == "samclip_jax.main" else ()
+  run = _python(*args)
+  assert run.returncode == code, run.stderr[-2000:]
+  assert message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+  assert not os.path.exists(workdir)
+  if code == 1:
+    again = _python(*args, **{cli.TRACEBACK_ENV: "1"})
+    assert "Traceback" in again.stderr and message in again.stderr
 
 
 def test_comments_of_a_config(tmp_path):

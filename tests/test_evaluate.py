@@ -178,6 +178,10 @@ def test_errors(env, tmp_path):
     evaluate.evaluate(cfg, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config arg"):
     importlib.import_module("configs.eval.classification").get_config("remote")
+  for field, value in (("max_images", -1), ("batch_size", 0), ("num_workers", -1)):
+    with pytest.raises(ValueError, match=f"--config.{field} must be an integer"):
+      evaluate.evaluate(_config("classification", env, **{field: value}), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
   # A data error after the model loaded leaves no empty workdir behind either.
   cfg = _config("classification", env, **{"data.sample_dir": ""})
   with pytest.raises(ValueError, match="set --config.data.image_dir"):

@@ -640,4 +640,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from samclip_jax import cli
+  sys.exit(cli.reported(main))
