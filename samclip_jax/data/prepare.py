@@ -34,7 +34,6 @@ import os
 import re
 import sys
 import tarfile
-import threading
 import time
 import zlib
 
@@ -618,7 +617,7 @@ def _finalize(output, source, split_files, extra, val_fraction, shard_size, log)
   with open(tmp, "w") as f:
     json.dump(manifest, f, indent=2)
   os.replace(tmp, os.path.join(output, "manifest.json"))
-  log(f"[prepare] done: " + ", ".join(f"{k} {v['records']} records in {v['files']} files"
+  log("[prepare] done: " + ", ".join(f"{k} {v['records']} records in {v['files']} files"
                                        for k, v in manifest["splits"].items())
       + f"; skipped {manifest['num_skipped_inputs']} inputs, "
       f"{manifest['num_skipped_annotations']} annotations {reasons}")
