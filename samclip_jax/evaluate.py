@@ -562,9 +562,24 @@ def check_config(config) -> None:
       raise cli.UsageError(f"--config.{name} must be an integer >= {low}, got {config[name]!r}")
 
 
+def check_workdir(workdir: str) -> None:
+  """The workdir is new, or holds only what evaluate writes (the sample, TASK.json / .md of
+  any task): a user's files are never replaced by a report."""
+  if not os.path.lexists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise cli.UsageError(f"--workdir {workdir} exists and is not a directory")
+  ours = {"sample"} | {f"{t}{ext}" for t in TASKS for ext in (".json", ".md")}
+  other = sorted(f for f in os.listdir(workdir) if f not in ours)
+  if other:
+    raise cli.UsageError(f"--workdir {workdir} holds files evaluate did not write (e.g. {other[0]!r}); "
+                         "give a new directory or an earlier evaluation's")
+
+
 def evaluate(config, workdir: str) -> dict:
   """Runs config.task; writes WORKDIR/<task>.json and .md; returns the result dict."""
   check_config(config)
+  check_workdir(workdir)
   t0 = time.time()
   model = load(config)            # before the workdir exists: a bad model leaves nothing behind
   mesh = data_mesh()

@@ -178,6 +178,13 @@ def test_errors(env, tmp_path):
     evaluate.evaluate(cfg, str(tmp_path))
   with pytest.raises(ValueError, match="unknown config arg"):
     importlib.import_module("configs.eval.classification").get_config("remote")
+  user = tmp_path / "mine"
+  user.mkdir()
+  (user / "classification.json").write_text("{}")
+  (user / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="holds files evaluate did not write"):
+    evaluate.evaluate(_config("classification", env), str(user))
+  assert (user / "classification.json").read_text() == "{}"
   for field, value in (("max_images", -1), ("batch_size", 0), ("num_workers", -1)):
     with pytest.raises(ValueError, match=f"--config.{field} must be an integer"):
       evaluate.evaluate(_config("classification", env, **{field: value}), str(tmp_path / "w"))
