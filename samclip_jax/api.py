@@ -34,8 +34,9 @@ import numpy as np
 from PIL import Image
 
 from samclip_jax import checkpoint
-from samclip_jax.clip_model import ClipModel, check_class_names, ranked
+from samclip_jax.clip_model import ClipModel, check_class_names, one_image, ranked
 from samclip_jax.data import transforms
+from samclip_jax.data.transforms import as_rgb_uint8
 from samclip_jax.interpolate import linear_matrix, linear_taps
 from samclip_jax.models.sam import ABSENT, PIXEL_MEAN, PIXEL_STD, POSITIVE, build_sparse_prompt
 from samclip_jax.models.samclip import (MODEL_TYPE, SamClipConfig, SamClipNet, load_samclip,
@@ -63,22 +64,6 @@ def load_image(path: str) -> np.ndarray:
       return np.asarray(transforms.to_rgb(im))
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"cannot read {path} as an image: {e}") from e
-
-
-def as_rgb_uint8(image) -> np.ndarray:
-  """PIL image or array (HxW, HxWx1/3/4 uint8) -> uint8 [H,W,3]."""
-  if isinstance(image, Image.Image):
-    return np.asarray(transforms.to_rgb(image))
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 RGB, got dtype {image.dtype}")
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape[:2]:
-    raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  return np.ascontiguousarray(image[..., :3])
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -347,15 +332,18 @@ class SamClip:
     resized to `resolution`, center crop, as open_clip's eval transform)."""
     if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
       images = [images]
+    if len(images) == 0:
+      raise ValueError("encode_image needs at least one image")
     resolution = resolution or self.classify_resolution
     return self.encode_pixels(np.stack([resize_center_crop(as_rgb_uint8(im), resolution) for im in images]))
 
   def classify(self, image, class_names: Sequence[str], templates="imagenet80",
                resolution: int | None = None) -> list[tuple[str, float]]:
     """[(class name, probability)], most likely first (softmax over the given classes)."""
-    classifier = self.text_classifier(class_names, templates)
-    emb = self.encode_image(image, resolution)
-    return ranked(list(class_names), jax.nn.softmax(self.logit_scale * emb @ classifier.T, axis=-1)[0])
+    names = check_class_names(class_names)  # a generator is read once, here
+    classifier = self.text_classifier(names, templates)
+    emb = self.encode_image(one_image(image), resolution)
+    return ranked(names, jax.nn.softmax(self.logit_scale * emb @ classifier.T, axis=-1)[0])
 
   def semantic_logits(self, image, class_names: Sequence[str], templates="imagenet80",
                       resolution: int | None = None) -> np.ndarray:
@@ -413,6 +401,8 @@ class SamClip:
     # CLIP-only labels at the image size, from the native grid (the fallback of the rule above).
     clip_full = upscale_low_res(np.asarray(logits), size, (nh, nw), (h, w))
     pooled = logits
+    if prompt_grid is not None and prompt_grid < 1:
+      raise ValueError(f"prompt_grid must be at least 1 (or None), got {prompt_grid}")
     if prompt_grid is not None and prompt_grid < grid:
       if grid % prompt_grid:
         raise ValueError(f"prompt_grid {prompt_grid} does not divide the {grid}x{grid} patch grid")
@@ -457,10 +447,16 @@ class SamClip:
     if len(masks) == 0:
       return []
     image = as_rgb_uint8(image)
+    class_names = check_class_names(class_names)
     for i, m in enumerate(masks):
       if np.shape(m) != image.shape[:2]:
         raise ValueError(f"mask {i} has shape {np.shape(m)}; masks must be HxW like the image, "
                          f"{image.shape[0]}x{image.shape[1]}")
+      values = np.unique(np.asarray(m))
+      if not np.isin(values, (0, 1)).all():
+        raise ValueError(f"mask {i} is not binary (values {values[:5]}...): give bool or 0/1 masks")
+      if not values.any():
+        raise ValueError(f"mask {i} is empty: no pixel to name")
     logits = self.semantic_logits(image, class_names, templates)            # [C,H,W]
     m = np.stack([np.asarray(x, np.float32) for x in masks])                  # [N,H,W]
     area = np.maximum(m.sum(axis=(1, 2)), 1.0)

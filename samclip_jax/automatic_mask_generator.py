@@ -262,6 +262,9 @@ class SamAutomaticMaskGenerator:
     removal), with best_pred_iou / best_stability among the candidates."""
     if (points_per_side is None) == (point_grids is None):
       raise ValueError("give exactly one of points_per_side or point_grids")
+    for name, value in (("points_per_side", points_per_side), ("points_per_batch", points_per_batch)):
+      if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
     if output_mode not in ("binary_mask", "uncompressed_rle", "coco_rle"):
       raise ValueError(f"unknown output_mode {output_mode!r}")
     if points_per_side is not None:
@@ -376,8 +379,9 @@ class SamAutomaticMaskGenerator:
     stability, boxes = np.asarray(stability), np.asarray(boxes)
     keep = valid.copy()
     self._count("candidates", keep)
-    self.counts["best_pred_iou"] = max(self.counts["best_pred_iou"], float(iou_preds[valid].max()))
-    self.counts["best_stability"] = max(self.counts["best_stability"], float(stability[valid].max()))
+    # nanmax: an empty candidate's stability is 0/0, and max() against a NaN keeps the NaN's side.
+    self.counts["best_pred_iou"] = max(self.counts["best_pred_iou"], float(np.nanmax(iou_preds[valid], initial=-np.inf)))
+    self.counts["best_stability"] = max(self.counts["best_stability"], float(np.nanmax(stability[valid], initial=-np.inf)))
     if self.pred_iou_thresh > 0.0:
       keep &= iou_preds > self.pred_iou_thresh
     self._count("pred_iou", keep)

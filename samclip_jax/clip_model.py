@@ -64,6 +64,14 @@ def check_class_names(class_names) -> list[str]:
   return names
 
 
+def one_image(image):
+  """Refuses a batch where one image is expected (classify answers for one image)."""
+  if isinstance(image, (list, tuple)) or (isinstance(image, np.ndarray) and image.ndim == 4):
+    raise ValueError("classify takes one image; for several, compare encode_image(images) with "
+                     "the class embeddings (zero_shot_classifier / text_classifier)")
+  return image
+
+
 def ranked(class_names: Sequence[str], probs) -> list[tuple[str, float]]:
   """[(class name, probability)], most likely first."""
   probs = np.asarray(probs)
@@ -143,6 +151,8 @@ class ClipModel:
     """Strings -> [N, D] (tokenized as open_clip.tokenize)."""
     if self.tokenizer is None:
       raise ValueError("this ClipModel has no tokenizer; build it with from_checkpoint or pass one")
+    if isinstance(texts, str):  # list("red") would embed three letters
+      raise ValueError(f"encode_text takes a list of strings, got the string {texts!r} (write [{texts!r}])")
     ids = self.tokenizer.tokenize(list(texts), self.config.text.context_length)
     out = _batched(lambda x: self._text_fn(self.params, x), ids, self.text_batch_size, self.config.embed_dim)
     return _l2_normalize(out) if normalize else out
@@ -156,15 +166,16 @@ class ClipModel:
     antialiased bicubic instead (differences of about one grey level).
     """
     from PIL import Image  # Only needed here.
+    from samclip_jax.data.transforms import WIDE_MODES, as_rgb_uint8, to_rgb
     if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
       images = [images]
     th, tw = self.image_size
     out = np.empty((len(images), th, tw, 3), np.float32)
     for i, img in enumerate(images):
-      if isinstance(img, np.ndarray):
-        if img.dtype != np.uint8:
-          raise ValueError(f"preprocess takes uint8 arrays or PIL images, got {img.dtype}")
-        img = Image.fromarray(img)
+      if not isinstance(img, Image.Image):  # arrays: checked and made RGB as everywhere else
+        img = Image.fromarray(as_rgb_uint8(img))
+      elif img.mode in WIDE_MODES:  # 16-bit / float: scaled from their range, not clipped
+        img = to_rgb(img)
       w, h = img.size
       if th == tw:  # torchvision Resize(int): shorter side -> S, longer side truncated.
         short, long = (w, h) if w <= h else (h, w)
@@ -193,7 +204,11 @@ class ClipModel:
       templates = get_templates(templates)
     if not templates:
       raise ValueError("zero_shot_classifier needs at least one template")
+    bad = [t for t in templates if isinstance(t, str) and "{}" not in t]
+    if bad:  # every class would get the same prompt
+      raise ValueError(f"templates must hold '{{}}' where the class name goes (or be callables), got {bad[:3]}")
     fmt = lambda t, c: t.format(c) if isinstance(t, str) else t(c)
+    self._check_distinct_tokens(class_names, templates[0])
     rows = []
     for start in range(0, len(class_names), classes_per_batch):
       names = class_names[start:start + classes_per_batch]
@@ -201,10 +216,24 @@ class ClipModel:
       rows.append(_l2_normalize(emb.reshape(len(names), len(templates), -1).mean(axis=1)))
     return jnp.concatenate(rows)
 
+  def _check_distinct_tokens(self, class_names, template):
+    """Refuses class names that become the same prompt once cut to the context length."""
+    if self.tokenizer is None:
+      return
+    prompts = [template.format(c) if isinstance(template, str) else template(c) for c in class_names]
+    ids = np.asarray(self.tokenizer.tokenize(prompts, self.config.text.context_length))
+    _, first, inverse = np.unique(ids, axis=0, return_index=True, return_inverse=True)
+    clash = [(class_names[first[k]], class_names[i]) for i, k in enumerate(inverse.ravel()) if first[k] != i]
+    if clash:
+      a, b = clash[0]
+      raise ValueError(f"class names {a[:40]!r}... and {b[:40]!r}... are the same prompt after truncation to "
+                       f"{self.config.text.context_length} tokens: shorten them")
+
   def classify(self, image, class_names: Sequence[str], templates="imagenet80") -> list[tuple[str, float]]:
     """One raw image -> [(class name, probability)], most likely first (softmax over the classes)."""
-    _, probs = self.classify_pixels(self.preprocess(image), self.zero_shot_classifier(class_names, templates))
-    return ranked(list(class_names), probs[0])
+    names = check_class_names(class_names)
+    _, probs = self.classify_pixels(self.preprocess(one_image(image)), self.zero_shot_classifier(names, templates))
+    return ranked(names, probs[0])
 
   def classify_pixels(self, pixels, classifier) -> tuple[jax.Array, jax.Array]:
     """Preprocessed pixels [N,H,W,3], classifier [C,D] -> (logits, probabilities) [N, C]:

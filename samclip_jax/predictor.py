@@ -25,7 +25,8 @@ from samclip_jax.models.sam import (MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, Sam, 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
   """(h, w) with the longest side scaled to long_side_length (ResizeLongestSide's rounding)."""
   scale = long_side_length * 1.0 / max(oldh, oldw)
-  return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+  # At least one pixel: a 1x300 strip would round its short side to 0 (segment_anything crashes).
+  return max(int(oldh * scale + 0.5), 1), max(int(oldw * scale + 0.5), 1)
 
 
 def apply_coords(coords: np.ndarray, original_size: tuple[int, int], target_length: int) -> np.ndarray:
@@ -110,6 +111,9 @@ class SamPredictor:
     """
     if image_format not in ("RGB", "BGR"):
       raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    if isinstance(image, Image.Image):  # palette, CMYK, 16-bit...: made RGB as everywhere else
+      from samclip_jax.data.transforms import as_rgb_uint8
+      image = as_rgb_uint8(image)
     image = np.asarray(image)
     if image.dtype != np.uint8:
       raise ValueError(f"image must be uint8 with values in [0, 255], got dtype {image.dtype}")
@@ -155,16 +159,19 @@ class SamPredictor:
   # ------------------------------------------------------------------ prompts
   def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None,
               multimask_output: bool = True, return_logits: bool = False):
-    """One prompt -> (masks CxHxW bool (float logits if return_logits), iou C, low-res logits Cx256x256).
+    """One prompt -> (masks CxHxW bool (float logits if return_logits), iou C, low-res logits CxLxL).
 
     point_coords Nx2 (x, y) pixels of the original image; point_labels N in {0 background,
-    1 foreground}; box length-4 XYXY; mask_input 1x256x256 logits of a previous prediction.
+    1 foreground}; box length-4 XYXY; mask_input 1xLxL logits of a previous prediction. L is
+    config.mask_input_size: 256 for SAM at 1024 px (64 for the world's 128 px models).
     """
     self._check_image()
     if point_coords is not None:
       point_coords = _as_float(point_coords, "point_coords")
       if point_coords.ndim != 2 or point_coords.shape[1] != 2:
         raise ValueError(f"point_coords must be Nx2, got shape {point_coords.shape}")
+      if len(point_coords) == 0 and np.size(point_labels if point_labels is not None else []) == 0:
+        point_coords, point_labels = None, None  # no point: as if none were given
     if point_labels is not None:
       point_labels = np.asarray(point_labels)
       if point_coords is not None and point_labels.shape != point_coords.shape[:1]:
@@ -188,10 +195,10 @@ class SamPredictor:
 
   def predict_batch(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                     multimask_output: bool = True, return_logits: bool = False, output: str = "masks"):
-    """B prompts at once -> (masks BxCxHxW, iou BxC, low-res logits BxCx256x256).
+    """B prompts at once -> (masks BxCxHxW, iou BxC, low-res logits BxCxLxL; L as in predict).
 
     point_coords BxNx2 and point_labels BxN (label -1 pads rows with fewer points), boxes Bx4
-    XYXY, mask_input Bx1x256x256; all in the original image's pixels, B shared by all given.
+    XYXY, mask_input Bx1xLxL; all in the original image's pixels, B shared by all given.
     output="low_res" skips the full-resolution masks (returned as None): callers that upscale
     on the device themselves (the automatic mask generator) then never hold them on the host.
     """
@@ -220,6 +227,11 @@ class SamPredictor:
              (("point_coords", point_coords), ("boxes", boxes), ("mask_input", mask_input)) if a is not None}
     if len(set(sizes.values())) > 1:
       raise ValueError(f"prompt batch sizes differ: {sizes}")
+    if 0 in sizes.values():
+      raise ValueError(f"an empty prompt batch {sizes}: give at least one prompt")
+    if point_coords is not None and point_coords.shape[1] == 0 and np.size(
+        point_labels if point_labels is not None else []) == 0:
+      point_coords, point_labels = None, None  # no point per prompt: as if none were given
     return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
                          allowed_labels=(-1, 0, 1), upscale=output == "masks")
 

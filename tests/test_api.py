@@ -252,3 +252,60 @@ def test_raw_images_in_everywhere(model):
   assert emb.shape == (2, model.config.out_dim)
   np.testing.assert_allclose(emb[1], model.encode_pixels(api.resize_center_crop(img[:, :120], 64)[None])[0],
                              atol=1e-6)
+
+
+def test_inputs_that_gave_silent_wrong_answers(model):
+  """Each of these once returned a plausible answer to the wrong question; now each is read
+  right or refused by name."""
+  from PIL import Image
+  clip, img = model.text_model, _image()
+  grey = img[..., 0]
+  # A float or 16-bit PIL image is scaled from its range (not clipped to black / white).
+  want = clip.preprocess(Image.fromarray(grey))
+  np.testing.assert_allclose(clip.preprocess(Image.fromarray(grey.astype(np.float32) / 255, "F")), want, atol=1e-5)
+  np.testing.assert_allclose(clip.preprocess(Image.fromarray(grey.astype(np.uint16) * 257)), want, atol=1e-5)
+  # A palette PIL image gives the predictor the same masks as its RGB conversion.
+  pal = Image.fromarray(img).convert("P")
+  p = model.predictor()
+  p.set_image(pal)
+  a = p.predict(box=np.array([30, 20, 120, 90]))[1]
+  p.set_image(np.asarray(pal.convert("RGB")))
+  np.testing.assert_allclose(a, p.predict(box=np.array([30, 20, 120, 90]))[1], rtol=1e-6)
+  # One image per classify; a string is not a list of texts; templates name where the class goes.
+  for classify in (clip.classify, lambda i, n, t: model.classify(i, n, t, resolution=64)):
+    with pytest.raises(ValueError, match="classify takes one image"):
+      classify([img, img], NAMES, "photo")
+    with pytest.raises(ValueError, match="classify takes one image"):
+      classify(np.stack([img, img]), NAMES, "photo")
+    with pytest.raises(ValueError, match="must hold '{}'"):
+      classify(img, NAMES, ["a photo"])
+  with pytest.raises(ValueError, match="got the string 'red'"):
+    clip.encode_text("red")
+  long = "very " * 100
+  with pytest.raises(ValueError, match="same prompt after truncation"):
+    clip.classify(img, [long + "red", long + "blue"], "photo")
+  # A generator of names is read once and still names the answer.
+  assert sorted(n for n, _ in model.classify(img, (n for n in NAMES), "photo", resolution=64)) == sorted(NAMES)
+  # An empty point list is no prompt; an empty or non-binary mask has nothing to name.
+  with pytest.raises(ValueError, match="at least one prompt"):
+    p.predict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0))
+  with pytest.raises(ValueError, match="empty prompt batch"):
+    p.predict_batch(boxes=np.zeros((0, 4)))
+  with pytest.raises(ValueError, match="mask 0 is empty"):
+    model.label_masks(img, [np.zeros(img.shape[:2], bool)], NAMES, "photo")
+  with pytest.raises(ValueError, match="mask 0 is not binary"):
+    model.label_masks(img, [-np.ones(img.shape[:2])], NAMES, "photo")
+  # Arrays go through the same checks in ClipModel as in SamClip.
+  with pytest.raises(ValueError, match="expected an HxWx3 image"):
+    clip.preprocess(np.zeros((img.shape[0], img.shape[1], 2), np.uint8))
+  np.testing.assert_allclose(clip.preprocess(grey[..., None]), want, atol=1e-6)
+
+
+def test_long_thin_images(model):
+  """A strip whose short side would round to 0 pixels at SAM's input size still works."""
+  strip = np.full((2, 900, 3), 200, np.uint8)
+  p = model.predictor()
+  p.set_image(strip)
+  masks, _, _ = p.predict(box=np.array([0, 0, 100, 1]))
+  assert masks.shape[1:] == strip.shape[:2]
+  assert model.segment_semantic(strip, NAMES, mode="clip+sam", templates="photo").shape == strip.shape[:2]

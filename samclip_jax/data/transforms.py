@@ -30,6 +30,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+def as_rgb_uint8(image) -> np.ndarray:
+  """One raw image, PIL (any mode, wide ones scaled by to_rgb) or array (HxW, HxWx1/3/4
+  uint8) -> uint8 [H,W,3]; anything else is refused by name."""
+  if isinstance(image, Image.Image):
+    return np.asarray(to_rgb(image))
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 RGB, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape[:2]:
+    raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return np.ascontiguousarray(image[..., :3])
+
+
 def decode_image(data, min_long_side: int | None = None) -> np.ndarray:
   """Encoded JPEG/PNG bytes (or an array) -> uint8 [H,W,3] RGB; raises on corrupt data.
 
