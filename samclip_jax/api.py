@@ -322,6 +322,14 @@ class SamClip:
     return self._classifiers[key]
 
   # -------------------------------------------------------------- image side
+  @staticmethod
+  def _resolution(resolution, default: int) -> int:
+    if resolution is None:
+      return default
+    if resolution < 16 or resolution % 16:
+      raise ValueError(f"resolution must be a positive multiple of the patch size 16, got {resolution}")
+    return int(resolution)
+
   def encode_pixels(self, images_uint8, dense: bool = False) -> jax.Array:
     """Low level: uint8 [B,R,R,3] at the input size (R a multiple of 16) -> unit pooled
     CLIP-head embeddings [B,D], or per-patch ones [B,R/16,R/16,D] when dense."""
@@ -334,7 +342,7 @@ class SamClip:
       images = [images]
     if len(images) == 0:
       raise ValueError("encode_image needs at least one image")
-    resolution = resolution or self.classify_resolution
+    resolution = self._resolution(resolution, self.classify_resolution)
     return self.encode_pixels(np.stack([resize_center_crop(as_rgb_uint8(im), resolution) for im in images]))
 
   def classify(self, image, class_names: Sequence[str], templates="imagenet80",
@@ -348,7 +356,7 @@ class SamClip:
   def semantic_logits(self, image, class_names: Sequence[str], templates="imagenet80",
                       resolution: int | None = None) -> np.ndarray:
     """CLIP head alone: per-class logits [C,H,W] at the image size (bilinear from the patches)."""
-    resolution = resolution or self.segment_resolution
+    resolution = self._resolution(resolution, self.segment_resolution)
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]
     classifier = self.text_classifier(class_names, templates)
@@ -389,6 +397,9 @@ class SamClip:
     image as SAM's masks are, and each pixel takes the class of the largest logit.
     Background rule: a pixel that no class's SAM mask covers (every logit <= 0) takes the
     CLIP head's own label there (so a "background" class, when listed, fills the rest).
+    details: prompted [C] bool, points [C,P,2] (x, y) and point_labels [C,P] in SAM's input
+    frame (the image scaled so its longest side is config.sam.image_size: divide by that
+    scale for image pixels), covered_fraction.
     """
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]

@@ -295,7 +295,8 @@ class SamAutomaticMaskGenerator:
 
   def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
     """Records {segmentation, area, bbox (XYWH), predicted_iou, point_coords,
-    stability_score, crop_box (XYWH)} for an HxWx3 uint8 image, best first."""
+    stability_score, crop_box (XYWH)} for an HxWx3 uint8 image, in segment_anything's order
+    (highest predicted IoU first, unless small-region removal or crop layers re-ran NMS)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
