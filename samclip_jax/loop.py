@@ -266,14 +266,15 @@ def validate_common(config) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 def check_workdir(workdir: str) -> None:
-  """A workdir is new, empty, or one a run used before (it holds the run's lock file or its
-  checkpoints): a run never writes its files into a user's directory."""
+  """A workdir is new, empty, one a run used before (it holds the run's lock file or its
+  checkpoints) or one holding only a `sample` directory (the embedded sample's default place,
+  which ensure_sample checks in turn): a run never writes its files into a user's directory."""
   if not os.path.lexists(workdir):
     return
   if not os.path.isdir(workdir):
     raise FileExistsError(f"--workdir {workdir} exists and is not a directory")
   entries = set(os.listdir(workdir))
-  if entries and not entries & {LOCK_FILE, run_checkpoints.CHECKPOINT_DIR}:
+  if entries and not entries & {LOCK_FILE, run_checkpoints.CHECKPOINT_DIR} and entries != {"sample"}:
     raise FileExistsError(f"--workdir {workdir} holds files of something else (e.g. "
                           f"{sorted(entries)[0]!r}); give a new or empty directory, or an earlier run's workdir")
 
