@@ -463,10 +463,10 @@ class SamClip:
       if np.shape(m) != image.shape[:2]:
         raise ValueError(f"mask {i} has shape {np.shape(m)}; masks must be HxW like the image, "
                          f"{image.shape[0]}x{image.shape[1]}")
-      values = np.unique(np.asarray(m))
-      if not np.isin(values, (0, 1)).all():
-        raise ValueError(f"mask {i} is not binary (values {values[:5]}...): give bool or 0/1 masks")
-      if not values.any():
+      m = np.asarray(m)
+      if m.dtype != bool and not ((m == 0) | (m == 1)).all():
+        raise ValueError(f"mask {i} is not binary (values in [{m.min()}, {m.max()}]): give bool or 0/1 masks")
+      if not m.any():
         raise ValueError(f"mask {i} is empty: no pixel to name")
     logits = self.semantic_logits(image, class_names, templates)            # [C,H,W]
     m = np.stack([np.asarray(x, np.float32) for x in masks])                  # [N,H,W]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from samclip_jax.data.transforms import as_rgb_uint8
 from samclip_jax.interpolate import linear_taps
 from samclip_jax.models.sam import (MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, Sam, SamConfig, build_sparse_prompt,
                                     load_sam)
@@ -105,28 +106,13 @@ class SamPredictor:
 
   # ------------------------------------------------------------------ image
   def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-    """Computes the embedding of `image`: uint8 HxWx3 (RGB, or BGR with image_format="BGR").
-
-    Grayscale HxW or HxWx1 is repeated to three channels; RGBA (HxWx4) drops alpha.
+    """Computes the embedding of `image`: uint8 HxWx3 (RGB, or BGR with image_format="BGR"),
+    or a PIL image of any mode. Grayscale HxW or HxWx1 is repeated to three channels; RGBA
+    (HxWx4) drops alpha.
     """
     if image_format not in ("RGB", "BGR"):
       raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-    if isinstance(image, Image.Image):  # palette, CMYK, 16-bit...: made RGB as everywhere else
-      from samclip_jax.data.transforms import as_rgb_uint8
-      image = as_rgb_uint8(image)
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-      raise ValueError(f"image must be uint8 with values in [0, 255], got dtype {image.dtype}")
-    if image.ndim == 2:
-      image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-      raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-      raise ValueError(f"image is empty: shape {image.shape}")
-    if image.shape[2] == 1:
-      image = np.repeat(image, 3, axis=2)
-    elif image.shape[2] == 4:
-      image = image[:, :, :3]
+    image = as_rgb_uint8(image)  # PIL (palette, CMYK, 16-bit...) or uint8 arrays, checked as everywhere
     if image_format == "BGR":
       image = image[:, :, ::-1]
     image = np.ascontiguousarray(image)
@@ -170,8 +156,6 @@ class SamPredictor:
       point_coords = _as_float(point_coords, "point_coords")
       if point_coords.ndim != 2 or point_coords.shape[1] != 2:
         raise ValueError(f"point_coords must be Nx2, got shape {point_coords.shape}")
-      if len(point_coords) == 0 and np.size(point_labels if point_labels is not None else []) == 0:
-        point_coords, point_labels = None, None  # no point: as if none were given
     if point_labels is not None:
       point_labels = np.asarray(point_labels)
       if point_coords is not None and point_labels.shape != point_coords.shape[:1]:
@@ -229,9 +213,6 @@ class SamPredictor:
       raise ValueError(f"prompt batch sizes differ: {sizes}")
     if 0 in sizes.values():
       raise ValueError(f"an empty prompt batch {sizes}: give at least one prompt")
-    if point_coords is not None and point_coords.shape[1] == 0 and np.size(
-        point_labels if point_labels is not None else []) == 0:
-      point_coords, point_labels = None, None  # no point per prompt: as if none were given
     return self._predict(point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
                          allowed_labels=(-1, 0, 1), upscale=output == "masks")
 
@@ -242,6 +223,8 @@ class SamPredictor:
   def _predict(self, point_coords, point_labels, boxes, mask_input, multimask_output, return_logits,
                allowed_labels, upscale=True):
     """Batched prompts (K leading) in original-image pixels -> numpy outputs with K leading."""
+    if point_coords is not None and point_coords.shape[1] == 0 and (point_labels is None or np.size(point_labels) == 0):
+      point_coords = point_labels = None  # no point at all: as if none were given
     if point_coords is not None and point_labels is None:
       raise ValueError("point_labels must be supplied if point_coords is supplied.")
     if point_labels is not None and point_coords is None:

@@ -40,8 +40,10 @@ def as_rgb_uint8(image) -> np.ndarray:
     raise ValueError(f"images must be uint8 RGB, got dtype {image.dtype}")
   if image.ndim == 2:
     image = image[..., None]
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape[:2]:
-    raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"expected an HxWx3 image (or HxW, HxWx1, HxWx4), got shape {image.shape}")
+  if 0 in image.shape[:2]:
+    raise ValueError(f"image is empty: expected an HxWx3 image with pixels, got shape {image.shape}")
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return np.ascontiguousarray(image[..., :3])
