@@ -144,6 +144,35 @@ def prefetched_batches(items: Sequence[Any], load: Callable[[Any], Any], batch_s
       yield chunk, loaded
 
 
+class Skipped:
+  """Inputs that cannot be read (corrupt, truncated or missing images and label maps): each is
+  skipped and counted, not the end of an evaluation. Loads run on threads (list.append is atomic)."""
+
+  def __init__(self):
+    self.local: list[tuple[str, str]] = []   # (file, reason) met by this process
+
+  def guard(self, load: Callable[[Any], Any], file_of: Callable[[Any], str] = lambda item: item):
+    """`load`, returning None (and recording the item) where its files cannot be read."""
+    def guarded(item):
+      try:
+        return load(item)
+      except (OSError, ValueError) as e:
+        self.local.append((file_of(item), str(e)))
+        return None
+    return guarded
+
+  def gather(self) -> list[dict]:
+    """Every process's skipped inputs, by file: the same list on every process."""
+    every = dict(x for part in sharding.gather_objects(self.local) for x in part)
+    return [{"file": f, "reason": every[f]} for f in sorted(every)]
+
+
+def _readable(kept: int, skipped: list[dict]) -> None:
+  if not kept:
+    raise ValueError(f"no input could be read ({len(skipped)} skipped; the first: "
+                     f"{skipped[0]['file']}: {skipped[0]['reason']})")
+
+
 def _limit(items: list, config) -> list:
   return items[:config.max_images] if config.max_images else items
 
@@ -224,18 +253,26 @@ def text_side(model: Loaded):
   return tm, float(tm.logit_scale)
 
 
-def embed_images(model, mesh, config, paths: Sequence[str], task: str) -> np.ndarray:
-  """Unit embeddings [N,D] of image files (shorter side resized, center crop)."""
+def embed_images(model, mesh, config, paths: Sequence[str], task: str) -> tuple[np.ndarray, np.ndarray, list]:
+  """(unit embeddings [N,D] of image files (shorter side resized, center crop), readable [N]
+  bool, the skipped files): an unreadable image's row is an embedding of zeros, not used."""
   embed, res = image_tower(model, mesh, config.resolution)
   gb = global_batch_size(config.batch_size, mesh)
   rows = local_rows(gb, mesh)
-  load_fn = lambda p: api.resize_center_crop(api.load_image(p), res)
+  skipped = Skipped()
+  load_fn = skipped.guard(lambda p: api.resize_center_crop(api.load_image(p), res))
+  blank = np.zeros((res, res, 3), np.uint8)
   out, progress = [], _progress(task, len(paths))
   for chunk, imgs in prefetched_batches(paths, load_fn, gb, config.num_workers, rows):
+    imgs = [blank if x is None else x for x in imgs]
     x = stack_rows(imgs, rows.stop - rows.start, (res, res, 3), np.uint8)
     out.append(embed(x)[:len(chunk)])   # every process gets the whole global batch's embeddings
     progress.update(len(chunk))
-  return np.concatenate(out).astype(np.float32)
+  skipped = skipped.gather()
+  bad = {s["file"] for s in skipped}
+  readable = np.array([p not in bad for p in paths], bool)
+  _readable(int(readable.sum()), skipped)
+  return np.concatenate(out).astype(np.float32), readable, skipped
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -285,12 +322,13 @@ def run_classification(config, workdir, model: Loaded, mesh) -> tuple[dict, int]
   items = _limit(items, config)
   text, scale = text_side(model)
   classifier = np.asarray(text.zero_shot_classifier(names, get_templates(config.templates)))
-  emb = embed_images(model, mesh, config, [p for p, _ in items], "classification")
-  logits = scale * emb @ classifier.T
-  labels = np.array([lab for _, lab in items])
+  emb, ok, skipped = embed_images(model, mesh, config, [p for p, _ in items], "classification")
+  logits = scale * emb[ok] @ classifier.T
+  labels = np.array([lab for _, lab in items])[ok]
   out = metrics.topk_accuracy(logits, labels, ks=(1, 5))
   out["num_classes"] = len(names)
-  return out, len(items)
+  out["skipped"] = skipped
+  return out, int(ok.sum())
 
 
 def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
@@ -318,10 +356,15 @@ def run_retrieval(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
   paths, captions, t2i = retrieval_items(config, workdir)
   text, _ = text_side(model)
   txt = np.asarray(text.encode_text(captions, normalize=True), np.float32)
-  img = embed_images(model, mesh, config, paths, "retrieval")
-  out = metrics.retrieval_recall(img @ txt.T, t2i, ks=(1, 5, 10))
-  out["num_captions"] = len(captions)
-  return out, len(paths)
+  img, ok, skipped = embed_images(model, mesh, config, paths, "retrieval")
+  # An unreadable image leaves with its captions; the others' indices close up.
+  new_index = np.cumsum(ok) - 1
+  t2i = np.asarray(t2i)
+  kept = ok[t2i]
+  out = metrics.retrieval_recall(img[ok] @ txt[kept].T, new_index[t2i[kept]].tolist(), ks=(1, 5, 10))
+  out["num_captions"] = int(kept.sum())
+  out["skipped"] = skipped
+  return out, int(ok.sum())
 
 
 # -- instance segmentation ---------------------------------------------------------------
@@ -384,14 +427,18 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     low, iou = module.apply({"params": p}, emb, coords, labels, None, False, method=Sam.predict_masks)
     return low[:, :, 0], iou[:, :, 0]
 
+  file_of = lambda image_id: os.path.join(image_dir, coco.loadImgs(image_id)[0]["file_name"])
+
   def load_fn(image_id):
-    info = coco.loadImgs(image_id)[0]
-    img = api.load_image(os.path.join(image_dir, info["file_name"]))
+    img = api.load_image(file_of(image_id))
     h, w = img.shape[:2]
     nh, nw = get_preprocess_shape(h, w, size)
     out = np.zeros((size, size, 3), np.uint8)
     out[:nh, :nw] = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
     return out, (nh, nw), (h, w)
+
+  skipped = Skipped()
+  blank = (np.zeros((size, size, 3), np.uint8), (0, 0), (0, 0))   # an unreadable image's row
 
   gb = global_batch_size(config.batch_size, mesh)
   rows = local_rows(gb, mesh)
@@ -399,12 +446,17 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   # (position in `work`, prediction) of this process's rows; gathered in order at the end.
   preds, progress = [], _progress("instance_segmentation", len(work))
   for first, (chunk, loaded) in zip(range(0, len(work), gb),
-                                    prefetched_batches(work, load_fn, gb, config.num_workers, rows)):
+                                    prefetched_batches(work, skipped.guard(load_fn, file_of), gb,
+                                                       config.num_workers, rows)):
+    read = [x is not None for x in loaded]
+    loaded = [blank if x is None else x for x in loaded]
     # The prompt count of the whole global batch: one compiled shape on every process.
     k = max(8, 1 << math.ceil(math.log2(max(len(prompts[i]) for i in chunk))))  # few compiled shapes
     mine = chunk[rows]
     boxes = np.zeros((n_local, k, 4), np.float64)
     for b, (image_id, (_, _, orig)) in enumerate(zip(mine, loaded)):
+      if not read[b]:
+        continue
       xywh = np.array([p[0] for p in prompts[image_id]], np.float64).reshape(-1, 4)
       xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
       boxes[b, :len(xyxy)] = apply_coords(xyxy.reshape(-1, 2, 2), orig, size).reshape(-1, 4)
@@ -415,6 +467,8 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
                        shard_batch(coords, mesh), shard_batch(labels, mesh))
     low, iou = fetch_rows(low, rows), fetch_rows(iou, rows)
     for b, (image_id, (_, input_size, orig)) in enumerate(zip(mine, loaded)):
+      if not read[b]:
+        continue
       n = len(prompts[image_id])
       masks = api.upscale_low_res(low[b, :n], size, input_size, orig) > 0
       for j, (_, cat, score) in enumerate(prompts[image_id]):
@@ -427,9 +481,14 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
                                 key=lambda x: x[0])]
   if jax.process_index() == 0:
     _write_atomic(os.path.join(workdir, "instance_segmentation_predictions.json"), json.dumps(preds))
+  skipped = skipped.gather()
+  bad = {s["file"] for s in skipped}
+  image_ids = [i for i in image_ids if file_of(i) not in bad]   # their objects are not misses
+  _readable(len(image_ids), skipped)
   out = metrics.coco_mask_ap(coco, preds, image_ids=image_ids)
   out["num_prompts"] = len(preds)
   out["boxes"] = "detections" if config.data.detections else "ground truth"
+  out["skipped"] = skipped
   return out, len(image_ids)
 
 
@@ -460,10 +519,13 @@ def semantic_items(config, workdir) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _load_label(path: str) -> np.ndarray:
-  with Image.open(path) as im:
-    if im.mode not in ("L", "P", "I", "I;16"):
-      raise ValueError(f"{path}: label maps must be single-channel (mode {im.mode})")
-    return np.asarray(im).astype(np.int64)
+  try:
+    with Image.open(path) as im:
+      if im.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"{path}: label maps must be single-channel (mode {im.mode})")
+      return np.asarray(im).astype(np.int64)
+  except OSError as e:
+    raise ValueError(f"cannot read label map {path}: {e}") from e
 
 
 def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
@@ -473,6 +535,7 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   sc = model.samclip
   cm = metrics.ConfusionMatrix(len(names), config.data.ignore_index)   # this process's images
   progress = _progress("semantic_segmentation", len(items))
+  skipped = Skipped()
   if config.mode == "clip":
     classifier = replicate(sc.text_classifier(names, config.templates), mesh)
     sc.params = replicate(sc.params, mesh)
@@ -485,17 +548,22 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
       return scale * jnp.einsum("bhwd,cd->bchw", patch, classifier, precision="highest")
 
     def load_fn(item):
-      img = api.load_image(item[0])
-      return api.resize_square(img, config.resolution), _load_label(item[1]), img.shape[:2]
+      img, gt = api.load_image(item[0]), _load_label(item[1])
+      _check_label(gt, img.shape[:2], item[1])
+      return api.resize_square(img, config.resolution), gt, img.shape[:2]
 
     gb = global_batch_size(config.batch_size, mesh)
     rows = local_rows(gb, mesh)
     r = config.resolution
-    for chunk, loaded in prefetched_batches(items, load_fn, gb, config.num_workers, rows):
-      x = stack_rows([l[0] for l in loaded], rows.stop - rows.start, (r, r, 3), np.uint8)
+    blank = np.zeros((r, r, 3), np.uint8)
+    for chunk, loaded in prefetched_batches(items, skipped.guard(load_fn, lambda item: item[0]), gb,
+                                            config.num_workers, rows):
+      x = stack_rows([blank if l is None else l[0] for l in loaded], rows.stop - rows.start, (r, r, 3), np.uint8)
       logits = fetch_rows(patch_logits(sc.params, shard_batch(x, mesh)), rows)
-      for b, (_, gt, hw) in enumerate(loaded):
-        _check_label(gt, hw, chunk[rows][b][1])
+      for b, l in enumerate(loaded):
+        if l is None:
+          continue
+        _, gt, hw = l
         cm.update(np.argmax(api.resize_bilinear(logits[b], hw), axis=0), gt)
       progress.update(len(chunk))
   elif config.mode == "clip+sam":
@@ -503,11 +571,16 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     # have fixed shapes, so they compile once), on this process's devices; process p takes
     # images p, p + P, ... of the P processes.
     def load_fn(item):
-      return api.load_image(item[0]), _load_label(item[1])
+      img, gt = api.load_image(item[0]), _load_label(item[1])
+      _check_label(gt, img.shape[:2], item[1])
+      return img, gt
     mine = items[jax.process_index()::jax.process_count()]
-    for chunk, loaded in prefetched_batches(mine, load_fn, 1, config.num_workers):
+    for chunk, loaded in prefetched_batches(mine, skipped.guard(load_fn, lambda item: item[0]), 1,
+                                            config.num_workers):
+      if loaded[0] is None:
+        progress.update(jax.process_count())
+        continue
       img, gt = loaded[0]
-      _check_label(gt, img.shape[:2], chunk[0][1])
       pred, _ = sc.segment_clip_sam(img, names, config.templates, config.threshold,
                                     config.points_per_class, config.prompt_grid or None)
       cm.update(pred, gt)
@@ -515,10 +588,12 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   else:
     raise ValueError(f"mode must be 'clip' or 'clip+sam', got {config.mode!r}")
   # Confusion counts summed over processes (integers: exactly those of one process).
+  skipped = skipped.gather()
+  _readable(len(items) - len(skipped), skipped)
   res = metrics.miou_from_confusion(sum(sharding.gather_objects(cm.matrix)))
   out = {"mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"], "mode": config.mode,
-         "per_class_IoU": dict(zip(names, res["per_class_IoU"]))}
-  return out, len(items)
+         "per_class_IoU": dict(zip(names, res["per_class_IoU"])), "skipped": skipped}
+  return out, len(items) - len(skipped)
 
 
 def _progress(task: str, total: int) -> cli.Progress:
@@ -538,7 +613,9 @@ RUNNERS = {"classification": run_classification, "retrieval": run_retrieval,
 
 # ----------------------------------------------------------------------------- report
 def markdown(result: dict) -> str:
-  lines = [f"### {result['task']}: {result['model_type']} `{result['model']}` ({result['num_images']} images)",
+  skipped = result.get("skipped") or []
+  note = f", {cli.plural(len(skipped), 'unreadable input')} skipped (listed in {result['task']}.json)" if skipped else ""
+  lines = [f"### {result['task']}: {result['model_type']} `{result['model']}` ({result['num_images']} images{note})",
            "", "| metric | value |", "|---|---|"]
   for k, v in result["metrics"].items():
     if isinstance(v, dict):
@@ -588,12 +665,13 @@ def evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   try:
     metrics_, n = RUNNERS[config.task](config, workdir, model, mesh)
+    skipped = metrics_.pop("skipped")
   except BaseException:
     if created and jax.process_index() == 0 and not os.listdir(workdir):  # ours, still empty: no trace
       os.rmdir(workdir)
     raise
   result = {"task": config.task, "model": model.path, "model_type": model.kind, "num_images": n,
-            "metrics": metrics_, "seconds": round(time.time() - t0, 2),
+            "metrics": metrics_, "skipped": skipped, "seconds": round(time.time() - t0, 2),
             "devices": mesh.devices.size, "processes": jax.process_count(), "config": config.to_dict()}
   md = markdown(result)
   if jax.process_index() == 0:    # every process returns the result; process 0 writes it

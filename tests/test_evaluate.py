@@ -238,3 +238,93 @@ def test_retrieval_several_captions_per_image(env, tmp_path):
   assert res["num_images"] == 4 and res["metrics"]["num_captions"] == 8
   paths, captions, t2i = evaluate.retrieval_items(cfg, str(tmp_path))
   assert t2i == [0, 0, 1, 1, 2, 2, 3, 3] and captions[1] == "picture 0"
+
+
+# ----------------------------------------------------------------------------- unreadable inputs
+def _spoil(directory, names):
+  """names[0] becomes random bytes, names[1] is cut in half (a truncated download)."""
+  with open(os.path.join(directory, names[0]), "wb") as f:
+    f.write(np.random.default_rng(0).bytes(2000))
+  path = os.path.join(directory, names[1])
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def test_unreadable_images_are_skipped_and_counted(env, tmp_path):
+  """Classification and retrieval over folders holding a corrupt and a truncated image: both
+  are skipped and listed; the rest scores exactly as a folder without them (captions of a
+  skipped image leave with it)."""
+  src = env["sample"]["classification_images"]
+  files = sorted(os.listdir(src))[:8]
+  for name in ("clean", "spoilt"):
+    for k, cls in enumerate(["red_thing", "blue_thing"]):
+      os.makedirs(tmp_path / name / cls)
+      for f in files[4 * k:4 * k + 4]:
+        shutil.copy(os.path.join(src, f), tmp_path / name / cls / f)
+  _spoil(tmp_path / "spoilt" / "red_thing", files[:2])
+  for f in files[:2]:
+    os.remove(tmp_path / "clean" / "red_thing" / f)
+  res = {}
+  for name in ("clean", "spoilt"):
+    cfg = _config("classification", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / name)})
+    res[name] = evaluate.evaluate(cfg, str(tmp_path / f"out_{name}"))
+  assert res["spoilt"]["num_images"] == res["clean"]["num_images"] == 6
+  assert [os.path.basename(s["file"]) for s in res["spoilt"]["skipped"]] == files[:2]
+  assert all("cannot read" in s["reason"] for s in res["spoilt"]["skipped"])
+  assert res["spoilt"]["metrics"] == res["clean"]["metrics"] and res["clean"]["skipped"] == []
+  saved, md = _files(str(tmp_path / "out_spoilt"), "classification")
+  assert len(saved["skipped"]) == 2 and "2 unreadable inputs skipped" in md
+
+  captions = [{"file_name": f, "captions": [f"a photo number {i}", f"picture {i}"]} for i, f in enumerate(files)]
+  for name, entries in (("clean", captions[2:]), ("spoilt", captions)):
+    with open(tmp_path / f"{name}.json", "w") as f:
+      json.dump(entries, f)
+    cfg = _config("retrieval", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / name / "red_thing"),
+                                       "data.captions_file": str(tmp_path / f"{name}.json")})
+    for e in entries:   # the blue files live in the other folder
+      if not os.path.exists(tmp_path / name / "red_thing" / e["file_name"]):
+        shutil.copy(os.path.join(src, e["file_name"]), tmp_path / name / "red_thing" / e["file_name"])
+    res[name] = evaluate.evaluate(cfg, str(tmp_path / f"ret_{name}"))
+  assert res["spoilt"]["num_images"] == 6 and res["spoilt"]["metrics"]["num_captions"] == 12
+  assert res["spoilt"]["metrics"] == res["clean"]["metrics"]
+
+
+def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
+  """Semantic segmentation with a corrupt label map and one of the wrong size, and instance
+  segmentation with a truncated image: skipped and listed; the rest scores as without them."""
+  from pycocotools.coco import COCO
+  images, labels = env["sample"]["coco_images"], env["sample"]["semantic_labels"]
+  stems = sorted(os.path.splitext(f)[0] for f in os.listdir(labels))[:5]
+  for name in ("clean", "spoilt"):
+    for d in ("img", "lab"):
+      os.makedirs(tmp_path / name / d)
+    for s in stems[2:] if name == "clean" else stems:
+      shutil.copy(os.path.join(images, s + ".jpg"), tmp_path / name / "img")
+      shutil.copy(os.path.join(labels, s + ".png"), tmp_path / name / "lab")
+  _spoil(tmp_path / "spoilt" / "lab", [stems[0] + ".png", stems[1] + ".png"])
+  res = {}
+  with open(env["sample"]["classes"]) as f:
+    names = ["background"] + json.load(f)["classes"]
+  for name in ("clean", "spoilt"):
+    cfg = _config("semantic_segmentation", env, **{
+        "data.sample_dir": "", "data.image_dir": str(tmp_path / name / "img"),
+        "data.label_dir": str(tmp_path / name / "lab"), "data.class_names": names})
+    res[name] = evaluate.evaluate(cfg, str(tmp_path / f"sem_{name}"))
+  assert res["spoilt"]["num_images"] == 3 and len(res["spoilt"]["skipped"]) == 2
+  assert all("label map" in s["reason"] for s in res["spoilt"]["skipped"])
+  assert res["spoilt"]["metrics"] == res["clean"]["metrics"]
+
+  coco = COCO(env["sample"]["coco_instances"])
+  ids = sorted(coco.getImgIds())[:3]
+  coco_dir = tmp_path / "coco"
+  os.makedirs(coco_dir)
+  for i in ids:
+    shutil.copy(os.path.join(images, coco.loadImgs(i)[0]["file_name"]), coco_dir)
+  bad = coco.loadImgs(ids[0])[0]["file_name"]
+  _spoil(coco_dir, [bad, bad])
+  cfg = _config("instance_segmentation", env, max_images=3, **{"data.sample_dir": "", "data.image_dir": str(coco_dir),
+                                                              "data.annotations": env["sample"]["coco_instances"]})
+  out = evaluate.evaluate(cfg, str(tmp_path / "inst"))
+  assert out["num_images"] == 2 and [os.path.basename(s["file"]) for s in out["skipped"]] == [bad]
+  with open(tmp_path / "inst" / "instance_segmentation_predictions.json") as f:
+    assert {p["image_id"] for p in json.load(f)} == set(ids[1:])
