@@ -1,4 +1,5 @@
 """Tiny random-weight model directories for the evaluation / API / CLI tests (CPU-fast)."""
+import fcntl
 import os
 import shutil
 
@@ -96,6 +97,11 @@ def ensure_models(base) -> dict:
 
 
 def ensure_sample(base) -> dict:
-  """The embedded sample, built once per test process under `base`."""
+  """The embedded sample (read-only for the tests), built once per test run: xdist workers
+  share it under their common base directory, the first builds it while the other waits.
+  (`base`: tmp_path_factory.getbasetemp(); each build costs about 8 CPU-s.)"""
   from samclip_jax.data.sample import ensure_sample as build
-  return build(os.path.join(str(base), "sample"))
+  root = os.path.dirname(str(base)) if os.environ.get("PYTEST_XDIST_WORKER") else str(base)
+  with open(os.path.join(root, "sample.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return build(os.path.join(root, "sample"))

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import eval_models
 from configs import merge
 from samclip_jax import api, optim, train
 from samclip_jax.tasks import merge as merge_task
@@ -33,7 +34,7 @@ def env(tmp_path_factory):
   cc.set_cache_dir(str(root / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   cc.reset_cache()
-  yield {"root": root, "sample": str(root / "sample")}
+  yield {"root": root, "sample": eval_models.ensure_sample(tmp_path_factory.getbasetemp())["root"]}
   jax.config.update("jax_compilation_cache_dir", old[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
   cc.reset_cache()

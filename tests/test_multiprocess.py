@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+import eval_models
 from samclip_jax import api
 from samclip_jax.data import pipeline, sample, teacher_store
 
@@ -149,13 +150,13 @@ def _trained_delta(got, ref):
   return delta / np.sqrt(sum(np.sum(ref[k] ** 2) for k in trained))
 
 
-def test_two_processes_killed_and_relaunched_train_like_one(tmp_path):
+def test_two_processes_killed_and_relaunched_train_like_one(tmp_path, tmp_path_factory):
   """A 2 x 4-device job with mixed CLIP resolutions, SIGKILLed whole after its step-2
   checkpoint (while compiling the 96 px step) and relaunched, ends with the parameters and
   evaluation of the 1 x 8-device job. One test on purpose: xdist would rerun the reference."""
   schedule = [pipeline.clip_resolution(SEED, n, RESOLUTIONS) for n in range(TOTAL)]
   assert schedule == [64, 64, 64, 96]  # mixed, and the new size compiles after checkpoint 2
-  sample_dir = os.path.dirname(sample.ensure_sample(str(tmp_path / "sample"))["manifest"])
+  sample_dir = eval_models.ensure_sample(tmp_path_factory.getbasetemp())["root"]
 
   one_dir, two_dir = str(tmp_path / "one"), str(tmp_path / "two")
   one = _run(one_dir, sample_dir, 1, 8)
@@ -299,7 +300,6 @@ def test_two_processes_evaluate_as_one_does(tmp_path_factory):
   predictions) and semantic segmentation (summed confusion counts) on a 2 x 4-device job give
   the numbers and files of 1 x 8 devices (this process, while the job runs); only process 0
   writes them."""
-  import eval_models
   from samclip_jax import evaluate
   base = tmp_path_factory.getbasetemp()
   models, sample_root = eval_models.ensure_models(base), eval_models.ensure_sample(base)["root"]

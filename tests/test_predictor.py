@@ -248,6 +248,9 @@ def vit_b(tmp_path_factory):
 
 
 def test_vit_b_full_size_parity(vit_b):
+  """The real vit_b at 1024 px, converted by the CLI: embeddings, point and batched box
+  outputs equal segment_anything's. (The suite's one full-size encoder run: block by block
+  parity is in test_vit_det at small sizes.)"""
   directory, tsam, log = vit_b
   assert "variant vit_b (inferred" in log and "converted SAM vit_b: 93.7M params" in log
   config, _ = load_sam(directory)

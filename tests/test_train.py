@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import eval_models
 from configs import merge
 from samclip_jax import loop, optim, train
 from samclip_jax.tasks import merge as merge_task
@@ -30,7 +31,8 @@ def env(tmp_path_factory):
   cc.set_cache_dir(cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   cc.reset_cache()  # earlier tests in this process may have initialised it without a dir
-  yield {"root": root, "sample": str(root / "sample"), "cache": cache}
+  sample = eval_models.ensure_sample(tmp_path_factory.getbasetemp())["root"]
+  yield {"root": root, "sample": sample, "cache": cache}
   jax.config.update("jax_compilation_cache_dir", old[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
   cc.reset_cache()
