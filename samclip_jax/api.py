@@ -58,12 +58,7 @@ def load_image(path: str) -> np.ndarray:
   """Reads an image file as uint8 RGB [H,W,3]; a clear error for missing / unreadable files."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"image not found: {path}")
-  try:
-    with Image.open(path) as im:
-      im.load()
-      return np.asarray(transforms.to_rgb(im))
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"cannot read {path} as an image: {e}") from e
+  return transforms.read_image_file(path, "an image", lambda im: np.asarray(transforms.to_rgb(im)))
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from samclip_jax import api, cli, metrics, sharding
+from samclip_jax.data import transforms
 
 TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segmentation")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -156,7 +157,7 @@ class Skipped:
     def guarded(item):
       try:
         return load(item)
-      except (OSError, ValueError) as e:
+      except (transforms.UnreadableInput, FileNotFoundError) as e:
         self.local.append((file_of(item), str(e)))
         return None
     return guarded
@@ -168,7 +169,8 @@ class Skipped:
 
 
 def _readable(kept: int, skipped: list[dict]) -> None:
-  if not kept:
+  """Refuses a run where every input was skipped (with no input at all, a task says so itself)."""
+  if not kept and skipped:
     raise ValueError(f"no input could be read ({len(skipped)} skipped; the first: "
                      f"{skipped[0]['file']}: {skipped[0]['reason']})")
 
@@ -484,7 +486,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   skipped = skipped.gather()
   bad = {s["file"] for s in skipped}
   image_ids = [i for i in image_ids if file_of(i) not in bad]   # their objects are not misses
-  _readable(len(image_ids), skipped)
+  _readable(sum(file_of(i) not in bad for i in work), skipped)
   out = metrics.coco_mask_ap(coco, preds, image_ids=image_ids)
   out["num_prompts"] = len(preds)
   out["boxes"] = "detections" if config.data.detections else "ground truth"
@@ -519,13 +521,13 @@ def semantic_items(config, workdir) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def _load_label(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as im:
-      if im.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"{path}: label maps must be single-channel (mode {im.mode})")
-      return np.asarray(im).astype(np.int64)
-  except OSError as e:
-    raise ValueError(f"cannot read label map {path}: {e}") from e
+  def read(im):
+    if im.mode not in ("L", "P", "I", "I;16"):
+      raise transforms.UnreadableInput(f"{path}: label maps must be single-channel (mode {im.mode})")
+    return np.asarray(im).astype(np.int64)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"label map not found: {path}")
+  return transforms.read_image_file(path, "a label map", read)
 
 
 def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
@@ -603,7 +605,7 @@ def _progress(task: str, total: int) -> cli.Progress:
 
 def _check_label(gt, hw, path):
   if gt.shape != tuple(hw):
-    raise ValueError(f"{path}: label map {gt.shape} does not match its image {tuple(hw)}")
+    raise transforms.UnreadableInput(f"{path}: label map {gt.shape} does not match its image {tuple(hw)}")
 
 
 RUNNERS = {"classification": run_classification, "retrieval": run_retrieval,

@@ -250,6 +250,18 @@ def _spoil(directory, names):
     f.truncate(os.path.getsize(path) // 2)
 
 
+def _broken_png(path):
+  """A PNG whose second IDAT chunk has a damaged type: PIL raises SyntaxError, not OSError."""
+  from PIL import Image
+  noise = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+  Image.fromarray(noise).save(path, format="PNG", compress_level=0)   # ~200 KB: several IDATs
+  data = bytearray(open(path, "rb").read())
+  second = data.find(b"IDAT", data.find(b"IDAT") + 4)
+  assert second > 0
+  data[second:second + 4] = b"\x00\x01\x02\x03"
+  open(path, "wb").write(bytes(data))
+
+
 def test_unreadable_images_are_skipped_and_counted(env, tmp_path):
   """Classification and retrieval over folders holding a corrupt and a truncated image: both
   are skipped and listed; the rest scores exactly as a folder without them (captions of a
@@ -262,6 +274,7 @@ def test_unreadable_images_are_skipped_and_counted(env, tmp_path):
       for f in files[4 * k:4 * k + 4]:
         shutil.copy(os.path.join(src, f), tmp_path / name / cls / f)
   _spoil(tmp_path / "spoilt" / "red_thing", files[:2])
+  _broken_png(tmp_path / "spoilt" / "blue_thing" / "broken.png")
   for f in files[:2]:
     os.remove(tmp_path / "clean" / "red_thing" / f)
   res = {}
@@ -269,11 +282,11 @@ def test_unreadable_images_are_skipped_and_counted(env, tmp_path):
     cfg = _config("classification", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / name)})
     res[name] = evaluate.evaluate(cfg, str(tmp_path / f"out_{name}"))
   assert res["spoilt"]["num_images"] == res["clean"]["num_images"] == 6
-  assert [os.path.basename(s["file"]) for s in res["spoilt"]["skipped"]] == files[:2]
+  assert [os.path.basename(s["file"]) for s in res["spoilt"]["skipped"]] == ["broken.png"] + files[:2]
   assert all("cannot read" in s["reason"] for s in res["spoilt"]["skipped"])
   assert res["spoilt"]["metrics"] == res["clean"]["metrics"] and res["clean"]["skipped"] == []
   saved, md = _files(str(tmp_path / "out_spoilt"), "classification")
-  assert len(saved["skipped"]) == 2 and "2 unreadable inputs skipped" in md
+  assert len(saved["skipped"]) == 3 and "3 unreadable inputs skipped" in md
 
   captions = [{"file_name": f, "captions": [f"a photo number {i}", f"picture {i}"]} for i, f in enumerate(files)]
   for name, entries in (("clean", captions[2:]), ("spoilt", captions)):
@@ -291,7 +304,8 @@ def test_unreadable_images_are_skipped_and_counted(env, tmp_path):
 
 def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
   """Semantic segmentation with a corrupt label map and one of the wrong size, and instance
-  segmentation with a truncated image: skipped and listed; the rest scores as without them."""
+  segmentation with a corrupt image: skipped and listed; the rest scores as without them."""
+  from PIL import Image
   from pycocotools.coco import COCO
   images, labels = env["sample"]["coco_images"], env["sample"]["semantic_labels"]
   stems = sorted(os.path.splitext(f)[0] for f in os.listdir(labels))[:5]
@@ -301,7 +315,10 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
     for s in stems[2:] if name == "clean" else stems:
       shutil.copy(os.path.join(images, s + ".jpg"), tmp_path / name / "img")
       shutil.copy(os.path.join(labels, s + ".png"), tmp_path / name / "lab")
-  _spoil(tmp_path / "spoilt" / "lab", [stems[0] + ".png", stems[1] + ".png"])
+  _spoil(tmp_path / "spoilt" / "lab", [stems[0] + ".png", stems[0] + ".png"])
+  small = tmp_path / "spoilt" / "lab" / (stems[1] + ".png")
+  with Image.open(small) as im:
+    im.resize((im.width // 2, im.height // 2), Image.NEAREST).save(small)
   res = {}
   with open(env["sample"]["classes"]) as f:
     names = ["background"] + json.load(f)["classes"]
@@ -311,7 +328,8 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
         "data.label_dir": str(tmp_path / name / "lab"), "data.class_names": names})
     res[name] = evaluate.evaluate(cfg, str(tmp_path / f"sem_{name}"))
   assert res["spoilt"]["num_images"] == 3 and len(res["spoilt"]["skipped"]) == 2
-  assert all("label map" in s["reason"] for s in res["spoilt"]["skipped"])
+  assert ["a label map:" in s["reason"] for s in res["spoilt"]["skipped"]] == [True, False]
+  assert "does not match its image" in res["spoilt"]["skipped"][1]["reason"]
   assert res["spoilt"]["metrics"] == res["clean"]["metrics"]
 
   coco = COCO(env["sample"]["coco_instances"])

@@ -5,6 +5,8 @@ training loader produce bit-identical pixels for a stored view (box, flip, resol
 """
 import io
 import math
+import struct
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -47,6 +49,29 @@ def as_rgb_uint8(image) -> np.ndarray:
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return np.ascontiguousarray(image[..., :3])
+
+
+class UnreadableInput(ValueError):
+  """A file whose content cannot be read as what it should be (corrupt, truncated, too large)."""
+
+
+# What PIL raises for a damaged file: truncated data and bad codecs (OSError without an errno),
+# broken PNG chunks (SyntaxError), early ends (EOFError), short headers (struct.error).
+CORRUPT_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def read_image_file(path: str, what: str, read: Callable[[Image.Image], Any]):
+  """read(PIL image) of the file at `path`; damage is UnreadableInput naming the file. System
+  errors (an OSError with an errno: no permission, too many open files, I/O) propagate as
+  they are: they say nothing about the file."""
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return read(im)
+  except CORRUPT_FILE_ERRORS as e:
+    if isinstance(e, OSError) and e.errno is not None:
+      raise
+    raise UnreadableInput(f"cannot read {path} as {what}: {e}") from e
 
 
 def decode_image(data, min_long_side: int | None = None) -> np.ndarray:
