@@ -259,7 +259,8 @@ def test_two_processes_extract_every_record_once_as_one_does(tmp_path):
 
 
 # Evaluation: each task's 2-process numbers against 1 process. 8 images per global batch over 8
-# devices either way; retrieval's last batch (images 8-9) holds none of process 1's rows.
+# devices either way; retrieval's last batch (images 8-9) holds none of process 1's rows, and
+# its image 5 (process 1's rows 4-7 of the first batch) is corrupt: skipped on every process.
 # (Retrieval, not classification: with these random models its recalls are not at 0 or 100.)
 EVAL_JOBS = (("retrieval", {"max_images": 10}),
              ("instance_segmentation", {"max_images": 5}),
@@ -305,6 +306,7 @@ def test_two_processes_evaluate_as_one_does(tmp_path_factory):
   models, sample_root = eval_models.ensure_models(base), eval_models.ensure_sample(base)["root"]
   out = str(tmp_path_factory.mktemp("eval_two"))
   jobs = [(task, _eval_fields(models, sample_root, extra)) for task, extra in EVAL_JOBS]
+  jobs[0][1].update(_retrieval_with_a_corrupt_image(tmp_path_factory.mktemp("ret"), sample_root))
   port = _free_port()
   driver = "import sys; sys.path.insert(0, 'tests'); import test_multiprocess; test_multiprocess._eval_job()"
   commands = [[sys.executable, "-c", driver, json.dumps(jobs), json.dumps(_dist_fields(port, 2, i)), out]
@@ -323,6 +325,7 @@ def test_two_processes_evaluate_as_one_does(tmp_path_factory):
       got = json.load(f)
     assert got["processes"] == 2 and got["devices"] == want["devices"] == 8, task
     assert got["num_images"] == want["num_images"], task
+    assert got["skipped"] == want["skipped"] and len(got["skipped"]) == (1 if task == "retrieval" else 0), task
     assert got["metrics"] == want["metrics"] or _close(got["metrics"], want["metrics"]), (task, got["metrics"], want["metrics"])
     with open(os.path.join(out, task, f"{task}.md")) as f:
       assert f.read() == evaluate.markdown(dict(got)), task
@@ -334,6 +337,23 @@ def test_two_processes_evaluate_as_one_does(tmp_path_factory):
       [(p["image_id"], p["category_id"], p["segmentation"]) for p in want]
   np.testing.assert_allclose([p["score"] for p in got], [p["score"] for p in want], atol=1e-5)
   assert "[retrieval]" in logs[0] and "[retrieval]" not in logs[1]  # progress: process 0 only
+
+
+def _retrieval_with_a_corrupt_image(directory, sample_root) -> dict:
+  """The sample's first 10 retrieval images and captions, image 5 overwritten with noise bytes."""
+  import shutil
+  paths = sample.ensure_sample(sample_root)   # built already: its paths
+  with open(paths["classification_labels"]) as f:
+    entries = json.load(f)[:10]
+  src = paths["classification_images"]
+  for e in entries:
+    shutil.copy(os.path.join(src, e["file_name"]), directory)
+  with open(os.path.join(directory, entries[5]["file_name"]), "wb") as f:
+    f.write(np.random.default_rng(0).bytes(1000))
+  with open(os.path.join(directory, "captions.json"), "w") as f:
+    json.dump(entries, f)
+  return {"data.sample_dir": "", "data.image_dir": str(directory),
+          "data.captions_file": os.path.join(str(directory), "captions.json")}
 
 
 def _close(got, want, tol=1e-5):
