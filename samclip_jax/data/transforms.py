@@ -68,6 +68,8 @@ def read_image_file(path: str, what: str, read: Callable[[Image.Image], Any]):
     with Image.open(path) as im:
       im.load()
       return read(im)
+  except UnreadableInput:
+    raise  # `read` named the problem itself
   except CORRUPT_FILE_ERRORS as e:
     if isinstance(e, OSError) and e.errno is not None:
       raise
