@@ -7,7 +7,7 @@ zero-shot top-1 on the largest shape (5 classes, OpenAI's 80 templates) and on i
 "background" class) over shapes and over colours, in both modes; with --text, a merged
 model's text-prompted instance segmentation (SamClip.segment_text, see text_metrics).
 
-  python -m samclip_jax.world_eval --model DIR [--scenes 64] [--side 128] [--text]
+  python -m samclip_jax.world_eval --model DIR [--scenes 64] [--side 128 [--max-side 256]] [--renderer other] [--text]
 
 DIR: a SAM model dir, a CLIP model dir or a merged model (export or training workdir).
 """
@@ -19,14 +19,23 @@ import numpy as np
 from scipy import ndimage
 
 from samclip_jax import metrics
-from samclip_jax.data import sample
+from samclip_jax.data import other_world, sample
 from samclip_jax.data.world import WorldSource
 
 BACKGROUND = "background"
 
 
-def scenes(num: int = 64, side: int = 128, split: str = "test", seed: int = 0, max_side: int | None = None):
-  """Held-out scenes (drawn, never seen in training: the 'test' split of the world)."""
+RENDERERS = ("world", "other")
+
+
+def scenes(num: int = 64, side: int = 128, split: str = "test", seed: int = 0, max_side: int | None = None,
+           renderer: str = "world"):
+  """Held-out scenes: the world's `split` (drawn, never seen in training), or with renderer
+  "other" scenes of the same names drawn by other code (data/other_world.py; no split)."""
+  if renderer == "other":
+    return [other_world.draw_scene(seed, i, side, max_side or side) for i in range(num)]
+  if renderer != "world":
+    raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
   src = WorldSource(split, num, seed, side, max_side or side)
   return [src.scene(i) for i in range(num)]
 
@@ -176,10 +185,10 @@ def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_
 
 
 def evaluate_model(path: str, num_scenes: int = 64, side: int = 128, semseg_scenes: int = 32,
-                   parts=("sam", "clip", "semseg")) -> dict:
+                   parts=("sam", "clip", "semseg"), max_side: int | None = None, renderer: str = "world") -> dict:
   """Every metric (of `parts`) the model at `path` can compute, on `num_scenes` held-out scenes."""
   from samclip_jax import api
-  world = scenes(num_scenes, side)
+  world = scenes(num_scenes, side, max_side=max_side, renderer=renderer)
   kind = api.model_type(path)
   if kind == "sam":
     from samclip_jax.predictor import SamPredictor
@@ -206,18 +215,25 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="SAM dir, CLIP dir, or merged model (export / workdir)")
   p.add_argument("--scenes", type=int, default=64, help="held-out scenes to measure on")
-  p.add_argument("--side", type=int, default=128, help="scene side in pixels")
+  p.add_argument("--side", type=int, default=128, help="scene side in pixels (the smallest, with --max-side)")
+  p.add_argument("--max-side", type=int, default=None, help="sides drawn in [side, max-side] (default: side)")
+  p.add_argument("--renderer", choices=RENDERERS, default="world",
+                 help="'other': the same classes and colours drawn by independent code (data/other_world.py)")
   p.add_argument("--text", action="store_true",
                  help="text-prompted instance segmentation of a merged model (text_metrics) instead")
   args = p.parse_args(argv)
-  if args.scenes < 1 or args.side < 16:
-    p.error(f"--scenes must be >= 1 and --side >= 16, got {args.scenes} and {args.side}")
+  max_side = args.max_side or args.side
+  if args.scenes < 1 or args.side < 16 or max_side < args.side:
+    p.error(f"--scenes must be >= 1, --side >= 16 and --max-side >= --side, got {args.scenes}, "
+            f"{args.side} and {args.max_side}")
   if args.text:
     from samclip_jax import api
     model = api.SamClip.from_checkpoint(args.model)
-    print(json.dumps(text_metrics(model, scenes(args.scenes, args.side)), indent=2))
+    world = scenes(args.scenes, args.side, max_side=max_side, renderer=args.renderer)
+    print(json.dumps(text_metrics(model, world), indent=2))
     return 0
-  print(json.dumps(evaluate_model(args.model, args.scenes, args.side), indent=2))
+  print(json.dumps(evaluate_model(args.model, args.scenes, args.side, max_side=max_side,
+                                  renderer=args.renderer), indent=2))
   return 0
 
 
