@@ -1,7 +1,6 @@
 """The embedded world's teachers: SAM's objective and the contrastive loss against hand
 computation, the world source, short pretraining runs that learn, and the shipped teachers'
 quality on held-out scenes."""
-import os
 
 import jax
 import jax.numpy as jnp
