@@ -139,7 +139,6 @@ def coco_mask_ap(coco_gt, predictions: Sequence[Mapping[str, Any]],
   restricts the evaluation (default: every image of the ground truth). No predictions at all
   gives 0 (COCOeval itself cannot load an empty result list).
   """
-  from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
 
   gt = _as_coco(coco_gt)

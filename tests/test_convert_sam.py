@@ -9,7 +9,7 @@ import torch
 
 from convert.common import CheckpointError, flatten
 from convert.sam import convert_sam, infer_variant
-from samclip_jax.models.sam import SamConfig, load_sam
+from samclip_jax.models.sam import load_sam
 from sam_reference import TINY, build_torch_sam
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

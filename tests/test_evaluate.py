@@ -204,7 +204,7 @@ def test_local_defaults_to_the_main_job(task, tmp_path):
   cfg.model = str(tmp_path / "samclip_local")
   with pytest.raises(cli.UsageError) as e:
     evaluate.evaluate(cfg, str(tmp_path / "out"))
-  assert (f"--config.model=DIR" in str(e.value) and
+  assert ("--config.model=DIR" in str(e.value) and
           f"python -m samclip_jax.main --config=configs/merge.py:local --workdir={cfg.model}" in str(e.value))
   assert os.listdir(tmp_path) == []
 

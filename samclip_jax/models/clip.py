@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from samclip_jax.interpolate import bicubic_matrix
 from samclip_jax.sharding import CONV_IN, EMBED, HEADS, MLP, NONE, NORM, POS, VOCAB, param_with_axes
