@@ -6,8 +6,8 @@
   python -m samclip_jax.main --config=configs/merge.py:local --workdir=DIR    # CPU, minutes
 
 `arg` is a comma-separated list: one stage ("" / "distill" = stage 2, "probe" = stage 1,
-"resolution" = stage 3) and optionally "local" (tiny random teachers, the embedded sample,
-one CPU) or "tiny" (smaller still: tests, CI smoke runs). Stages chain through `init_from`:
+"resolution" = stage 3) and optionally "local" (the shipped world teachers, the embedded
+sample, one CPU) or "tiny" (tiny random teachers: tests, CI smoke runs). Stages chain through `init_from`:
 stage 2 starts from stage 1's export, stage 3 from stage 2's. Steps are derived from the
 paper's epochs over Merged-41M where it says so.
 """
