@@ -80,6 +80,26 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
+LABEL_MODES = ("crop", "dense")
+# The mean pixel the merged model's input is normalised by: it reads as zero, "nothing here".
+MEAN_PIXEL = tuple(round(v) for v in PIXEL_MEAN)
+
+
+def mask_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """The mask's bounding box of `image`, pixels outside the mask in the mean colour, centred on a
+  square of it (so a centre crop keeps all of it): uint8 [S,S,3]."""
+  ys, xs = np.nonzero(mask)
+  y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+  fill = np.asarray(MEAN_PIXEL, np.uint8)
+  box = np.where(mask[y0:y1, x0:x1, None], image[y0:y1, x0:x1], fill)
+  h, w = box.shape[:2]
+  side = max(h, w)
+  out = np.empty((side, side, 3), np.uint8)
+  out[:] = fill
+  out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = box
+  return out
+
+
 def sam_input(image: np.ndarray, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
   """SAM's preprocessing: longest side -> image_size (PIL bilinear), normalise, zero pad."""
   from samclip_jax.predictor import get_preprocess_shape
@@ -447,9 +467,17 @@ class SamClip:
     return np.asarray(label, np.int32), details
 
   def label_masks(self, image, masks: Sequence[np.ndarray], class_names: Sequence[str],
-                  templates="imagenet80") -> list[tuple[str, float]]:
-    """For each binary mask [H,W] (the image's size), the class whose CLIP-head logits are
-    highest on average inside it, with its probability."""
+                  templates="imagenet80", mode: str = "crop") -> list[tuple[str, float]]:
+    """For each binary mask [H,W] (the image's size), its most likely class with its probability.
+
+    mode "crop": the mask cut out (mask_crop: its box, the pixels outside it in the mean
+    colour, centred on a square) and classified by the pooled CLIP-head embedding, the output
+    distillation trains; "dense": the class whose per-patch CLIP-head logits are highest on
+    average inside the mask, where the scene around a small mask weighs in (README: on the world's
+    held-out scenes crops name instances' colours right 0.62 of the time, dense logits 0.41).
+    """
+    if mode not in LABEL_MODES:
+      raise ValueError(f"label_masks mode must be one of {LABEL_MODES}, got {mode!r}")
     if len(masks) == 0:
       return []
     image = as_rgb_uint8(image)
@@ -463,10 +491,14 @@ class SamClip:
         raise ValueError(f"mask {i} is not binary (values in [{m.min()}, {m.max()}]): give bool or 0/1 masks")
       if not m.any():
         raise ValueError(f"mask {i} is empty: no pixel to name")
-    logits = self.semantic_logits(image, class_names, templates)            # [C,H,W]
-    m = np.stack([np.asarray(x, np.float32) for x in masks])                  # [N,H,W]
-    area = np.maximum(m.sum(axis=(1, 2)), 1.0)
-    mean = np.einsum("nhw,chw->nc", m, logits) / area[:, None]
+    if mode == "crop":
+      emb = self.encode_image([mask_crop(image, np.asarray(m, bool)) for m in masks])
+      mean = self.logit_scale * emb @ self.text_classifier(class_names, templates).T
+    else:
+      logits = self.semantic_logits(image, class_names, templates)            # [C,H,W]
+      m = np.stack([np.asarray(x, np.float32) for x in masks])                  # [N,H,W]
+      area = np.maximum(m.sum(axis=(1, 2)), 1.0)
+      mean = np.einsum("nhw,chw->nc", m, logits) / area[:, None]
     probs = np.asarray(jax.nn.softmax(mean, axis=-1))
     best = probs.argmax(axis=-1)
     return [(class_names[i], float(probs[n, i])) for n, i in enumerate(best)]

@@ -230,6 +230,37 @@ def test_class_names_refused(model):
     model.text_model.zero_shot_classifier(["dog", "dog"], "photo")
 
 
+def test_mask_crop_keeps_the_mask_alone_centred_on_a_square():
+  img = _image()
+  mask = np.zeros(img.shape[:2], bool)
+  mask[20:50, 30:100] = True          # a 30 x 70 box ...
+  mask[20:30, 30:40] = False          # ... with a notch
+  crop = api.mask_crop(img, mask)
+  assert crop.shape == (70, 70, 3) and crop.dtype == np.uint8
+  fill = np.asarray(api.MEAN_PIXEL, np.uint8)
+  assert (crop[:20] == fill).all() and (crop[50:] == fill).all()   # (70 - 30) // 2 rows above and below
+  np.testing.assert_array_equal(crop[20:50][mask[20:50, 30:100]], img[20:50, 30:100][mask[20:50, 30:100]])
+  assert (crop[20:30, 0:10] == fill).all()
+
+
+def test_label_masks_crop_ignores_the_scene_around_the_mask(model):
+  """A mask's name by crop depends on its own pixels only; by dense logits the scene weighs in."""
+  img = _image()
+  mask = np.zeros(img.shape[:2], bool)
+  mask[40:90, 50:120] = True
+  other = img.copy()
+  other[~mask] = 255 - other[~mask]
+  for mode in api.LABEL_MODES:
+    a = model.label_masks(img, [mask], NAMES, "photo", mode=mode)[0]
+    b = model.label_masks(other, [mask], NAMES, "photo", mode=mode)[0]
+    if mode == "crop":
+      assert a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-6)
+    else:
+      assert abs(a[1] - b[1]) > 1e-4 or a[0] != b[0]
+  with pytest.raises(ValueError, match="mode must be one of"):
+    model.label_masks(img, [mask], NAMES, "photo", mode="pooled")
+
+
 def test_label_masks_wrong_shape(model):
   img = _image()
   with pytest.raises(ValueError, match=r"mask 1 has shape \(10, 10\).*150x210"):
