@@ -3,7 +3,8 @@
 What the README, the tests and the merge study report for a SAM teacher, a CLIP teacher or a
 merged model: box- and single-point-prompted mask mIoU against the true instance masks,
 zero-shot top-1 on the largest shape (5 classes, OpenAI's 80 templates) and on its colour
-(8 colours), caption retrieval R@1, and zero-shot semantic segmentation mIoU (with a
+(8 colours), caption retrieval R@1, how often masks are named by their right colour / shape
+(label_masks, both modes), and zero-shot semantic segmentation mIoU (with a
 "background" class) over shapes and over colours, in both modes; with --text, a merged
 model's text-prompted instance segmentation (SamClip.segment_text, see text_metrics).
 
@@ -123,6 +124,23 @@ def merged_clip_metrics(model, world, resolution: int, templates="imagenet80") -
           "colour_top1": _top1(embed, classifier, world, "colour")}
 
 
+def naming_metrics(model, world, templates="imagenet80") -> dict:
+  """naming_{colour,shape}_{crop,dense}: how often model.label_masks names each true instance
+  mask's colour (shape) right, in each of its modes (a mask's crop, or its mean dense logits)."""
+  from samclip_jax import api
+  out = {}
+  for by, (names, id_map) in SEMANTICS.items():
+    for mode in api.LABEL_MODES:
+      hits = []
+      for s in world:
+        if len(s["masks"]):
+          truth = [names[int(id_map(s)[m].max()) - 1] for m in s["masks"]]
+          named = model.label_masks(s["image"], list(s["masks"]), names, templates, mode=mode)
+          hits += [n == t for (n, _), t in zip(named, truth)]
+      out[f"naming_{by}_{mode}"] = float(np.mean(hits)) if hits else None
+  return out
+
+
 def semseg_metrics(model, world, mode: str, resolution: int, templates="imagenet80", by="shape") -> float:
   """mIoU over the shapes (or colours) + background of model.segment_semantic(mode)."""
   labels, id_map = SEMANTICS[by]
@@ -185,7 +203,8 @@ def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_
 
 
 def evaluate_model(path: str, num_scenes: int = 64, side: int = 128, semseg_scenes: int = 32,
-                   parts=("sam", "clip", "semseg"), max_side: int | None = None, renderer: str = "world") -> dict:
+                   parts=("sam", "clip", "naming", "semseg"), max_side: int | None = None,
+                   renderer: str = "world") -> dict:
   """Every metric (of `parts`) the model at `path` can compute, on `num_scenes` held-out scenes."""
   from samclip_jax import api
   world = scenes(num_scenes, side, max_side=max_side, renderer=renderer)
@@ -203,6 +222,8 @@ def evaluate_model(path: str, num_scenes: int = 64, side: int = 128, semseg_scen
     out.update(sam_metrics(model.predictor(), world))
   if "clip" in parts:
     out.update(merged_clip_metrics(model, world, res))
+  if "naming" in parts:
+    out.update(naming_metrics(model, world))
   if "semseg" in parts:
     for by, prefix in (("shape", "semseg_miou"), ("colour", "semseg_colour_miou")):
       for mode, suffix in (("clip", "clip"), ("clip+sam", "clip_sam")):

@@ -290,3 +290,22 @@ def test_other_renderer_scenes_are_consistent():
     for m, c in zip(s["masks"], s["classes"]):
       want[m] = c
     assert np.array_equal(s["semantic"], want)
+
+
+def test_naming_metrics_count_each_instance_against_its_own_colour_and_shape():
+  """world_eval.naming_metrics reads each mask's truth from the scene's maps; a model that
+  names every mask "red" / "circle" scores exactly those names' share of the instances."""
+  from samclip_jax import api, world_eval
+
+  class AlwaysFirst:
+    def label_masks(self, image, masks, names, templates, mode):
+      assert mode in api.LABEL_MODES and len(masks) and all(m.shape == image.shape[:2] for m in masks)
+      return [(names[0], 1.0)] * len(masks)
+
+  world = world_eval.scenes(12, 64)
+  got = world_eval.naming_metrics(AlwaysFirst(), world)
+  colours = [c for s in world for c in s["colours"]]
+  shapes = [sample.CLASSES[c - 1] for s in world for c in s["classes"]]
+  for mode in api.LABEL_MODES:
+    assert got[f"naming_colour_{mode}"] == pytest.approx(colours.count(list(sample.COLOURS)[0]) / len(colours))
+    assert got[f"naming_shape_{mode}"] == pytest.approx(shapes.count(sample.CLASSES[0]) / len(shapes))
