@@ -134,7 +134,8 @@ def naming_metrics(model, world, templates="imagenet80") -> dict:
       hits = []
       for s in world:
         if len(s["masks"]):
-          truth = [names[int(id_map(s)[m].max()) - 1] for m in s["masks"]]
+          ids = id_map(s)
+          truth = [names[int(ids[m].max()) - 1] for m in s["masks"]]
           named = model.label_masks(s["image"], list(s["masks"]), names, templates, mode=mode)
           hits += [n == t for (n, _), t in zip(named, truth)]
       out[f"naming_{by}_{mode}"] = float(np.mean(hits)) if hits else None
