@@ -94,8 +94,7 @@ def mask_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   box = np.where(mask[y0:y1, x0:x1, None], image[y0:y1, x0:x1], fill)
   h, w = box.shape[:2]
   side = max(h, w)
-  out = np.empty((side, side, 3), np.uint8)
-  out[:] = fill
+  out = np.full((side, side, 3), fill, np.uint8)
   out[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = box
   return out
 

@@ -315,7 +315,8 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
     for s in stems[2:] if name == "clean" else stems:
       shutil.copy(os.path.join(images, s + ".jpg"), tmp_path / name / "img")
       shutil.copy(os.path.join(labels, s + ".png"), tmp_path / name / "lab")
-  _spoil(tmp_path / "spoilt" / "lab", [stems[0] + ".png", stems[0] + ".png"])
+  with open(tmp_path / "spoilt" / "lab" / (stems[0] + ".png"), "wb") as f:   # a corrupt label map
+    f.write(np.random.default_rng(0).bytes(2000))
   small = tmp_path / "spoilt" / "lab" / (stems[1] + ".png")
   with Image.open(small) as im:
     im.resize((im.width // 2, im.height // 2), Image.NEAREST).save(small)
