@@ -512,16 +512,18 @@ class SamClip:
     (default "background"; name the other things the image may hold for a sharper query) as
     the rest: on the one backbone pass at SAM's input size (1024 px) that feeds both heads,
     each CLIP-head patch gets logits logit_scale * cosine with the prompts' text embeddings
-    and p(query) = softmax over [text, *contrast]. The query's patches are those where it is the most
-    likely prompt (argmax), or where p(query) > `threshold` when one is given.
-    Candidates: the local maxima (3x3) of p over the query's patches inside the image, the
-    `max_candidates` highest, each a positive point prompt for the SAM head. Each of SAM's
-    three masks per point is scored p_mask x predicted IoU (clipped to [0, 1]), p_mask the
-    query's probability from the mean logits inside the mask (logits bilinearly upsampled to
-    the image, as label_masks names masks); the best non-empty mask of each point is kept,
-    then greedy NMS on mask IoU (> `nms_thresh` suppressed, `mask_nms`); masks scored below
-    `min_score` are dropped (0 keeps every one: what a query finds among distractors is often
-    low-scored). No patch of the query, or no mask left: 0 masks ([0,H,W] and [0]).
+    and p(query) = softmax over [text, *contrast]. Candidates: the local maxima (3x3) of
+    p(query) over the patches inside the image (only those with p(query) > `threshold` when one
+    is given), the `max_candidates` highest, each a positive point prompt for the SAM head.
+    Each of SAM's three masks per point is scored p_mask x predicted IoU (clipped to [0, 1]),
+    p_mask the query's probability from the mean logits inside the mask (logits bilinearly
+    upsampled to the image, as label_masks names masks); the best non-empty mask of each point
+    is kept, then greedy NMS on mask IoU (> `nms_thresh` suppressed, `mask_nms`); masks scored
+    below `min_score` are dropped. It ranks, it does not decide presence: without `threshold`
+    or `min_score` a query the image does not hold still gets its best guesses, low-scored
+    (a patch need not be more like the query than like every contrast prompt: with a weak CLIP
+    the true instance often is not, README). No candidate, or no mask left: 0 masks ([0,H,W]
+    and [0]).
     """
     if not isinstance(text, str) or not text.strip():
       raise ValueError(f"segment_text needs a non-empty text query, got {text!r}")
@@ -545,7 +547,7 @@ class SamClip:
     emb, patch = self._encode_both(self.params, x)
     logits = np.asarray(self.logit_scale * jnp.einsum("hwd,cd->chw", patch[0], classifier, precision="highest"))
     relevance = np.asarray(jax.nn.softmax(logits, axis=0))[0]
-    chosen = relevance > threshold if threshold is not None else np.argmax(logits, axis=0) == 0
+    chosen = relevance > (threshold if threshold is not None else -1.0)
     points = text_candidates(relevance, chosen, size, (nh, nw), max_candidates)
     if len(points) == 0:
       return nothing

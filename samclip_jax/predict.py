@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: background)")
   p.add_argument("--min-score", type=float, default=0.0,
                  help="--text: drop masks scored below this (p_mask x predicted IoU, 0 to 1; default 0 keeps all)")
+  p.add_argument("--top", type=int,
+                 help="--text: draw only the K best masks (default: every one, best first)")
   p.add_argument("--points-per-side", type=int,
                  help=f"--everything grid (default: a point every {GRID_SPACING} px of the image as the "
                       "model sees it, 4 to 32 a side)")
@@ -159,6 +161,10 @@ def run(args) -> str:
     raise UsageError("--min-score needs --text")
   if not 0.0 <= args.min_score <= 1.0:
     raise UsageError(f"--min-score must be in [0, 1], got {args.min_score}")
+  if args.top is not None and args.text is None:
+    raise UsageError("--top needs --text")
+  if args.top is not None and args.top < 1:
+    raise UsageError(f"--top must be at least 1, got {args.top}")
   if args.everything and prompted:
     raise UsageError("--everything takes no --points / --boxes")
   if args.text is not None:
@@ -224,9 +230,12 @@ def run(args) -> str:
   elif args.text is not None:
     masks, scores = model.segment_text(image, args.text, contrast=contrast, templates=args.templates,
                                        min_score=args.min_score)
-    print(text_summary(args.text, scores, args.min_score), file=sys.stderr)
+    print(text_summary(args.text, scores, args.min_score, args.top), file=sys.stderr)
+    title = f"{args.text!r}: {cli.plural(len(masks), 'mask')}"
+    if args.top is not None and args.top < len(masks):
+      masks, scores, title = masks[:args.top], scores[:args.top], title + f", the best {args.top} drawn"
     pic = visualize.overlay_masks(image, masks, alpha=args.alpha, tags=[f"{s:.2f}" for s in scores],
-                                  title=f"{args.text!r}: {cli.plural(len(masks), 'mask')}")
+                                  title=title)
   elif args.everything:
     side = args.points_per_side or default_points_per_side(h, w, model.config.sam.image_size)
     progress = cli.Progress("everything", side * side, "points")
@@ -257,16 +266,16 @@ def everything_summary(side: int, c: dict, args) -> str:
   return line
 
 
-def text_summary(text: str, scores, min_score: float = 0.0) -> str:
+def text_summary(text: str, scores, min_score: float = 0.0, top: int | None = None) -> str:
   """How many instances --text found, with their scores, or what to try when none."""
   line = f"[text] {text!r}: {cli.plural(len(scores), 'mask')}"
   if len(scores):
-    return line + " (scores " + ", ".join(f"{s:.2f}" for s in scores) + ")"
+    drawn = f"; the best {top} drawn" if top is not None and top < len(scores) else ""
+    return line + " (scores " + ", ".join(f"{s:.2f}" for s in scores) + ")" + drawn
   if min_score > 0:
-    return line + (f"\n[text] none matched, or none scored >= --min-score {min_score}: lower it (0 keeps "
-                   "every mask), rephrase the query, or name fewer / other --contrast prompts")
-  return line + ("\n[text] no patch of the picture is more like the query than like each --contrast "
-                 "prompt: rephrase it, or name fewer / other --contrast prompts")
+    return line + (f"\n[text] none scored >= --min-score {min_score}: lower it (0 keeps every mask), "
+                   "rephrase the query, or name fewer / other --contrast prompts")
+  return line + "\n[text] no candidate point gave a non-empty mask"
 
 
 MARK = "samclip_jax.predict"  # in every picture predict writes: a PNG text chunk, a JPEG comment

@@ -177,8 +177,9 @@ def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_
   contrast set is the rest of the query's vocabulary (all other colour+shape names, or all
   other colours) and "background". Per kind: miou (mean over queries of the best returned
   mask's IoU with the target's true mask, 0 when nothing comes back), top1_miou (the most
-  confident mask's), hit_rate (best IoU >= 0.5), empty_rate (no mask), each None without
-  queries, and the query count.
+  confident mask's), random_miou (a returned mask picked at random: what the ranking adds
+  to top1), hit_rate (best IoU >= 0.5), empty_rate (no mask), masks (returned per query),
+  each None without queries, and the query count.
   """
   ious = {k: [] for k in TEXT_QUERIES}
   for i, s in enumerate(world):
@@ -197,7 +198,9 @@ def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_
   for kind, per_query in ious.items():
     best = [max(q, default=0.0) for q in per_query]
     stats = {"miou": best, "top1_miou": [q[0] if q else 0.0 for q in per_query],
-             "hit_rate": [b >= HIT_IOU for b in best], "empty_rate": [not q for q in per_query]}
+             "random_miou": [float(np.mean(q)) if q else 0.0 for q in per_query],
+             "hit_rate": [b >= HIT_IOU for b in best], "empty_rate": [not q for q in per_query],
+             "masks": [len(q) for q in per_query]}
     out.update({f"text_{kind}_{k}": float(np.mean(v)) if v else None for k, v in stats.items()})
     out[f"text_{kind}_queries"] = len(per_query)
   return out

@@ -1,6 +1,6 @@
 """Text-prompted instance segmentation (SamClip.segment_text) on the tiny random merged model:
 the contract users rely on (bool masks of the image size, best first, no duplicates, an empty
-result when nothing matches, clear refusals), its pieces (candidate points, mask NMS), the
+result when nothing passes a threshold, clear refusals), its pieces (candidate points, mask NMS), the
 world measurement and predict --text."""
 import json
 import os
@@ -72,6 +72,9 @@ def test_nothing_matches(model):
   masks, scores = model.segment_text(_image(), "red rectangle", templates="photo", threshold=0.999)
   assert masks.shape == (0, 150, 210) and masks.dtype == bool
   assert scores.shape == (0,) and scores.dtype == np.float32
+  # Without a threshold it ranks: the same weak evidence still gives its best guesses.
+  masks, scores = model.segment_text(_image(), "red rectangle", templates="photo")
+  assert len(masks) >= 1 and (scores < 0.999).all()
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -130,11 +133,13 @@ def test_world_text_metrics(paths, capsys):
   assert out["text_colour_shape_queries"] == sum(len(s["masks"]) > 0 for s in world) > 0
   for kind in world_eval.TEXT_QUERIES:
     n = out[f"text_{kind}_queries"]
-    for key in ("miou", "top1_miou", "hit_rate", "empty_rate"):
+    for key in ("miou", "top1_miou", "random_miou", "hit_rate", "empty_rate"):
       value = out[f"text_{kind}_{key}"]
       assert (value is None) if n == 0 else 0.0 <= value <= 1.0
     if n:
       assert out[f"text_{kind}_top1_miou"] <= out[f"text_{kind}_miou"]
+      assert out[f"text_{kind}_random_miou"] <= out[f"text_{kind}_miou"]
+      assert out[f"text_{kind}_masks"] >= 1 - out[f"text_{kind}_empty_rate"]
 
 
 def test_predict_text_writes_picture(paths, tmp_path, capsys):
@@ -145,6 +150,16 @@ def test_predict_text_writes_picture(paths, tmp_path, capsys):
   assert predict.main(args + ["--text", "red rectangle"]) == 0
   err = capsys.readouterr().err
   assert "[text] 'red rectangle': " in err and " (scores " in err
+  n = int(err.split("[text] 'red rectangle': ")[1].split(" mask")[0])
+  assert n >= 2
+  top = tmp_path / "top.png"
+  assert predict.main(args[:-1] + [str(top), "--text", "red rectangle", "--top", "1"]) == 0
+  assert f"{n} masks (scores " in capsys.readouterr().err    # all found, the best drawn
+  with Image.open(top) as im:
+    drawn_one = np.asarray(im.convert("RGB"))[:150, :210].astype(int)
+  with Image.open(out) as im:
+    drawn_all = np.asarray(im.convert("RGB"))[:150, :210].astype(int)
+  assert (drawn_one != drawn_all).any()
   with Image.open(out) as im:
     pic = np.asarray(im.convert("RGB"))
   assert pic.shape[0] >= 150 and pic.shape[1] > 210
@@ -159,6 +174,8 @@ def test_predict_text_writes_picture(paths, tmp_path, capsys):
     (["--contrast", "a,b", "--classes", "a,b"], "--contrast needs --text"),
     (["--text", "star", "--contrast", " , "], "--contrast: give"),
     (["--classes", "a,b", "--min-score", "0.5"], "--min-score needs --text"),
+    (["--classes", "a,b", "--top", "1"], "--top needs --text"),
+    (["--text", "star", "--top", "0"], "--top must be at least 1"),
     (["--text", "star", "--min-score", "2"], "--min-score must be in [0, 1]"),
 ])
 def test_predict_text_bad_arguments(paths, tmp_path, capsys, extra, message):
