@@ -547,7 +547,7 @@ class SamClip:
     emb, patch = self._encode_both(self.params, x)
     logits = np.asarray(self.logit_scale * jnp.einsum("hwd,cd->chw", patch[0], classifier, precision="highest"))
     relevance = np.asarray(jax.nn.softmax(logits, axis=0))[0]
-    chosen = relevance > (threshold if threshold is not None else -1.0)
+    chosen = relevance > threshold if threshold is not None else np.ones_like(relevance, bool)
     points = text_candidates(relevance, chosen, size, (nh, nw), max_candidates)
     if len(points) == 0:
       return nothing

@@ -230,12 +230,11 @@ def run(args) -> str:
   elif args.text is not None:
     masks, scores = model.segment_text(image, args.text, contrast=contrast, templates=args.templates,
                                        min_score=args.min_score)
-    print(text_summary(args.text, scores, args.min_score, args.top), file=sys.stderr)
-    title = f"{args.text!r}: {cli.plural(len(masks), 'mask')}"
-    if args.top is not None and args.top < len(masks):
-      masks, scores, title = masks[:args.top], scores[:args.top], title + f", the best {args.top} drawn"
-    pic = visualize.overlay_masks(image, masks, alpha=args.alpha, tags=[f"{s:.2f}" for s in scores],
-                                  title=title)
+    shown = len(masks) if args.top is None else min(args.top, len(masks))
+    print(text_summary(args.text, scores, args.min_score, shown), file=sys.stderr)
+    title = f"{args.text!r}: {cli.plural(len(masks), 'mask')}" + drawn_note(shown, len(masks))
+    pic = visualize.overlay_masks(image, masks[:shown], alpha=args.alpha,
+                                  tags=[f"{s:.2f}" for s in scores[:shown]], title=title)
   elif args.everything:
     side = args.points_per_side or default_points_per_side(h, w, model.config.sam.image_size)
     progress = cli.Progress("everything", side * side, "points")
@@ -266,11 +265,17 @@ def everything_summary(side: int, c: dict, args) -> str:
   return line
 
 
-def text_summary(text: str, scores, min_score: float = 0.0, top: int | None = None) -> str:
-  """How many instances --text found, with their scores, or what to try when none."""
+def drawn_note(shown: int, found: int) -> str:
+  """', the best K drawn' when --top leaves some of the found masks out, else ''."""
+  return f", the best {shown} drawn" if shown < found else ""
+
+
+def text_summary(text: str, scores, min_score: float = 0.0, shown: int | None = None) -> str:
+  """How many instances --text found, with their scores (and how many are drawn), or what to
+  try when none."""
   line = f"[text] {text!r}: {cli.plural(len(scores), 'mask')}"
   if len(scores):
-    drawn = f"; the best {top} drawn" if top is not None and top < len(scores) else ""
+    drawn = drawn_note(len(scores) if shown is None else shown, len(scores))
     return line + " (scores " + ", ".join(f"{s:.2f}" for s in scores) + ")" + drawn
   if min_score > 0:
     return line + (f"\n[text] none scored >= --min-score {min_score}: lower it (0 keeps every mask), "
