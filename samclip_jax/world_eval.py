@@ -102,8 +102,8 @@ def _top1(embed, classifier, world, by: str) -> float:
 
 
 def clip_teacher_metrics(clip, world, templates="imagenet80") -> dict:
-  """top1 / colour_top1 (largest shape's class / colour, zero-shot) and retrieval_r1 (image ->
-  its caption among all) of a ClipModel."""
+  """top1 / colour_top1 (largest shape's class / colour, zero-shot), retrieval_r1 (image ->
+  its caption among all) and naming_* (clip_naming_metrics) of a ClipModel."""
   embed = lambda images: clip.encode_image(images, normalize=True)
   classifier = lambda names: clip.zero_shot_classifier(names, templates)
   out = {"top1": _top1(embed, classifier, world, "shape"),
@@ -113,7 +113,25 @@ def clip_teacher_metrics(clip, world, templates="imagenet80") -> dict:
   captions = [sample.caption(s) for s in kept]
   best = np.argmax(img @ np.asarray(clip.encode_text(captions, normalize=True)).T, -1)
   out["retrieval_r1"] = float(np.mean([captions[j] == captions[i] for i, j in enumerate(best)]))
+  out.update(clip_naming_metrics(clip, world, templates))
   return out
+
+
+def clip_naming_metrics(clip, world, templates="imagenet80") -> dict:
+  """naming_{colour,shape}: how often a ClipModel names each true instance's colour (shape)
+  from its crop (api.mask_crop, as label_masks' "crop" mode shows a merged model a mask)."""
+  from samclip_jax.api import mask_crop
+  crops, truth = [], {by: [] for by in SEMANTICS}
+  for s in world:
+    for k, m in enumerate(s["masks"]):
+      crops.append(mask_crop(s["image"], m))
+      truth["shape"].append(s["classes"][k] - 1)
+      truth["colour"].append(list(sample.COLOURS).index(s["colours"][k]))
+  if not crops:
+    return {f"naming_{by}": None for by in SEMANTICS}
+  emb = np.asarray(clip.encode_image(crops, normalize=True))
+  return {f"naming_{by}": float(np.mean(np.argmax(emb @ np.asarray(clip.zero_shot_classifier(
+      names, templates)).T, -1) == np.array(truth[by]))) for by, (names, _) in SEMANTICS.items()}
 
 
 def merged_clip_metrics(model, world, resolution: int, templates="imagenet80") -> dict:
