@@ -54,9 +54,6 @@ def _clip(c):
   # Per image, this many copies of its caption with one shape name swapped join the
   # image->text softmax (NegCLIP): colour alone can no longer solve the batch.
   c.hard_negatives = 0
-  # This fraction of training images is one shape's crop captioned by its own colour and shape
-  # (world sources): one object per image, so the shape word has one answer in the pixels.
-  c.object_crops = 0.0
   c.zero_unused_tokens = True  # export: zero token rows the world never uses (a small file)
   c.model = ml_collections.ConfigDict()
   c.model.resnet_layers = ()  # () = ViT; 4 block counts = open_clip's ModifiedResNet (',resnet')

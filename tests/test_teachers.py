@@ -127,47 +127,6 @@ def test_ground_truth_masks_follow_their_prompts():
         assert b["gt_masks"][i, k, int(y) // 2, int(x) // 2]
 
 
-def test_object_crops_show_and_name_one_instance():
-  """object_crops: the view is a square inside the image holding one instance's whole bounding
-  box, captioned by that instance's own colour and shape; evaluation never crops."""
-  from samclip_jax.templates import get_templates
-  src = WorldSource("train", 40, min_side=96, max_side=96)
-  render = clip_pretrain.CaptionRender(96, 32, train=True, object_crops=1.0)
-  rng, seen = np.random.default_rng(0), set()
-  for i in range(40):
-    rec = records.decode(src[i])
-    if not rec["classes"]:
-      continue
-    (x0, y0, side, side_y), captions = clip_pretrain.object_view(rec, rng, 96, 96)
-    assert side == side_y and 0 <= x0 and 0 <= y0 and x0 + side <= 96 + 1e-6 and y0 + side <= 96 + 1e-6
-    colour, name = captions[0][len(sample.CAPTION_PREFIX):].split()
-    assert captions[1] == sample.CAPTION_PREFIX + name
-    # The captioned instance: one whose colour and class match and whose mask the box covers.
-    held = [k for k, (c, col) in enumerate(zip(rec["classes"], rec["colours"]))
-            if sample.CLASSES[c - 1] == name and col == colour]
-    def inside(k):
-      ys, xs = np.nonzero(records.decode_mask(rec["masks"][k]))
-      return x0 - 1 <= xs.min() and xs.max() <= x0 + side + 1 and y0 - 1 <= ys.min() and ys.max() <= y0 + side + 1
-    assert any(inside(k) for k in held), (i, captions)
-    out = render.random_map((i, src[i]), rng)
-    assert out["image"].shape == (96, 96, 3)
-    text = [t for t, v in render._tokens.items() if (v == out["tokens"]).all()][0]
-    seen.add(text)
-    words = text.split()  # "a photo of a [colour] shape": one instance, never a list of them
-    assert words[:4] == ["a", "photo", "of", "a"] and len(words) in (5, 6) and words[-1] in sample.CLASSES
-  assert {len(t.split()) for t in seen} == {5, 6}  # with and without the colour
-  evaluation = clip_pretrain.CaptionRender(96, 32, train=False, object_crops=1.0)
-  rec = src[1]
-  out = evaluation.random_map((1, rec), rng)
-  np.testing.assert_array_equal(out["image"], rec["image"])  # the whole scene, canonical caption
-  # Records without instances (a prepared caption set) are refused by name.
-  with pytest.raises(ValueError, match="object_crops needs records"):
-    clip_pretrain.object_view({"key": "x", "classes": [1], "image": rec["image"]}, rng, 96, 96)
-  templated = clip_pretrain.CaptionRender(96, 32, train=True, object_crops=1.0,
-                                          templates=get_templates("imagenet80"))
-  assert templated.random_map((1, rec), rng)["image"].shape == (96, 96, 3)
-
-
 def test_teacher_configs_refuse_bad_args():
   with pytest.raises(ValueError, match="one of"):
     teachers.get_config("sam,clip")
@@ -180,14 +139,6 @@ def test_teacher_configs_refuse_bad_args():
   c = teachers.get_config("clip,tiny")
   c.hard_negatives = -1
   with pytest.raises(ValueError, match="hard_negatives"):
-    train.create_task(c, jax.devices()[:1])
-  c = teachers.get_config("clip,tiny")
-  c.object_crops = 1.5
-  with pytest.raises(ValueError, match="object_crops"):
-    train.create_task(c, jax.devices()[:1])
-  c = teachers.get_config("clip,tiny")
-  c.object_crops, c.data.clip_train = 0.5, "/data/captions"  # a caption set has no instances
-  with pytest.raises(ValueError, match="object_crops needs the world"):
     train.create_task(c, jax.devices()[:1])
 
 
@@ -223,10 +174,9 @@ def test_clip_pretraining_runs_and_exports(tmp_path, arg):
   prior alone, 0.39 for a constant answer).
   """
   config = teachers.get_config(arg)
-  if "resnet" in arg:  # the NegCLIP path and object crops too, at no extra compile
+  if "resnet" in arg:  # the NegCLIP path too, at no extra compile
     config.unlock()
     config.hard_negatives = 2
-    config.object_crops = 0.5
   out = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert out["step"] == 30 and all(np.isfinite(out[k]) for k in ("eval/loss", "eval/top1", "eval/retrieval_r1"))
   assert 0 <= out["eval/top1"] <= 1 and 0 <= out["eval/retrieval_r1"] <= 1

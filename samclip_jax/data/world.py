@@ -4,8 +4,7 @@ Scene i of split s is drawn on demand from (seed, s, i) by sample.draw_scene: no
 stored, every split is disjoint from the others, and any process draws the same scene for
 the same index. Records are dicts (as TFDS sources give) with everything both loaders read
 (records.py keys): the image as a uint8 array (nothing to encode or decode), a caption and the
-largest shape's label (CLIP), the instance masks (RLE), classes and colours (SAM; CLIP's
-object crops).
+largest shape's label (CLIP), the instance masks (RLE) and classes (SAM).
 """
 import grain
 
@@ -41,8 +40,7 @@ class WorldSource(grain.sources.RandomAccessDataSource):
     return {"key": f"world_{self.split}_{int(index):07d}", "image": scene["image"],
             "height": h, "width": w, "caption": sample.caption(scene), "label": sample.label(scene),
             "captions": sample.caption_variants(scene),
-            "masks": records.encode_masks(scene["masks"]), "classes": list(scene["classes"]),
-            "colours": list(scene["colours"])}
+            "masks": records.encode_masks(scene["masks"]), "classes": list(scene["classes"])}
 
   def __repr__(self):  # grain checks it on restore: no paths, so a moved workdir resumes
     return (f"WorldSource(split={self.split!r}, num_records={self.num_records}, seed={self.seed}, "

@@ -63,54 +63,27 @@ def swap_shapes(text: str, count: int, rng, classes) -> list[str]:
   return [swaps[order[i % len(swaps)]] for i in range(count)]
 
 
-def object_view(rec, rng, h: int, w: int):
-  """One instance of a world record as its own training image: a square box around it (its
-  bounding box's longer side times 1.2-2, so some context shows) and its true captions (with
-  and without colour). Instances are drawn in proportion to their visible area."""
-  from samclip_jax.data import records, sample
-  if not all(k in rec for k in ("masks", "classes", "colours")):
-    raise ValueError("object_crops needs records with instance masks, classes and colours "
-                     f"(world:... sources); record {rec.get('key', '?')!r} has {sorted(rec)}")
-  masks = [records.decode_mask(m) for m in rec["masks"]]
-  areas = np.array([m.sum() for m in masks], np.float64)
-  i = int(rng.choice(len(masks), p=areas / areas.sum()))
-  ys, xs = np.nonzero(masks[i])
-  cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-  half = min(max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) * rng.uniform(0.6, 1.0), h / 2, w / 2)
-  x0, y0 = min(max(cx - half, 0), w - 2 * half), min(max(cy - half, 0), h - 2 * half)
-  name = sample.CLASSES[rec["classes"][i] - 1]
-  captions = [f"{sample.CAPTION_PREFIX}{rec['colours'][i]} {name}", f"{sample.CAPTION_PREFIX}{name}"]
-  return (x0, y0, 2 * half, 2 * half), captions
-
-
 class CaptionRender(grain.transforms.RandomMap):
   """Record -> the whole image at `resolution`, caption tokens, label; `train` adds a random
   flip, a random one of the scene's true captions and a random prompt template around it,
-  and `hard_negatives` shape-swapped versions of that caption ("negative_tokens" [K, L]).
-  With probability `object_crops` a training image is one instance's crop instead
-  (object_view), captioned by its own colour and shape."""
+  and `hard_negatives` shape-swapped versions of that caption ("negative_tokens" [K, L])."""
 
   def __init__(self, resolution: int, context_length: int, train: bool,
-               caption_weights=None, templates: tuple[str, ...] = (), hard_negatives: int = 0,
-               object_crops: float = 0.0):
+               caption_weights=None, templates: tuple[str, ...] = (), hard_negatives: int = 0):
     self.resolution, self.context_length, self.flip = resolution, context_length, train
     self.caption_weights, self.templates = caption_weights, tuple(templates)
     self.hard_negatives = hard_negatives if train else 0
-    self.object_crops = object_crops if train else 0.0
     self._tokenizer, self._tokens = None, {}  # captions repeat: tokenise each once
 
-  def caption(self, rec, rng, variants=None) -> str:
-    """The training caption: a weighted draw of the scene's true captions (or a uniform one of
-    `variants`), its "a photo of a" wrapper swapped for a random template (zero-shot prompts
-    are then not new sentences to the text tower); evaluation keeps the canonical caption."""
+  def caption(self, rec, rng) -> str:
+    """The training caption: a weighted draw of the scene's true captions, its "a photo of a"
+    wrapper swapped for a random template (zero-shot prompts are then not new sentences to
+    the text tower); evaluation keeps the canonical caption."""
     from samclip_jax.data import sample
+    variants = rec.get("captions") or [rec["caption"]]
     if not self.flip:
       return rec["caption"]
-    if variants is None:
-      variants = rec.get("captions") or [rec["caption"]]
-      weights = np.array((self.caption_weights or sample.CAPTION_WEIGHTS)[:len(variants)], np.float64)
-    else:
-      weights = np.ones(len(variants))
+    weights = np.array((self.caption_weights or sample.CAPTION_WEIGHTS)[:len(variants)], np.float64)
     text = variants[int(rng.choice(len(variants), p=weights / weights.sum()))]
     if self.templates and text.startswith(sample.CAPTION_PREFIX):
       text = self.templates[int(rng.integers(len(self.templates)))].format(text[len(sample.CAPTION_PREFIX):])
@@ -124,12 +97,9 @@ class CaptionRender(grain.transforms.RandomMap):
     _, raw = element
     rec = records.decode(raw)
     h, w = transforms.image_size(rec["image"])
-    box, variants = (0, 0, w, h), None
-    if self.object_crops and rec.get("classes") and rng.uniform() < self.object_crops:
-      box, variants = object_view(rec, rng, h, w)
     flip = self.flip and bool(rng.integers(2))
-    image = transforms.render_view_encoded(rec["image"], box, flip, self.resolution)
-    text = self.caption(rec, rng, variants)
+    image = transforms.render_view_encoded(rec["image"], (0, 0, w, h), flip, self.resolution)
+    text = self.caption(rec, rng)
     out = {"image": image, "tokens": self._tokenize(text), "label": np.int32(rec.get("label", -1))}
     if self.hard_negatives:
       from samclip_jax.data import sample
@@ -249,8 +219,7 @@ class ClipPretrainTask:
     templates = get_templates(cfg.caption_templates) if cfg.get("caption_templates") else ()
     ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, train=is_train,
                          caption_weights=cfg.get("caption_weights"), templates=templates,
-                         hard_negatives=cfg.get("hard_negatives", 0),
-                         object_crops=cfg.get("object_crops", 0.0)),
+                         hard_negatives=cfg.get("hard_negatives", 0)),
            grain.transforms.Batch(batch_size=cfg.clip_batch_size // nproc, drop_remainder=True)]
     return {"clip": pipeline.make_loader(
         source, ops, seed=cfg.seed if is_train else cfg.seed + 1, shard_index=jax.process_index(),
@@ -342,13 +311,6 @@ def create(config, devices=None) -> ClipPretrainTask:
     raise ValueError("clip_batch_size must be >= 2 (contrastive learning needs negatives)")
   if not (isinstance(config.get("hard_negatives", 0), int) and config.get("hard_negatives", 0) >= 0):
     raise ValueError(f"hard_negatives must be an int >= 0, got {config.get('hard_negatives')!r}")
-  crops = config.get("object_crops", 0.0)
-  if not 0.0 <= crops <= 1.0:
-    raise ValueError(f"object_crops must be a fraction in [0, 1], got {crops!r}")
-  from samclip_jax.data import world
-  if crops and not world.is_world(config.data.clip_train):
-    raise ValueError(f"object_crops needs the world's instances (data.clip_train 'world:...'), "
-                     f"got data.clip_train={config.data.clip_train!r}")
   from samclip_jax.data import sample
   mesh, rules = common.pretraining_mesh(config, devices, "clip_batch_size", ("clip_train", "clip_val"))
   cfg = clip_config(config)
