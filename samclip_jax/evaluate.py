@@ -9,7 +9,8 @@ semantic segmentation.
   python -m samclip_jax.evaluate --config=configs/eval/classification.py:local --help   # the fields
 
 Writes WORKDIR/<task>.json (metrics, counts, config) and WORKDIR/<task>.md (a short table,
-also printed). The model is picked by its directory's config.json model_type: "samclip"
+also printed); semantic segmentation's clip+sam mode writes semantic_segmentation_clip_sam.*,
+so both modes' reports share a workdir. The model is picked by its directory's config.json model_type: "samclip"
 (merged), "open_clip" (the CLIP teacher; classification, retrieval) or "sam" (the SAM
 teacher; instance segmentation). Images are decoded on host threads and evaluated in
 global batches split over all devices along a 1-D "data" mesh (NamedSharding), under jit.
@@ -38,6 +39,14 @@ from samclip_jax import api, cli, metrics, sharding
 from samclip_jax.data import transforms
 
 TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segmentation")
+# Report names besides the task's own: semantic segmentation's modes keep one report each.
+MODE_REPORTS = {("semantic_segmentation", "clip+sam"): "semantic_segmentation_clip_sam"}
+PREDICTIONS_FILE = "instance_segmentation_predictions.json"  # the masks behind the AP
+
+
+def report_name(config) -> str:
+  """WORKDIR/<name>.json and .md: the task's, or its mode's (MODE_REPORTS)."""
+  return MODE_REPORTS.get((config.task, config.get("mode")), config.task)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -482,7 +491,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   preds = [p for _, p in sorted((x for part in sharding.gather_objects(preds) for x in part),
                                 key=lambda x: x[0])]
   if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, "instance_segmentation_predictions.json"), json.dumps(preds))
+    _write_atomic(os.path.join(workdir, PREDICTIONS_FILE), json.dumps(preds))
   skipped = skipped.gather()
   bad = {s["file"] for s in skipped}
   image_ids = [i for i in image_ids if file_of(i) not in bad]   # their objects are not misses
@@ -642,13 +651,14 @@ def check_config(config) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """The workdir is new, or holds only what evaluate writes (the sample, TASK.json / .md of
-  any task): a user's files are never replaced by a report."""
+  """The workdir is new, or holds only what evaluate writes (the sample, the reports of any
+  task, instance segmentation's predictions): a user's files are never replaced by a report."""
   if not os.path.lexists(workdir):
     return
   if not os.path.isdir(workdir):
     raise cli.UsageError(f"--workdir {workdir} exists and is not a directory")
-  ours = {"sample"} | {f"{t}{ext}" for t in TASKS for ext in (".json", ".md")}
+  names = list(TASKS) + list(MODE_REPORTS.values())
+  ours = {"sample", PREDICTIONS_FILE} | {f"{t}{ext}" for t in names for ext in (".json", ".md")}
   other = sorted(f for f in os.listdir(workdir) if f not in ours)
   if other:
     raise cli.UsageError(f"--workdir {workdir} holds files evaluate did not write (e.g. {other[0]!r}); "
@@ -656,7 +666,7 @@ def check_workdir(workdir: str) -> None:
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Runs config.task; writes WORKDIR/<task>.json and .md; returns the result dict."""
+  """Runs config.task; writes WORKDIR/<report_name>.json and .md; returns the result dict."""
   check_config(config)
   check_workdir(workdir)
   t0 = time.time()
@@ -677,8 +687,9 @@ def evaluate(config, workdir: str) -> dict:
             "devices": mesh.devices.size, "processes": jax.process_count(), "config": config.to_dict()}
   md = markdown(result)
   if jax.process_index() == 0:    # every process returns the result; process 0 writes it
-    _write_atomic(os.path.join(workdir, f"{config.task}.json"), json.dumps(result, indent=2, default=str))
-    _write_atomic(os.path.join(workdir, f"{config.task}.md"), md)
+    name = report_name(config)
+    _write_atomic(os.path.join(workdir, f"{name}.json"), json.dumps(result, indent=2, default=str))
+    _write_atomic(os.path.join(workdir, f"{name}.md"), md)
     print(md, flush=True)
   return result
 

@@ -12,8 +12,8 @@ import jax
 LOCK_FILE = ".lock"
 
 
-class WorkdirBusy(RuntimeError):
-  pass
+class WorkdirBusy(OSError):
+  """Another live run holds the workdir (an OSError: entry points report it in one line)."""
 
 
 class WorkdirLock:

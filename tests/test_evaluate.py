@@ -169,6 +169,19 @@ def test_semantic_segmentation_matches_api(env, tmp_path, mode, n):
   assert res["metrics"]["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-6)
 
 
+def test_every_task_shares_one_workdir(env, tmp_path):
+  """The README's :local commands, one workdir: each task (and each semantic-segmentation mode)
+  keeps its own report, and a rerun of any of them is let in."""
+  runs = [("instance_segmentation", {}), ("semantic_segmentation", {"mode": "clip"}),
+          ("semantic_segmentation", {"mode": "clip+sam"}), ("instance_segmentation", {})]
+  for task, overrides in runs:
+    evaluate.evaluate(_config(task, env, max_images=1, **overrides), str(tmp_path))
+  assert _files(tmp_path, "semantic_segmentation")[0]["metrics"]["mode"] == "clip"
+  assert _files(tmp_path, "semantic_segmentation_clip_sam")[0]["metrics"]["mode"] == "clip+sam"
+  assert _files(tmp_path, "instance_segmentation")[0]["task"] == "instance_segmentation"
+  assert (tmp_path / evaluate.PREDICTIONS_FILE).is_file()
+
+
 def test_errors(env, tmp_path):
   with pytest.raises(ValueError, match="semantic_segmentation evaluates samclip"):
     evaluate.evaluate(_config("semantic_segmentation", env, model="clip"), str(tmp_path))

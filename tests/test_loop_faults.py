@@ -267,6 +267,16 @@ def test_second_run_on_a_workdir_is_refused(env, tmp_path):
     with pytest.raises(WorkdirBusy, match=f"pid {proc.pid} "):
       run(tiny(env), workdir)
     assert os.listdir(workdir) == [".lock"]
+    # From the command line: one line naming the holder, no traceback.
+    done = subprocess.run([sys.executable, "-m", "samclip_jax.main", "--config=configs/merge.py:tiny",
+                           f"--workdir={workdir}", f"--config.data.sample_dir={env['sample']}"],
+                          cwd=REPO, capture_output=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                          text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"error: {workdir} is in use by another run (pid {proc.pid} " in done.stderr
+    assert os.listdir(workdir) == [".lock"]
   finally:
     proc.kill()
     proc.wait(timeout=60)
