@@ -1,7 +1,6 @@
 """Shared machinery of the PyTorch -> Orbax converters: read a state dict, apply a table."""
 import os
 import re
-import sys
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -285,11 +284,15 @@ def _lookup(compiled, name: str):
 
 
 def exit_status(convert, *args, **kwargs) -> int:
-  """A converter's CLI exit status: 0, or 1 with the refusal on stderr (no traceback)."""
+  """A converter's CLI exit status: 0, or 1 with the refusal on stderr in one line (as every
+  entry point: a ValueError or OSError, its traceback with SAMCLIP_TRACEBACK=1)."""
+  from samclip_jax import cli
   try:
     convert(*args, **kwargs)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError) as e:
+    if cli.traceback_asked():
+      raise
+    cli.say_error(e)
     return 1
   return 0
 

@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 
 from convert import common
-from convert.common import CheckpointError, conv, identity, linear
+from convert.common import CheckpointError, conv, exit_status, identity, linear
 
 # Buffers and bookkeeping entries that are not parameters: ignored on purpose.
 IGNORED = (
@@ -193,13 +193,8 @@ def main(argv=None) -> int:
   parser.add_argument("--vocab", help="CLIP vocab.json (default: from the bundled OpenAI BPE)")
   parser.add_argument("--merges", help="CLIP merges.txt (with --vocab)")
   args = parser.parse_args(argv)
-  try:
-    convert_open_clip(args.model, args.checkpoint, args.output, args.vocab, args.merges,
-                      log=lambda m: print(m, file=sys.stderr, flush=True), overwrite=args.overwrite)
-  except (CheckpointError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+  return exit_status(convert_open_clip, args.model, args.checkpoint, args.output, args.vocab, args.merges,
+                     log=lambda m: print(m, file=sys.stderr, flush=True), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import sys
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -193,11 +194,32 @@ def load_model(directory: str, expected_type: str | None = None, target=None, pa
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/: not a complete model directory")
-  if target is None:
-    params = ocp.StandardCheckpointer().restore(path)
-  else:
-    args = ocp.args.PyTreeRestore(item=target, partial_restore=partial,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    params = ocp.PyTreeCheckpointer().restore(path, args=args)
+  try:
+    if target is None:
+      params = ocp.StandardCheckpointer().restore(path)
+    else:
+      args = ocp.args.PyTreeRestore(item=target, partial_restore=partial,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+      params = ocp.PyTreeCheckpointer().restore(path, args=args)
+  except (ValueError, RuntimeError) as e:  # tensorstore's errors on corrupt or truncated files
+    _drop_straggler_reads()
+    reason = str(e).split(" [tensorstore_spec=")[0]  # the spec is a page of JSON
+    raise ValueError(f"{directory}: the weights in {PARAMS_DIR}/ cannot be read (corrupt or "
+                     f"truncated files?): {reason}") from e
   check_finite(params, directory)
   return params, config
+
+
+def _drop_straggler_reads() -> None:
+  """After a failed restore, the reads still in flight finish on tensorstore's threads and call
+  back into Orbax's closed event loop, each printing 'RuntimeError: Event loop is closed' (dozens,
+  after the real error); those exact reports are dropped, every other one goes to the hook."""
+  hook = sys.unraisablehook
+  if getattr(hook, "drops_straggler_reads", False):
+    return
+
+  def drop(u):
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+      hook(u)
+  drop.drops_straggler_reads = True
+  sys.unraisablehook = drop

@@ -214,10 +214,19 @@ def reported(fn, *args):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
   except (ValueError, OSError) as e:
-    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    if traceback_asked():
       raise
-    print(f"error: {e}\n(the traceback: rerun with {TRACEBACK_ENV}=1)", file=sys.stderr)
+    say_error(e)
     sys.exit(EXIT_FAILURE)
+
+
+def traceback_asked() -> bool:
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def say_error(e: BaseException) -> None:
+  """A user's error in one line on stderr, and how to see its traceback."""
+  print(f"error: {e}\n(the traceback: rerun with {TRACEBACK_ENV}=1)", file=sys.stderr)
 
 
 def check_overrides(argv) -> None:
