@@ -13,8 +13,10 @@
 The CLIP text encoder stays the frozen teacher's: a merged model directory carries it as a
 `text_model/` sub-directory (an open_clip model directory with its tokenizer), or names
 one in config.json under "text_model" or "clip_checkpoint" (train.py's export records the
-converted teacher there; a path relative to the model directory or absolute);
-`from_checkpoint(..., text_model=DIR)` overrides them. A training workdir read before its
+converted teacher there; a path relative to the model directory or absolute; a teacher
+shipped in the package is found in this installation, whichever checkout made the model);
+`from_checkpoint(..., text_model=DIR)` overrides them. A model whose named teacher is gone
+still loads: its SAM side works, and text calls say what to pass. A training workdir read before its
 export uses WORKDIR/text_model/ (train.py writes it at the start of a random-teacher run).
 
 Images go in raw (PIL, or uint8 HxW / HxWx3 / HxWx4 arrays) and are resized and normalised
@@ -213,10 +215,26 @@ def _text_model_path(base: str, meta: dict) -> str | None:
     if not ref:
       continue
     ref = ref if os.path.isabs(ref) else os.path.normpath(os.path.join(base, ref))
-    if not os.path.isfile(os.path.join(ref, checkpoint.CONFIG_FILE)):
-      raise CheckpointNotFound(f"{base}: config.json's {key} names {ref}, which is not a model directory")
-    return ref
+    if os.path.isfile(os.path.join(ref, checkpoint.CONFIG_FILE)):
+      return ref
+    shipped = _shipped_teacher_at(ref)
+    if shipped:   # a shipped teacher, named where the package was when the model was made
+      return shipped
+    raise CheckpointNotFound(f"{base}: config.json's {key} names {ref}, which is not a model directory; "
+                             "give the CLIP teacher's directory (predict --text-model DIR, "
+                             "SamClip.from_checkpoint(..., text_model=DIR))")
   return None
+
+
+def _shipped_teacher_at(ref: str) -> str | None:
+  """This installation's copy of a teacher shipped in the package, if `ref` is the path of one
+  in another checkout or installation (.../samclip_jax/assets/teachers/NAME)."""
+  from configs.common import TEACHERS_DIR, shipped_teacher
+  parts = os.path.normpath(ref).split(os.sep)
+  if len(parts) < 4 or parts[-4:-1] != ["samclip_jax", *TEACHERS_DIR]:
+    return None
+  here = shipped_teacher(parts[-1])
+  return here if os.path.isfile(os.path.join(here, checkpoint.CONFIG_FILE)) else None
 
 
 # ----------------------------------------------------------------------------- the model
@@ -276,6 +294,7 @@ class SamClip:
     self.segment_resolution = resolution or CLIP_RESOLUTION
     self.params = jax.device_put(nn.unbox(params))
     self.text_model = text_model       # a ClipModel (frozen teacher) or None
+    self._missing_text = None          # why from_checkpoint found no text model it was told of
     self.module = SamClipNet(config, dtype=dtype)
     self._classifiers: dict = {}
     # Compiled once per (config, dtype) for the process, whichever instance calls.
@@ -304,14 +323,22 @@ class SamClip:
       known = {f.name for f in dataclasses.fields(SamClipConfig)}
       config = SamClipConfig.from_dict({k: v for k, v in meta.items() if k in known})
       params = restore_workdir_params(path, where["workdir_step"])
+    missing = None
     if text_model is None:
-      text_model = _text_model_path(where["base"], meta)
+      try:
+        text_model = _text_model_path(where["base"], meta)
+      except CheckpointNotFound as e:   # the image side works without it; text calls say why not
+        missing = str(e)
     if isinstance(text_model, str):
       text_model = ClipModel.from_checkpoint(text_model)
-    return cls(config, params, text_model, dtype=dtype, resolution=meta.get("inference_resolution"))
+    model = cls(config, params, text_model, dtype=dtype, resolution=meta.get("inference_resolution"))
+    model._missing_text = missing
+    return model
 
   # -------------------------------------------------------------- text side
   def _require_text(self):
+    if self.text_model is None and self._missing_text:
+      raise CheckpointNotFound(self._missing_text)
     if self.text_model is None:
       raise ValueError(
           "this SamClip model has no CLIP text encoder: its directory has no text_model/ and its "

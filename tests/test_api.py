@@ -163,9 +163,32 @@ def test_text_model_named_in_config(paths, tmp_path):
   config, params = samclip_lib.load_samclip(paths["samclip_no_text"])
   samclip_lib.save_samclip(str(d), config, params, {"clip_checkpoint": paths["clip"], "step": 1})
   assert api.SamClip.from_checkpoint(str(d)).text_model is not None
+  # A teacher that is gone (a copied export): the image side works; text calls say what to pass.
   samclip_lib.save_samclip(str(d), config, params, {"clip_checkpoint": str(tmp_path / "gone")})
-  with pytest.raises(api.CheckpointNotFound, match="clip_checkpoint"):
-    api.SamClip.from_checkpoint(str(d))
+  moved = api.SamClip.from_checkpoint(str(d))
+  predictor = moved.predictor()
+  predictor.set_image(_image())
+  masks, _, _ = predictor.predict(box=np.array([10, 20, 90, 100]), multimask_output=False)
+  assert masks.shape == (1, 150, 210)
+  with pytest.raises(api.CheckpointNotFound, match=r"clip_checkpoint names .*gone.*--text-model DIR"):
+    moved.classify(_image(), ["a", "b"])
+
+
+def test_shipped_teacher_named_from_another_checkout(paths, tmp_path):
+  """An export made in another checkout names the shipped CLIP there: this installation's
+  copy of it serves instead."""
+  from dataclasses import replace
+  from configs.common import shipped_teacher
+  from samclip_jax.models.clip import load_clip_config
+  clip_dim = load_clip_config(shipped_teacher("clip")).embed_dim
+  config, params = samclip_lib.load_samclip(paths["samclip_no_text"])
+  config = replace(config, out_dim=clip_dim)
+  params = eval_models.random_params(samclip_lib.abstract_params(config), 0)
+  elsewhere = "/home/someone/old_checkout/samclip_jax/assets/teachers/clip"
+  samclip_lib.save_samclip(str(tmp_path / "export"), config, params, {"clip_checkpoint": elsewhere})
+  model = api.SamClip.from_checkpoint(str(tmp_path / "export"))
+  assert model.text_model.config.embed_dim == clip_dim
+  assert [n for n, _ in model.classify(_image(), ["star", "circle"])] in (["star", "circle"], ["circle", "star"])
 
 
 def test_training_workdir(paths, tmp_path):
