@@ -13,6 +13,7 @@ import tokenize
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 TRACEBACK_ENV = "SAMCLIP_TRACEBACK"  # =1: user errors re-raise with their traceback
 HELP_ARGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
 
@@ -207,7 +208,7 @@ def help_text(doc: str, argv) -> str:
 def reported(fn, *args):
   """fn(*args), with errors of the user's input as one line on stderr instead of a traceback:
   a UsageError exits 2; a ValueError or OSError (a config value, a file, a model directory)
-  exits 1, unless SAMCLIP_TRACEBACK=1 asks for the traceback."""
+  exits 1, Ctrl-C 130, unless SAMCLIP_TRACEBACK=1 asks for the traceback."""
   try:
     return fn(*args)
   except UsageError as e:
@@ -218,6 +219,11 @@ def reported(fn, *args):
       raise
     say_error(e)
     sys.exit(EXIT_FAILURE)
+  except KeyboardInterrupt:   # Ctrl-C: the user knows why; a training run has said how to resume
+    if traceback_asked():
+      raise
+    print("interrupted", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def traceback_asked() -> bool:

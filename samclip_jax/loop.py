@@ -320,6 +320,13 @@ def _run_locked(task, workdir, writer, stop_at_step):
     else:
       state = task.init_state(aux)
     return _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_step)
+  except KeyboardInterrupt:
+    run_checkpoints.finish(mngr)  # a save in flight completes: it may be the step to resume from
+    latest = mngr.latest_step()
+    writer.print("interrupted: " + (f"rerun the same command to resume from step {latest} (the last "
+                                    "checkpoint)" if latest is not None else
+                                    "no checkpoint yet, so a rerun starts from step 0"))
+    raise
   finally:
     run_checkpoints.finish(mngr)
     mngr.close()

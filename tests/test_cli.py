@@ -100,3 +100,16 @@ def test_progress_eta_after_the_first_update(capsys, monkeypatch):
 
 def test_plural():
   assert [cli.plural(n, "mask") for n in (0, 1, 2)] == ["0 masks", "1 mask", "2 masks"]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
+  """Ctrl-C in any entry point: 'interrupted' and exit 130 (128 + SIGINT), no traceback."""
+  def interrupted():
+    raise KeyboardInterrupt
+  monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+  with pytest.raises(SystemExit) as e:
+    cli.reported(interrupted)
+  assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+  monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+  with pytest.raises(KeyboardInterrupt):
+    cli.reported(interrupted)

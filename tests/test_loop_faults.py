@@ -15,7 +15,7 @@ import pytest
 
 import eval_models
 from configs import merge
-from samclip_jax import api, optim, train
+from samclip_jax import api, optim, run_checkpoints, train
 from samclip_jax.tasks import merge as merge_task
 from samclip_jax.models import samclip as sc
 from samclip_jax.workdir_lock import WorkdirBusy, WorkdirLock
@@ -153,6 +153,27 @@ def test_nonfinite_update_stop_and_skip(env, ref, monkeypatch, capsys):
   monkeypatch.undo()  # the fault is gone: the stopped run resumes from step 2 to the end
   capsys.readouterr()
   out = run(tiny(env), str(env["root"] / "nan_stop"))
+  assert "resumed from step 2" in capsys.readouterr().out
+  _assert_equal(_params(out["state"]), ref["params"])
+
+
+def test_ctrl_c_says_where_a_rerun_resumes(env, ref, monkeypatch, capsys):
+  """Ctrl-C during step 3 (its batch drawn): the loop names the checkpoint a rerun resumes
+  from (step 2), nothing later is saved, and the rerun ends as the straight run."""
+  real = run_checkpoints.save
+
+  def save(mngr, step, *args, **kwargs):
+    real(mngr, step, *args, **kwargs)
+    if step == 2:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(run_checkpoints, "save", save)
+  workdir = str(env["root"] / "ctrl_c")
+  with pytest.raises(KeyboardInterrupt):
+    run(tiny(env), workdir)
+  assert "interrupted: rerun the same command to resume from step 2 (the last checkpoint)" in capsys.readouterr().out
+  assert _steps(workdir) == [1, 2]
+  monkeypatch.undo()
+  out = run(tiny(env), workdir)
   assert "resumed from step 2" in capsys.readouterr().out
   _assert_equal(_params(out["state"]), ref["params"])
 
