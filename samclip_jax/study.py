@@ -40,6 +40,7 @@ class Study:
   """Runs and measures the variants of `config` in `workdir` (resumable)."""
 
   def __init__(self, config, workdir, devices=None, say=print):
+    validate(config)  # before the workdir exists: a bad config leaves nothing behind
     self.config, self.workdir, self.devices, self.say = config, os.path.abspath(workdir), devices, say
     os.makedirs(os.path.join(self.workdir, "variants"), exist_ok=True)
 
@@ -187,8 +188,6 @@ class Study:
     raise ValueError(f"unknown study variant {name!r}")
 
   def names(self):
-    for ablation in self.config.ablations:
-      _ablation(ablation)  # an unknown name fails before anything runs
     return (list(self.config.variants) + [f"samclip_lambda{lam:g}" for lam in self.config.lambda_sweep]
             + [f"samclip_{a}" for a in self.config.ablations])
 
@@ -211,6 +210,24 @@ class Study:
     for name, x_key in PLOTS:
       with cli.atomic_write(os.path.join(self.workdir, name), suffix=".png") as tmp:
         plot(results, x_key=x_key).save(tmp, format="PNG")
+
+
+def validate(config) -> None:
+  """The study's own fields, checked before anything runs (a lambda sweep's third run would
+  otherwise fail minutes in)."""
+  import math
+  from configs.study import VARIANTS
+  for field in ("variants", "lambda_sweep", "ablations"):
+    if isinstance(config[field], str) or not isinstance(config[field], (tuple, list)):
+      raise ValueError(f"{field} must be a tuple, e.g. --config.{field}='(...,)', got {config[field]!r}")
+  unknown = [v for v in config.variants if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown study variant {unknown[0]!r}; expected some of {list(VARIANTS)}")
+  for lam in config.lambda_sweep:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+      raise ValueError(f"lambda_sweep holds {lam!r}; lambdas are finite positive numbers, e.g. '(1.0,100.0)'")
+  for ablation in config.ablations:
+    _ablation(ablation)
 
 
 def _ablation(name) -> dict:

@@ -87,10 +87,20 @@ def test_ablations_change_stages_2_and_3_of_the_samclip_recipe(tmp_path, monkeyp
   assert runs["samclip_soft_targets"][0] == "resolution" and runs["distill_lambda10_soft_targets"][1].lambda_sam == 10
 
 
-def test_unknown_ablation_is_refused_before_anything_runs(tmp_path):
-  with pytest.raises(ValueError, match="unknown study ablation 'soft'"):
-    study.Study(tiny_config(ablations=("soft",)), str(tmp_path)).run_all()
-  assert not os.path.exists(tmp_path / "runs")
+@pytest.mark.parametrize("field,value,message", [
+    ("ablations", ("soft",), "unknown study ablation 'soft'"),
+    ("variants", ("samclip", "samclp"), "unknown study variant 'samclp'"),
+    ("lambda_sweep", ("a", "b", "c"), "lambda_sweep holds 'a'"),  # the command line turns abc into this
+    ("lambda_sweep", (-1.0,), "lambda_sweep holds -1.0"),
+    ("lambda_sweep", (float("nan"),), "lambda_sweep holds nan"),
+])
+def test_bad_study_config_is_refused_before_anything_runs(tmp_path, field, value, message):
+  config = tiny_config()
+  config.unlock()
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    study.Study(config, str(tmp_path / "study")).run_all()
+  assert not os.path.exists(tmp_path / "study")
 
 
 @pytest.mark.parametrize("values", [[0.354, 0.417, 0.744], [0.5], [], [0.0, 1.0], [0.7391, 0.7396]])
