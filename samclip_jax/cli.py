@@ -41,7 +41,10 @@ def atomic_write(path: str, suffix: str = "", prefix: str = ".tmp-"):
   mkstemp creates 0600 files: the result gets the permissions open() would give (0666 less
   the umask), so a picture or report is as readable as any other file the user writes.
   """
-  fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+  except OSError as e:  # name the file asked for, not the temporary one
+    raise OSError(e.errno, f"cannot write {path} ({e.strerror})") from None
   os.close(fd)
   try:
     yield tmp

@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 
 import numpy as np
 
@@ -24,6 +25,17 @@ from samclip_jax import cli
 from samclip_jax.cli import EXIT_FAILURE, EXIT_USAGE, UsageError
 
 GRID_SPACING = 32     # --everything default: a point every 32 px of the model input (SAM: 32x32 at 1024)
+
+
+def _numbers(vals, part: str, flag: str) -> list[float]:
+  """The finite numbers of one point or box, else a UsageError naming it."""
+  try:
+    out = [float(v) for v in vals]
+  except ValueError:
+    raise UsageError(f"{flag}: {part!r} holds a non-number") from None
+  if not np.isfinite(out).all():
+    raise UsageError(f"{flag}: {part!r} holds a non-finite number")
+  return out
 
 
 def parse_points(text: str) -> np.ndarray:
@@ -36,10 +48,7 @@ def parse_points(text: str) -> np.ndarray:
     vals = part.split(",")
     if len(vals) != 2:
       raise UsageError(f"--points: {part!r} is not 'x,y' (points are separated by ';')")
-    try:
-      pts.append([float(v) for v in vals])
-    except ValueError:
-      raise UsageError(f"--points: {part!r} holds a non-number") from None
+    pts.append(_numbers(vals, part, "--points"))
   if not pts:
     raise UsageError("--points: no point given")
   return np.array(pts, np.float64)
@@ -68,10 +77,7 @@ def parse_boxes(text: str) -> np.ndarray:
     vals = part.split(",")
     if len(vals) != 4:
       raise UsageError(f"--boxes: {part!r} is not 'x0,y0,x1,y1' (boxes are separated by ';')")
-    try:
-      b = [float(v) for v in vals]
-    except ValueError:
-      raise UsageError(f"--boxes: {part!r} holds a non-number") from None
+    b = _numbers(vals, part, "--boxes")
     if not (b[0] < b[2] and b[1] < b[3]):
       raise UsageError(f"--boxes: {part!r} needs x0 < x1 and y0 < y1")
     boxes.append(b)
@@ -182,10 +188,19 @@ def run(args) -> str:
   if out_ext not in (".png", ".jpg", ".jpeg"):
     raise UsageError(f"--output must end in .png or .jpg, got {args.output!r}")
   out_dir = os.path.dirname(os.path.abspath(args.output))
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UsageError(f"--output {args.output}: {out_dir} is a file, not a directory")
   if not os.path.isdir(out_dir):
     raise UsageError(f"output directory does not exist: {out_dir}")
-  if not os.access(out_dir, os.W_OK | os.X_OK):
-    raise UsageError(f"output directory is not writable: {out_dir}")
+  try:  # a real write, before the model runs (permissions alone miss read-only mounts, /sys)
+    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".predict-"):
+      pass
+  except OSError as e:
+    raise UsageError(f"output directory is not writable: {out_dir} ({e.strerror})") from None
+  for flag, value in (("--pred-iou-thresh", args.pred_iou_thresh),
+                      ("--stability-score-thresh", args.stability_score_thresh)):
+    if not 0.0 <= value <= 1.0:
+      raise UsageError(f"{flag} must be in [0, 1], got {value}")
   check_output(args.output, args.image, args.overwrite)
   classes = parse_classes(args.classes) if args.classes else None
   contrast = parse_classes(args.contrast, "--contrast") if args.contrast is not None else api.TEXT_CONTRAST

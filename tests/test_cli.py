@@ -82,6 +82,10 @@ def test_atomic_write_respects_umask(tmp_path):
         open(tmp, "w").write("half")
         raise RuntimeError("killed")
     assert path.read_text() == "{}" and os.listdir(tmp_path) == ["out.json"]
+    # A place it cannot write: the error names the file asked for, not a temporary one.
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*/gone/out.json \(No such file"):
+      with cli.atomic_write(str(tmp_path / "gone" / "out.json")):
+        pass
   finally:
     os.umask(old)
 

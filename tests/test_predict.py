@@ -78,6 +78,10 @@ def test_jpeg_output_and_workdir_checkpoint(env, tmp_path):
     (("--points", "1,2", "--labels", "2"), 2, "1 (foreground) or 0"),
     (("--boxes", "10,10,5,20"), 2, "x0 < x1"),
     (("--boxes", "1,2,3"), 2, "x0,y0,x1,y1"),
+    (("--boxes", "nan,0,10,10"), 2, "'nan,0,10,10' holds a non-finite number"),
+    (("--points", "nan,nan"), 2, "'nan,nan' holds a non-finite number"),
+    (("--everything", "--pred-iou-thresh", "2"), 2, "--pred-iou-thresh must be in [0, 1], got 2.0"),
+    (("--everything", "--stability-score-thresh", "-1"), 2, "--stability-score-thresh must be in [0, 1]"),
     (("--points", "99999,5"), 2, "outside"),
     (("--labels", "1"), 2, "--labels needs --points"),
     ((), 2, "nothing to do"),
@@ -113,7 +117,11 @@ def test_bad_files(env, tmp_path, capsys):
   rc = predict.main(["--checkpoint", env["models"]["samclip"], "--image", env["image"],
                      "--output", str(tmp_path / "no_dir" / "o.png"), "--classes", "a,b"])
   assert rc == 2 and "output directory does not exist" in capsys.readouterr().err
-  assert not out.exists()
+  (tmp_path / "a_file").write_text("x")
+  rc = predict.main(["--checkpoint", env["models"]["samclip"], "--image", env["image"],
+                     "--output", str(tmp_path / "a_file" / "o.png"), "--classes", "a,b"])
+  assert rc == 2 and f"{tmp_path / 'a_file'} is a file, not a directory" in capsys.readouterr().err
+  assert not out.exists() and (tmp_path / "a_file").read_text() == "x"
 
 
 def test_output_replaces_only_its_own_pictures(env, tmp_path, capsys):
