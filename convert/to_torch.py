@@ -88,12 +88,12 @@ def check_output(output: str, model: str, overwrite: bool) -> None:
   if not os.path.isdir(out):
     raise CheckpointError(f"--output {output} exists and is not a directory; refusing to replace it")
   entries = sorted(os.listdir(out))
-  if entries and not overwrite:
-    raise CheckpointError(f"--output {output} exists and is not empty; pass --overwrite to replace an earlier export")
   foreign = [e for e in entries if e not in OUTPUT_FILES]
-  if foreign:
+  if foreign:  # refused whatever the flags: no hint at --overwrite, which would not help
     raise CheckpointError(f"--output {output} holds files convert.to_torch did not write ({', '.join(foreign[:10])}); "
-                          f"refusing to replace it")
+                          f"refusing to replace it: choose a new or empty directory")
+  if entries and not overwrite:
+    raise CheckpointError(f"--output {output} holds an earlier export; pass --overwrite to replace it")
 
 
 def read_model(directory: str):

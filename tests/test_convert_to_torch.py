@@ -235,8 +235,9 @@ def test_existing_output_needs_overwrite_and_holds_only_an_export(paths, tmp_pat
   assert sorted(os.listdir(out)) == ["clip_head.safetensors", "clip_head_config.json", "sam.pth", "sam_config.json"]
   assert (out / "sam.pth").read_bytes() != before
   (out / "notes.txt").write_text("mine")
-  with pytest.raises(CheckpointError, match=r"did not write \(notes.txt\)"):
-    to_torch(paths["sam"], str(out), overwrite=True, verbose=False)
+  for overwrite in (False, True):  # without --overwrite too, the refusal does not suggest it
+    with pytest.raises(CheckpointError, match=r"did not write \(notes.txt\); refusing to replace it: choose"):
+      to_torch(paths["sam"], str(out), overwrite=overwrite, verbose=False)
   assert (out / "notes.txt").read_text() == "mine" and "clip_head_config.json" in os.listdir(out)
   with open(out / "clip_head_config.json") as f:
     assert json.load(f)["out_dim"] == eval_models.EMBED_DIM
