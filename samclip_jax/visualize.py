@@ -21,6 +21,19 @@ def palette(n: int) -> list[tuple[int, int, int]]:
   return out
 
 
+def class_colours(names: Sequence[str]) -> list[tuple[int, int, int]]:
+  """A colour per class: the one its name means when it names a colour ("red", "purple": PIL's
+  CSS colours), else the palette's, so a legend never calls a green swatch "purple"."""
+  from PIL import ImageColor
+  out = palette(len(names))
+  for i, name in enumerate(names):
+    try:
+      out[i] = ImageColor.getrgb(str(name).strip())[:3]
+    except ValueError:
+      pass
+  return out
+
+
 def _boundary(mask: np.ndarray, thickness: int) -> np.ndarray:
   """Pixels of `mask` within `thickness` of its edge (4-neighbour erosion)."""
   inner = mask.copy()
@@ -120,7 +133,7 @@ def overlay_semantic(image: np.ndarray, label_map: np.ndarray, class_names: Sequ
   label_map = np.asarray(label_map)
   if label_map.shape != image.shape[:2]:
     raise ValueError(f"label map {label_map.shape} does not match image {image.shape[:2]}")
-  colours = palette(len(class_names))
+  colours = class_colours(class_names)
   present = [c for c in np.unique(label_map) if c != IGNORE_INDEX and c not in skip and c < len(class_names)]
   masks = [label_map == c for c in present]
   pic = Image.fromarray(_blend(image, masks, [colours[c] for c in present], alpha))
@@ -133,7 +146,7 @@ def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequenc
                   tags: Sequence[str] | None = None) -> Image.Image:
   """Instance masks over the image (largest drawn first), prompts on top, legend of `names`.
 
-  Masks sharing a name share a colour (class colours); unnamed masks get one colour each.
+  Masks sharing a name share a colour (class_colours); unnamed masks get one colour each.
   `tags` (say "cat 0.93") are written at the top-left corner of each mask.
   """
   image = np.asarray(image)
@@ -144,7 +157,7 @@ def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray], names: Sequenc
   if colours is None:
     if names is not None:
       uniq = list(dict.fromkeys(names))
-      table = dict(zip(uniq, palette(len(uniq))))
+      table = dict(zip(uniq, class_colours(uniq)))
       colours = [table[n] for n in names]
     else:
       colours = palette(len(masks))
