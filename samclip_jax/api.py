@@ -16,8 +16,9 @@ one in config.json under "text_model" or "clip_checkpoint" (train.py's export re
 converted teacher there; a path relative to the model directory or absolute; a teacher
 shipped in the package is found in this installation, whichever checkout made the model);
 `from_checkpoint(..., text_model=DIR)` overrides them. A model whose named teacher is gone
-still loads: its SAM side works, and text calls say what to pass. A training workdir read before its
-export uses WORKDIR/text_model/ (train.py writes it at the start of a random-teacher run).
+still loads: its SAM side works, and text calls say what to pass. A training workdir read
+before its export uses WORKDIR/text_model/ (train.py writes it at the start of a
+random-teacher run).
 
 Images go in raw (PIL, or uint8 HxW / HxWx3 / HxWx4 arrays) and are resized and normalised
 inside, as in ClipModel and SamPredictor; `encode_pixels` is the low-level call on uint8

@@ -10,10 +10,11 @@ semantic segmentation.
 
 Writes WORKDIR/<task>.json (metrics, counts, config) and WORKDIR/<task>.md (a short table,
 also printed); semantic segmentation's clip+sam mode writes semantic_segmentation_clip_sam.*,
-so both modes' reports share a workdir. The model is picked by its directory's config.json model_type: "samclip"
-(merged), "open_clip" (the CLIP teacher; classification, retrieval) or "sam" (the SAM
-teacher; instance segmentation). Images are decoded on host threads and evaluated in
-global batches split over all devices along a 1-D "data" mesh (NamedSharding), under jit.
+so both modes' reports share a workdir. The model is picked by its directory's config.json
+model_type: "samclip" (merged), "open_clip" (the CLIP teacher; classification, retrieval) or
+"sam" (the SAM teacher; instance segmentation). Images are decoded on host threads and
+evaluated in global batches split over all devices along a 1-D "data" mesh (NamedSharding),
+under jit.
 
 Several processes (launched as training's: --config.coordinator_address / num_processes /
 process_id) split every global batch: each decodes only its own rows, embeddings are gathered
@@ -42,12 +43,12 @@ TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segme
 # Report names besides the task's own: semantic segmentation's modes keep one report each.
 MODE_REPORTS = {("semantic_segmentation", "clip+sam"): "semantic_segmentation_clip_sam"}
 PREDICTIONS_FILE = "instance_segmentation_predictions.json"  # the masks behind the AP
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def report_name(config) -> str:
   """WORKDIR/<name>.json and .md: the task's, or its mode's (MODE_REPORTS)."""
   return MODE_REPORTS.get((config.task, config.get("mode")), config.task)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------- devices
