@@ -17,6 +17,7 @@ done) checks every shard and marks the manifest complete; every process ends wit
 import collections
 import concurrent.futures
 import functools
+import json
 import os
 import shutil
 import signal
@@ -116,20 +117,22 @@ def _local_mesh():
 
 
 def _expected_manifest(config, files, num_records, clip_cfg, teacher_info):
-  return {
+  """The output's manifest, as JSON will give it back (tuples as lists), so a rerun compares equal."""
+  return json.loads(json.dumps({
       "format": teacher_store.FORMAT, "version": 1,
       "data_files": [os.path.basename(f) for f in files], "num_records": num_records,
+      "data_fingerprints": [records.file_fingerprint(f) for f in files],
       "shard_size": int(config.shard_size), "views_per_image": int(config.views_per_image),
       "dim": int(clip_cfg.embed_dim), "dtype": config.embedding_dtype,
       "resolutions": [int(r) for r in config.resolutions], "seed": int(config.seed),
       "teacher": dict(teacher_info, teacher_image_size=int(config.teacher_image_size),
                       model=clip_cfg.to_dict()),
       "complete": False,
-  }
+  }))
 
 
-_IDENTITY_KEYS = ("data_files", "num_records", "shard_size", "views_per_image", "dim", "dtype",
-                  "resolutions", "seed", "teacher")
+_IDENTITY_KEYS = ("data_files", "num_records", "data_fingerprints", "shard_size", "views_per_image",
+                  "dim", "dtype", "resolutions", "seed", "teacher")
 
 
 def _open_output(out_dir, expected):
@@ -138,9 +141,12 @@ def _open_output(out_dir, expected):
   path = os.path.join(out_dir, teacher_store.MANIFEST)
   if os.path.exists(path):
     have = teacher_store.read_manifest(out_dir)
-    diff = [k for k in _IDENTITY_KEYS if have.get(k) != expected[k]]
+    # Extractions made before data fingerprints were recorded are checked without them.
+    diff = [k for k in _IDENTITY_KEYS if have.get(k) != expected[k]
+            and not (k == "data_fingerprints" and k not in have)]
     if diff:
-      raise ValueError(f"{out_dir} holds an extraction with different {diff}; use another output_dir")
+      what = " (other data under the same file names)" if diff == ["data_fingerprints"] else ""
+      raise ValueError(f"{out_dir} holds an extraction with different {diff}{what}; use another output_dir")
     return have
   if jax.process_index() == 0:
     teacher_store.write_manifest(out_dir, expected)

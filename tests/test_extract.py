@@ -131,6 +131,33 @@ def test_rerun_on_finished_output_is_a_no_op(extracted, tmp_path):
     extract.run(other, str(tmp_path))
 
 
+def test_rerun_of_a_resnet_teacher_compares_equal(extracted):
+  """The manifest is what JSON gives back: a teacher config holding tuples (ModifiedResNet's
+  layers) once made every rerun a refusal ("different ['teacher']")."""
+  from samclip_jax.models import clip as clip_lib
+  paths, out, _, _ = extracted
+  cfg = clip_lib.ClipConfig(embed_dim=16, vision=clip_lib.VisionConfig(
+      image_size=64, patch_size=None, width=8, layers=(1, 1, 1, 1), head_width=8))
+  files = records.resolve_files(paths["clip_train"])
+  m = extract._expected_manifest(_config(paths["clip_train"], out), files, 20, cfg, {"seed": 0})
+  assert m["teacher"]["model"]["vision"]["layers"] == [1, 1, 1, 1]
+  assert m == json.loads(json.dumps(m))
+
+
+def test_other_data_under_the_same_file_names_is_refused(extracted, tmp_path):
+  """Embeddings belong to the images they were extracted from: another dataset with the same
+  shard names and record count (a rerun of prepare with other inputs) is refused by the
+  extraction and by the loader, instead of pairing its images with these embeddings."""
+  paths, out, _, _ = extracted
+  other = sample.ensure_sample(str(tmp_path / "other"), seed=1, **SMALL)
+  assert [os.path.basename(f) for f in records.resolve_files(other["clip_train"])] == \
+      [os.path.basename(f) for f in records.resolve_files(paths["clip_train"])]
+  with pytest.raises(ValueError, match=r"different \['data_fingerprints'\] \(other data under the same file names\)"):
+    extract.run(_config(other["clip_train"], out), str(tmp_path))
+  with pytest.raises(ValueError, match="other data under the same file names"):
+    pipeline.clip_loader(other["clip_train"], batch_size=2, seed=0, teacher_embeddings=out)
+
+
 def test_corrupt_shards_are_reported_and_redone(extracted, tmp_path):
   paths, out, man, _ = extracted
   copy = str(tmp_path / "emb")

@@ -304,9 +304,13 @@ def _check_teacher(directory, paths, num_records, resolutions):
   if m["num_records"] != num_records:
     raise ValueError(f"teacher embeddings cover {m['num_records']} records, the split has {num_records}")
   if isinstance(paths, (str, list, tuple)):
-    names = [os.path.basename(f) for f in records.resolve_files(paths)]
+    files = records.resolve_files(paths)
+    names = [os.path.basename(f) for f in files]
     if names != m["data_files"]:
       raise ValueError(f"teacher embeddings were extracted from {m['data_files']}, not {names}")
+    if "data_fingerprints" in m and [records.file_fingerprint(f) for f in files] != m["data_fingerprints"]:
+      raise ValueError(f"teacher embeddings in {directory} were extracted from other data under "
+                       f"the same file names {names} (their contents differ): extract them again")
   missing = set(int(r) for r in resolutions) - set(m["resolutions"])
   if missing:
     raise ValueError(f"teacher embeddings have no views at resolutions {sorted(missing)}")

@@ -78,6 +78,23 @@ def count_records(path: str) -> int:
     reader.close()
 
 
+FINGERPRINT_BYTES = 1 << 20  # read from each end of a shard
+
+
+def file_fingerprint(path: str) -> str:
+  """sha256 of a data file's size and first and last MiB: which data a derived artefact (teacher
+  embeddings) was made from, without reading whole shards (ArrayRecord ends in its index)."""
+  import hashlib
+  size = os.path.getsize(path)
+  h = hashlib.sha256(str(size).encode())
+  with open(path, "rb") as f:
+    h.update(f.read(FINGERPRINT_BYTES))
+    if size > FINGERPRINT_BYTES:
+      f.seek(max(size - FINGERPRINT_BYTES, FINGERPRINT_BYTES))
+      h.update(f.read())
+  return h.hexdigest()
+
+
 def write_split_manifest(path: str, files: Sequence[str], extra: Mapping | None = None) -> None:
   """Writes the manifest of a split: shard files (relative names) and counts."""
   counts = [count_records(f) for f in files]
