@@ -354,11 +354,20 @@ def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
   with open(captions_file) as f:
     entries = _limit(json.load(f), config)
   paths, captions, t2i = [], [], []
+  if not isinstance(entries, list):
+    raise ValueError(f"{captions_file}: expected a list of {{file_name, captions}} entries")
   for i, e in enumerate(entries):
-    caps = e.get("captions") or ([e["caption"]] if e.get("caption") else [])
+    name = e.get("file_name") if isinstance(e, dict) else None
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"{captions_file}: entry {i} has no file_name")
+    caps = e.get("captions") if "captions" in e else ([e["caption"]] if e.get("caption") else [])
+    # A bare string would count each of its characters as a caption.
+    if not isinstance(caps, list) or not all(isinstance(c, str) and c.strip() for c in caps):
+      raise ValueError(f"{captions_file}: {name}'s captions must be a list of non-empty strings, "
+                       f"got {caps!r}")
     if not caps:
-      raise ValueError(f"{captions_file}: {e.get('file_name')} has no caption")
-    paths.append(os.path.join(image_dir, e["file_name"]))
+      raise ValueError(f"{captions_file}: {name} has no caption")
+    paths.append(os.path.join(image_dir, name))
     captions += list(caps)
     t2i += [i] * len(caps)
   return paths, captions, t2i
@@ -390,13 +399,39 @@ def _sam_parts(model: Loaded):
   return cfg, nn.unbox(params)
 
 
+def _detection_problem(d, categories) -> str | None:
+  """What is wrong with one COCO detection (image_id, category_id, XYWH bbox, score), or None."""
+  def number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+  if not isinstance(d, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(d):
+    return "needs image_id, category_id, bbox and score"
+  if not isinstance(d["image_id"], int) or isinstance(d["image_id"], bool):
+    return "has a non-integer image_id"
+  if d["category_id"] not in categories:
+    return "has a category_id the annotations do not define"
+  box = d["bbox"]
+  if not (isinstance(box, list) and len(box) == 4 and all(number(v) for v in box)):
+    return "has a bbox that is not 4 finite numbers [x, y, width, height]"
+  if box[2] <= 0 or box[3] <= 0:
+    return "has a bbox of zero or negative size"
+  if not number(d["score"]):
+    return "has a score that is not a finite number"
+  return None
+
+
 def _box_prompts(coco, config) -> dict[int, list[tuple[list[float], int, float | None]]]:
   """image id -> [(XYWH box, category id, score or None for ground truth)]."""
   out: dict[int, list] = {i: [] for i in coco.getImgIds()}
   if config.data.detections:
     with open(config.data.detections) as f:
       dets = json.load(f)
-    for d in dets:
+    if not isinstance(dets, list):
+      raise ValueError(f"{config.data.detections}: expected a list of COCO detections")
+    categories = set(coco.getCatIds())
+    for i, d in enumerate(dets):
+      problem = _detection_problem(d, categories)
+      if problem:  # one bad detection would change the AP silently: the file is refused
+        raise ValueError(f"{config.data.detections}: detection {i} {problem}: {d!r}"[:400])
       if d["score"] >= config.data.min_score and d["image_id"] in out:
         out[d["image_id"]].append((d["bbox"], d["category_id"], float(d["score"])))
     for k in out:

@@ -157,6 +157,25 @@ def test_instance_segmentation_teacher_with_detections(env, tmp_path):
   assert res["metrics"]["num_prompts"] == sum(d["score"] > 0.5 for d in dets)
   with open(tmp_path / "out" / "instance_segmentation_predictions.json") as f:
     assert {p["score"] for p in json.load(f)} == {0.9}   # detector scores rank the masks
+  # A bad detection is named (it would change the AP silently), before any mask is predicted.
+  good = dets[0]
+  for change, message in (({"score": None}, "detection 1 has a score that is not a finite number"),
+                          ({"bbox": [1, 2, 3]}, "detection 1 has a bbox that is not 4 finite numbers"),
+                          ({"bbox": [1, 2, float("nan"), 4]}, "not 4 finite numbers"),
+                          ({"bbox": [1, 2, 0, 4]}, "zero or negative size"),
+                          ({"category_id": 77}, "category_id the annotations do not define"),
+                          ({"image_id": "3"}, "non-integer image_id")):
+    with open(tmp_path / "bad.json", "w") as f:
+      json.dump([good, dict(good, **change)], f)
+    bad = _config("instance_segmentation", env, model="sam", max_images=4,
+                  **{"data.detections": str(tmp_path / "bad.json")})
+    with pytest.raises(ValueError, match=re.escape(message)):
+      evaluate.evaluate(bad, str(tmp_path / "bad_out"))
+    assert not (tmp_path / "bad_out").exists()
+  with open(tmp_path / "bad.json", "w") as f:
+    json.dump([{k: v for k, v in good.items() if k != "score"}], f)
+  with pytest.raises(ValueError, match="detection 0 needs image_id, category_id, bbox and score"):
+    evaluate.evaluate(bad, str(tmp_path / "bad_out"))
 
 
 @pytest.mark.parametrize("mode,n", [("clip", 6), ("clip+sam", 2)])
@@ -257,6 +276,15 @@ def test_retrieval_several_captions_per_image(env, tmp_path):
   assert res["num_images"] == 4 and res["metrics"]["num_captions"] == 8
   paths, captions, t2i = evaluate.retrieval_items(cfg, str(tmp_path))
   assert t2i == [0, 0, 1, 1, 2, 2, 3, 3] and captions[1] == "picture 0"
+  # Malformed entries are named, not read as something else (a string's characters as captions).
+  for bad, message in (({"file_name": files[0], "captions": "one caption"}, "must be a list of non-empty"),
+                       ({"file_name": files[0], "captions": ["", "x"]}, "must be a list of non-empty"),
+                       ({"file_name": files[0], "captions": []}, "has no caption"),
+                       ({"captions": ["x"]}, "entry 0 has no file_name")):
+    with open(tmp_path / "caps.json", "w") as f:
+      json.dump([bad], f)
+    with pytest.raises(ValueError, match=message):
+      evaluate.retrieval_items(cfg, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- unreadable inputs
