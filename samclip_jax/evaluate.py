@@ -43,7 +43,6 @@ TASKS = ("classification", "retrieval", "instance_segmentation", "semantic_segme
 # Report names besides the task's own: semantic segmentation's modes keep one report each.
 MODE_REPORTS = {("semantic_segmentation", "clip+sam"): "semantic_segmentation_clip_sam"}
 PREDICTIONS_FILE = "instance_segmentation_predictions.json"  # the masks behind the AP
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def report_name(config) -> str:
@@ -189,10 +188,12 @@ def _limit(items: list, config) -> list:
   return items[:config.max_images] if config.max_images else items
 
 
-def list_images(directory: str) -> list[str]:
+def list_images(directory: str, recursive: bool = False) -> list[str]:
+  """Image files of a directory (with recursive, of its sub-folders too; hidden ones left out)."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"image directory not found: {directory}")
-  return sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTS))
+  files = transforms.visible_files(directory)
+  return [f for f in files if transforms.is_image_name(f) and (recursive or os.sep not in f)]
 
 
 # ----------------------------------------------------------------------------- models
@@ -317,13 +318,16 @@ def classification_items(config, workdir) -> tuple[list[tuple[str, int]], list[s
     if bad:
       raise ValueError(f"{labels_file}: labels {sorted(set(bad))} outside the {len(names)} class names")
     return items, names
-  folders = sorted(f for f in os.listdir(image_dir) if os.path.isdir(os.path.join(image_dir, f)))
+  # Class folders: those holding an image at any depth, as torchvision's ImageFolder reads them.
+  images = {f: list_images(os.path.join(image_dir, f), recursive=True) for f in sorted(os.listdir(image_dir))
+            if not f.startswith(".") and os.path.isdir(os.path.join(image_dir, f))}
+  folders = [f for f, found in images.items() if found]
   if not folders:
-    raise ValueError(f"{image_dir}: no class sub-folders (or give data.labels_file)")
+    raise ValueError(f"{image_dir}: no class sub-folders holding images (or give data.labels_file)")
   if names and len(names) != len(folders):
     raise ValueError(f"{len(names)} class names for {len(folders)} class folders")
   names = names or [f.replace("_", " ") for f in folders]
-  items = [(os.path.join(image_dir, f, n), k) for k, f in enumerate(folders) for n in list_images(os.path.join(image_dir, f))]
+  items = [(os.path.join(image_dir, f, n), k) for k, f in enumerate(folders) for n in images[f]]
   return items, names
 
 

@@ -115,6 +115,17 @@ def test_folder_class_labels(tmp_path):
   assert m["classes"] == ["cat", "dog"]
   assert sorted((r["key"], r["label"]) for r in _all_records(str(tmp_path / "out"))) == [
       ("cat/0.jpg", 0), ("cat/1.jpg", 0), ("dog/0.jpg", 1)]
+  # Hidden folders and files (a notebook's checkpoints, macOS's ._ files) and a folder of
+  # notes alone are not classes: the labels stay those of cat and dog.
+  _write(str(tmp_path / "in" / ".ipynb_checkpoints" / "0.jpg"), _img(seed=5))
+  _write(str(tmp_path / "in" / "cat" / "._0.jpg"), b"AppleDouble")
+  _write(str(tmp_path / "in" / "notes" / "readme.md"), "my notes")
+  m = prepare.prepare("folder", str(tmp_path / "in"), str(tmp_path / "out2"), val_fraction=0.0,
+                      log=_quiet)
+  assert m["classes"] == ["cat", "dog"]
+  assert sorted((r["key"], r["label"]) for r in _all_records(str(tmp_path / "out2"))) == [
+      ("cat/0.jpg", 0), ("cat/1.jpg", 0), ("dog/0.jpg", 1)]
+  assert list(_reasons(m)) == ["notes/readme.md"]   # skipped and counted, as any other file
 
 
 def _coco_fixture(tmp_path):

@@ -84,9 +84,16 @@ def test_classification_image_folder(env, tmp_path):
     os.makedirs(tmp_path / "images" / cls)
     for f in files[3 * k:3 * k + 3]:
       shutil.copy(os.path.join(src, f), tmp_path / "images" / cls / f)
+  # Not classes: a hidden folder, a folder of notes alone; an image in a sub-folder is its class's.
+  os.makedirs(tmp_path / "images" / ".ipynb_checkpoints")
+  shutil.copy(os.path.join(src, files[0]), tmp_path / "images" / ".ipynb_checkpoints" / files[0])
+  os.makedirs(tmp_path / "images" / "notes")
+  (tmp_path / "images" / "notes" / "readme.md").write_text("mine")
+  os.makedirs(tmp_path / "images" / "blue_thing" / "more")
+  shutil.copy(os.path.join(src, files[6]), tmp_path / "images" / "blue_thing" / "more" / files[6])
   cfg = _config("classification", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / "images")})
   res = evaluate.evaluate(cfg, str(tmp_path / "out"))
-  assert res["num_images"] == 6 and res["metrics"]["num_classes"] == 2
+  assert res["num_images"] == 7 and res["metrics"]["num_classes"] == 2
   assert "top5" not in res["metrics"]     # two classes: every image is within the top five
   for k in range(6):                        # six classes: top-5 can miss, so it is reported
     os.makedirs(tmp_path / "six" / f"class_{k}")

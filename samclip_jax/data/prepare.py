@@ -43,7 +43,7 @@ from PIL import Image
 from samclip_jax.data import records, transforms
 from samclip_jax.data.workers import exit_with_parent
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTS = set(transforms.IMAGE_EXTS)
 SIDECAR_EXTS = {".txt", ".json"}
 PROGRESS = "progress"
 LISTING = "listing.json"  # in PROGRESS: the shard files the latest run planned
@@ -199,11 +199,11 @@ def _masks_from_annotations(anns, h, w, where):
 
 # ----------------------------------------------------------------------------- sources
 def list_folder(root):
-  """Items of an image folder, sorted by relative path."""
-  files = sorted(os.path.relpath(os.path.join(d, f), root)
-                 for d, _, fs in os.walk(root) for f in fs)
+  """Items of an image folder (hidden entries left out), sorted by relative path."""
+  files = transforms.visible_files(root)
   fileset = set(files)
-  subdirs = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
+  # Classes: the first-level folders holding an image (not one of notes alone).
+  subdirs = sorted({f.split(os.sep)[0] for f in files if os.sep in f and _split_ext(f)[1] in IMAGE_EXTS})
   labelled = bool(subdirs) and all(os.sep in f for f in files if _split_ext(f)[1] in IMAGE_EXTS)
   items = []
   for f in files:
@@ -213,7 +213,7 @@ def list_folder(root):
     item = {"key": safe_name(f), "image": (os.path.join(root, f), None, None), "ext": ext}
     if stem + ".txt" in fileset:
       item["caption"] = (os.path.join(root, stem + ".txt"), None, None)
-    if labelled and os.sep in f:
+    if labelled and f.split(os.sep)[0] in subdirs:
       item["label"] = subdirs.index(f.split(os.sep)[0])
     items.append(item)
   return items, {"classes": [safe_name(d) for d in subdirs]} if labelled else {}

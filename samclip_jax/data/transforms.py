@@ -16,6 +16,24 @@ from PIL import Image
 # web images carry little of the caption's content and waste teacher compute.
 CROP_SCALE = (0.4, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def visible_files(root: str) -> list[str]:
+  """Every file under root, as sorted relative paths, skipping hidden files and folders
+  (.ipynb_checkpoints, .DS_Store, ._ AppleDouble files): they are never a user's data."""
+  import os
+  out = []
+  for d, dirs, files in os.walk(root):
+    dirs[:] = [x for x in dirs if not x.startswith(".")]
+    out += [os.path.relpath(os.path.join(d, f), root) for f in files if not f.startswith(".")]
+  return sorted(out)
+
+
+def is_image_name(path: str) -> bool:
+  return path.lower().endswith(IMAGE_EXTS)
+
+
 # PIL modes with samples wider than 8 bits -> the sample value that is white. PIL's own
 # convert("RGB") clips these at 255, so a 16-bit image came out almost white. 16-bit PNGs
 # open as I;16 (older Pillow: I); float images (F) follow the 0..1 convention.
