@@ -179,6 +179,46 @@ def test_coco_bad_inputs(tmp_path):
   assert recs["2"]["classes"] == [1] and records.decode_mask(recs["2"]["masks"][0]).sum() == 50
 
 
+def test_coco_doubtful_annotations_are_skipped_one_by_one(tmp_path):
+  """Each doubtful annotation is skipped and listed alone (one with a bad category once
+  dropped its whole image); empty masks are not stored; a size given as text is named."""
+  h, w = 40, 50
+  mask = np.zeros((h, w), bool)
+  mask[5:20, 10:30] = True
+  _write(str(tmp_path / "images" / "1.jpg"), _img(h, w, seed=1))
+  _write(str(tmp_path / "images" / "2.jpg"), _img(h, w, seed=2))
+  ok = {"image_id": 1, "category_id": 1, "segmentation": _rle(mask)}
+  anns = [dict(ok, id=1),
+          dict(ok, id=2, category_id="dog"), dict(ok, id=3, category_id=99), dict(ok, id=4, category_id=-3),
+          dict(ok, id=5, category_id=1.7), {k: v for k, v in dict(ok, id=6).items() if k != "category_id"},
+          dict(ok, id=7, iscrowd="0"),
+          dict(ok, id=8, segmentation=[[1, 1, 10, 10, 20, 20]]),               # collinear: no area
+          dict(ok, id=9, segmentation=[[100, 100, 120, 100, 120, 120]]),       # outside the image
+          dict(ok, id=10, segmentation=_rle(np.zeros((h, w), bool))),
+          {"id": 11, "image_id": 2, "category_id": 1, "segmentation": _rle(mask)}]
+  coco = {"images": [{"id": 1, "file_name": "1.jpg", "height": h, "width": w},
+                     {"id": 2, "file_name": "2.jpg", "height": str(h), "width": w}],
+          "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+  _write(str(tmp_path / "ann.json"), json.dumps(coco))
+  m = prepare.prepare("coco", str(tmp_path / "images"), str(tmp_path / "out"),
+                      annotations=str(tmp_path / "ann.json"), val_fraction=0.0, log=_quiet)
+  r = _reasons(m)
+  for aid, cid in ((2, "'dog'"), (3, "99"), (4, "-3"), (5, "1.7"), (6, "None")):
+    assert r[f"1#ann{aid}"] == f"category_id {cid} is not one of the categories"
+  assert r["1#ann7"] == "iscrowd must be 0 or 1, got '0'"
+  for aid in (8, 9, 10):
+    assert r[f"1#ann{aid}"] == "empty mask: no pixel inside the image", (aid, r)
+  assert r["images[1]"] == "image 2 has a height that is not a positive integer: '40'"
+  recs = {x["key"]: x for x in _all_records(str(tmp_path / "out"))}
+  assert set(recs) == {"1"} and recs["1"]["classes"] == [1]
+  coco["categories"].append({"id": 2, "name": "c"})
+  _write(str(tmp_path / "ann.json"), json.dumps(coco))
+  with pytest.raises(SystemExit, match="category ids repeat: 2"):
+    prepare.prepare("coco", str(tmp_path / "images"), str(tmp_path / "out2"),
+                    annotations=str(tmp_path / "ann.json"), log=_quiet)
+  assert not os.path.exists(tmp_path / "out2")
+
+
 def test_coco_malformed_annotation_file(tmp_path):
   _write(str(tmp_path / "ann.json"), "{not json")
   with pytest.raises(SystemExit, match="cannot read COCO annotations"):

@@ -180,20 +180,27 @@ def _segmentation_to_rle(seg, h, w):
   raise Skip("segmentation is neither polygons nor RLE")
 
 
-def _masks_from_annotations(anns, h, w, where):
-  """(masks, classes, skipped) keeping the valid annotations of one image."""
+def _masks_from_annotations(anns, h, w, where, category_ids=None):
+  """(masks, classes, skipped) keeping the valid annotations of one image; with category_ids
+  (COCO's categories) each annotation's category_id must be one of them."""
+  from pycocotools import mask as mask_utils
   masks, classes, skipped = [], [], []
   for i, a in enumerate(anns):
     aid = a.get("id", i) if isinstance(a, dict) else i
     try:
       if not isinstance(a, dict) or "segmentation" not in a:
         raise Skip("annotation without segmentation")
+      cid = a.get("category_id")
+      if category_ids is not None and (isinstance(cid, bool) or cid not in category_ids):
+        raise Skip(f"category_id {cid!r} is not one of the categories")
       rle = _segmentation_to_rle(a["segmentation"], h, w)
+      if not mask_utils.area(records.rle_from_json(rle)):
+        raise Skip("empty mask: no pixel inside the image")
     except Skip as e:
       skipped.append({"item": f"{where}#ann{aid}", "kind": "annotation", "reason": str(e)})
       continue
     masks.append(rle)
-    classes.append(int(a.get("category_id", 0) or 0))
+    classes.append(cid if isinstance(cid, int) and not isinstance(cid, bool) else 0)
   return masks, classes, skipped
 
 
@@ -259,15 +266,24 @@ def list_coco(image_dir, annotations):
     elif not isinstance(iid, (int, str)) or iid not in entries:
       skipped.append({"item": f"{iid}#ann{a.get('id', i)}", "kind": "annotation",
                       "reason": f"annotation refers to missing image id {iid!r}"})
+    elif a.get("iscrowd", 0) not in (0, 1):  # "0" as a string would be read as crowd
+      skipped.append({"item": f"{iid}#ann{a.get('id', i)}", "kind": "annotation",
+                      "reason": f"iscrowd must be 0 or 1, got {a['iscrowd']!r}"})
     elif not a.get("iscrowd", 0):  # crowd regions are not object masks: left out by design
       anns.setdefault(iid, []).append(a)
+  cats = sorted((c for c in cats if isinstance(c, dict)), key=_category_order)
+  ids = [c.get("id") for c in cats]
+  repeated = sorted({str(c) for c in ids if ids.count(c) > 1})
+  if repeated:
+    raise SystemExit(f"prepare: COCO annotations {annotations}: category ids repeat: {', '.join(repeated)}")
+  # Without categories (a class-agnostic mask set) any category_id is kept as it is.
+  category_ids = frozenset(c for c in ids if isinstance(c, int) and not isinstance(c, bool)) if cats else None
   items = []
   for iid, im in sorted(entries.items(), key=lambda e: (e[1]["file_name"], str(e[0]))):
     items.append({"key": str(iid), "file_name": im["file_name"],
                   "height": im.get("height"), "width": im.get("width"),
                   "image": (os.path.join(image_dir, im["file_name"]), None, None),
-                  "anns": anns.get(iid, [])})
-  cats = sorted((c for c in cats if isinstance(c, dict)), key=_category_order)
+                  "anns": anns.get(iid, []), "category_ids": category_ids})
   return items, {"categories": cats, "skipped": skipped}
 
 
@@ -287,6 +303,10 @@ def _coco_image_problem(im, keys) -> str | None:
     return f"image {im['id']} has no file_name"
   if str(im["id"]) in keys:
     return f"duplicate image id {im['id']!r}"
+  for side in ("height", "width"):
+    v = im.get(side)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+      return f"image {im['id']} has a {side} that is not a positive integer: {v!r:.40}"
   return None
 
 
@@ -296,7 +316,7 @@ def build_coco(item):
   img, h, w = checked_image(read_blob(item["image"]))
   if item.get("height") not in (None, h) or item.get("width") not in (None, w):
     raise Skip(f"image is {h}x{w}, annotations say {item.get('height')}x{item.get('width')}")
-  masks, classes, skipped = _masks_from_annotations(item["anns"], h, w, item["key"])
+  masks, classes, skipped = _masks_from_annotations(item["anns"], h, w, item["key"], item["category_ids"])
   return {"key": item["key"], "image": img, "height": h, "width": w,
           "masks": masks, "classes": classes}, skipped
 
