@@ -554,8 +554,15 @@ def semantic_items(config, workdir) -> tuple[list[tuple[str, str]], list[str]]:
     image_dir, label_dir = sample["coco_images"], sample["semantic_labels"]
     names = ["background"] + classes     # label value = category id, 0 = background
   elif not names and d.classes_file:
-    with open(d.classes_file) as f:
-      names = [line.strip() for line in f if line.strip()]
+    with open(d.classes_file, encoding="utf-8-sig") as f:
+      lines = f.read().splitlines()
+    while lines and not lines[-1].strip():   # a trailing newline or two
+      lines.pop()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:  # line k names label value k - 1: a dropped blank would shift every later name
+      raise ValueError(f"{d.classes_file}: line {blank[0]} is blank; name every label value "
+                       "(a placeholder such as 'unused' for values that never occur)")
+    names = [line.strip() for line in lines]
   if not image_dir or not label_dir:
     raise ValueError("set --config.data.image_dir and --config.data.label_dir")
   if not names:

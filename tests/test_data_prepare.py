@@ -54,7 +54,7 @@ def test_folder_bad_inputs(tmp_path):
   src = tmp_path / "in"
   _write(str(src / "a.jpg"), _img(seed=1))
   _write(str(src / "b.png"), _img(fmt="PNG", seed=2))
-  _write(str(src / "b.txt"), "a caption for b")
+  _write(str(src / "b.txt"), "\ufeffa caption for b\n".encode("utf-8"))  # a BOM is not text
   _write(str(src / "c.webp"), _img(fmt="WEBP", seed=3))
   _write(str(src / "corrupt.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg")
   _write(str(src / "trunc.png"), _img(fmt="PNG", seed=4)[:300])

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import eval_models
 from samclip_jax import api, cli, evaluate, metrics
@@ -401,3 +402,20 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
   assert out["num_images"] == 2 and [os.path.basename(s["file"]) for s in out["skipped"]] == [bad]
   with open(tmp_path / "inst" / "instance_segmentation_predictions.json") as f:
     assert {p["image_id"] for p in json.load(f)} == set(ids[1:])
+
+
+def test_classes_file_names_every_label_value(env, tmp_path):
+  """Line k of classes_file names label value k - 1: a byte-order mark and trailing newlines
+  are not names, and a blank line inside is refused (dropping it would shift every later name)."""
+  (tmp_path / "img").mkdir()
+  (tmp_path / "lab").mkdir()
+  Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+  Image.new("L", (8, 8)).save(tmp_path / "lab" / "a.png")
+  cfg = _config("semantic_segmentation", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / "img"),
+                                                 "data.label_dir": str(tmp_path / "lab"),
+                                                 "data.classes_file": str(tmp_path / "classes.txt")})
+  (tmp_path / "classes.txt").write_bytes("\ufeffbackground\ncat\ndog\n\n".encode("utf-8"))
+  assert evaluate.semantic_items(cfg, str(tmp_path))[1] == ["background", "cat", "dog"]
+  (tmp_path / "classes.txt").write_text("background\n\ncat\n")
+  with pytest.raises(ValueError, match="line 2 is blank"):
+    evaluate.semantic_items(cfg, str(tmp_path))

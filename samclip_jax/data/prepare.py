@@ -118,6 +118,8 @@ def checked_image(data: bytes) -> tuple[bytes, int, int]:
       rgb = transforms.to_rgb(im)
   except Image.UnidentifiedImageError:
     raise Skip("corrupt image: not a recognised image format") from None
+  except Image.DecompressionBombError as e:  # not corrupt: larger than PIL reads by default
+    raise Skip(f"image too large: {e}") from None
   except Exception as e:  # PIL raises many types on bad data
     raise Skip(f"corrupt image: {type(e).__name__}: {e}") from None
   w, h = rgb.size
@@ -132,7 +134,7 @@ def checked_image(data: bytes) -> tuple[bytes, int, int]:
 
 def _decode_text(data: bytes) -> str:
   try:
-    return data.decode("utf-8").strip()
+    return data.decode("utf-8-sig").strip()   # -sig: a byte-order mark is not text
   except UnicodeDecodeError:
     return data.decode("latin-1").strip()
 
