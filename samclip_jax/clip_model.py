@@ -204,9 +204,14 @@ class ClipModel:
       templates = get_templates(templates)
     if not templates:
       raise ValueError("zero_shot_classifier needs at least one template")
-    bad = [t for t in templates if isinstance(t, str) and "{}" not in t]
-    if bad:  # every class would get the same prompt
-      raise ValueError(f"templates must hold '{{}}' where the class name goes (or be callables), got {bad[:3]}")
+    def formats_once(t):  # one '{}' and no other replacement field ("{} and {}", "{name}")
+      try:
+        return t.count("{}") == 1 and t.format("\0").count("\0") == 1
+      except (IndexError, KeyError, ValueError):
+        return False
+    bad = [t for t in templates if isinstance(t, str) and not formats_once(t)]
+    if bad:  # every class would get the same prompt, or format() fails deep inside
+      raise ValueError(f"templates must hold '{{}}' once where the class name goes (or be callables), got {bad[:3]}")
     fmt = lambda t, c: t.format(c) if isinstance(t, str) else t(c)
     self._check_distinct_tokens(class_names, templates[0])
     rows = []

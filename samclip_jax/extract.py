@@ -137,8 +137,13 @@ _IDENTITY_KEYS = ("data_files", "num_records", "data_fingerprints", "shard_size"
 
 def _open_output(out_dir, expected):
   """Creates or checks the output manifest; removes half-written shard dirs."""
-  os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, teacher_store.MANIFEST)
+  # (The manifest's temporary file: process 0 may be writing it while another process looks.)
+  foreign = sorted(set(os.listdir(out_dir)) - {teacher_store.MANIFEST + ".tmp"}) if os.path.isdir(out_dir) else []
+  if foreign and not os.path.exists(path):
+    raise ValueError(f"output_dir {out_dir} holds files extraction did not write (e.g. "
+                     f"{foreign[0]!r}); give a new or empty directory")
+  os.makedirs(out_dir, exist_ok=True)
   if os.path.exists(path):
     have = teacher_store.read_manifest(out_dir)
     # Extractions made before data fingerprints were recorded are checked without them.
@@ -200,8 +205,10 @@ def run(config, workdir: str) -> dict:
     data = sample.ensure_sample(config.sample_dir or os.path.join(workdir, "sample"))["clip_train"]
   out_dir = config.output_dir or os.path.join(workdir, "teacher_embeddings")
   files = records.resolve_files(data)
-  source = pipeline.data_source(files)
+  source = pipeline.data_source(files) if files else []
   num_records = len(source)
+  if not num_records:
+    raise ValueError(f"{data} holds no records: nothing to extract")
   if config.views_per_image % len(config.resolutions):
     raise ValueError("views_per_image must be a multiple of len(resolutions)")
   clip_cfg, teacher_info = teacher_config(config)

@@ -331,8 +331,9 @@ def test_inputs_that_gave_silent_wrong_answers(model):
       classify([img, img], NAMES, "photo")
     with pytest.raises(ValueError, match="classify takes one image"):
       classify(np.stack([img, img]), NAMES, "photo")
-    with pytest.raises(ValueError, match="must hold '{}'"):
-      classify(img, NAMES, ["a photo"])
+    for bad in (["a photo"], ["a {} and a {}"], ["a {name}"]):
+      with pytest.raises(ValueError, match="must hold '{}' once"):
+        classify(img, NAMES, bad)
   with pytest.raises(ValueError, match="got the string 'red'"):
     clip.encode_text("red")
   long = "very " * 100

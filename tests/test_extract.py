@@ -158,6 +158,20 @@ def test_other_data_under_the_same_file_names_is_refused(extracted, tmp_path):
     pipeline.clip_loader(other["clip_train"], batch_size=2, seed=0, teacher_embeddings=out)
 
 
+def test_output_dir_of_a_user_and_empty_data_are_refused(extracted, tmp_path):
+  paths, _, _, _ = extracted
+  user = tmp_path / "mine"
+  user.mkdir()
+  (user / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="holds files extraction did not write \\(e.g. 'notes.txt'\\)"):
+    extract.run(_config(paths["clip_train"], str(user)), str(tmp_path))
+  assert os.listdir(user) == ["notes.txt"]
+  empty = tmp_path / "empty.json"
+  records.write_split_manifest(str(empty), [])
+  with pytest.raises(ValueError, match="holds no records"):
+    extract.run(_config(str(empty), str(tmp_path / "out")), str(tmp_path))
+
+
 def test_corrupt_shards_are_reported_and_redone(extracted, tmp_path):
   paths, out, man, _ = extracted
   copy = str(tmp_path / "emb")
