@@ -101,6 +101,9 @@ def test_bad_options_and_a_users_output_directory(tmp_path):
   _write(str(tmp_path / "a_file"), "x")
   with pytest.raises(SystemExit, match="not a directory"):
     prepare.prepare("folder", str(src), str(tmp_path / "a_file"), log=_quiet)
+  with pytest.raises(SystemExit, match="lies inside the input"):  # its shards would become inputs
+    prepare.prepare("folder", str(src), str(src / "prepared"), log=_quiet)
+  assert sorted(os.listdir(src)) == ["a.jpg"]
   # An earlier output of its own is taken (the rerun resumes it).
   prepare.prepare("folder", str(src), str(out), val_fraction=0.0, log=_quiet)
   assert prepare.prepare("folder", str(src), str(out), val_fraction=0.0, log=_quiet)["splits"]["train"]["records"] == 1

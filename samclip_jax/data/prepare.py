@@ -552,6 +552,10 @@ def prepare(source: str, input_path: str, output: str, annotations: str | None =
   if workers < 0:
     raise SystemExit(f"prepare: --workers must be >= 0, got {workers}")
   _check_output(output)
+  inside = os.path.commonpath([os.path.realpath(output), os.path.realpath(input_path)])
+  if os.path.isdir(input_path) and inside == os.path.realpath(input_path):
+    # Its own shards would be listed as inputs on the next run.
+    raise SystemExit(f"prepare: --output {output} lies inside the input {input_path}; choose a directory outside it")
   items, extra = SOURCES[source][0](args)
   items, duplicates = _unique_keys(items)
   extra = dict(extra, skipped=extra.get("skipped", []) + duplicates)
