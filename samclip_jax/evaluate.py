@@ -608,7 +608,7 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
 
     def load_fn(item):
       img, gt = api.load_image(item[0]), _load_label(item[1])
-      _check_label(gt, img.shape[:2], item[1])
+      _check_label(gt, img.shape[:2], item[1], len(names), config.data.ignore_index)
       return api.resize_square(img, config.resolution), gt, img.shape[:2]
 
     gb = global_batch_size(config.batch_size, mesh)
@@ -631,7 +631,7 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     # images p, p + P, ... of the P processes.
     def load_fn(item):
       img, gt = api.load_image(item[0]), _load_label(item[1])
-      _check_label(gt, img.shape[:2], item[1])
+      _check_label(gt, img.shape[:2], item[1], len(names), config.data.ignore_index)
       return img, gt
     mine = items[jax.process_index()::jax.process_count()]
     for chunk, loaded in prefetched_batches(mine, skipped.guard(load_fn, lambda item: item[0]), 1,
@@ -660,9 +660,13 @@ def _progress(task: str, total: int) -> cli.Progress:
   return cli.Progress(task, total, quiet=jax.process_index() != 0)
 
 
-def _check_label(gt, hw, path):
+def _check_label(gt, hw, path, num_classes, ignore_index):
   if gt.shape != tuple(hw):
     raise transforms.UnreadableInput(f"{path}: label map {gt.shape} does not match its image {tuple(hw)}")
+  beyond = np.unique(gt[(gt >= num_classes) & (gt != ignore_index)])
+  if beyond.size:  # counted as nothing, they would hide a short class list
+    raise transforms.UnreadableInput(f"{path}: label values {beyond[:5].tolist()} beyond the {num_classes} "
+                                     f"class names (ignore_index {ignore_index})")
 
 
 RUNNERS = {"classification": run_classification, "retrieval": run_retrieval,

@@ -358,8 +358,9 @@ def test_unreadable_images_are_skipped_and_counted(env, tmp_path):
 
 
 def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
-  """Semantic segmentation with a corrupt label map and one of the wrong size, and instance
-  segmentation with a corrupt image: skipped and listed; the rest scores as without them."""
+  """Semantic segmentation with a corrupt label map, one of the wrong size and one holding a
+  value beyond the class names, and instance segmentation with a corrupt image: skipped and
+  listed; the rest scores as without them."""
   from PIL import Image
   from pycocotools.coco import COCO
   images, labels = env["sample"]["coco_images"], env["sample"]["semantic_labels"]
@@ -367,7 +368,7 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
   for name in ("clean", "spoilt"):
     for d in ("img", "lab"):
       os.makedirs(tmp_path / name / d)
-    for s in stems[2:] if name == "clean" else stems:
+    for s in stems[3:] if name == "clean" else stems:
       shutil.copy(os.path.join(images, s + ".jpg"), tmp_path / name / "img")
       shutil.copy(os.path.join(labels, s + ".png"), tmp_path / name / "lab")
   with open(tmp_path / "spoilt" / "lab" / (stems[0] + ".png"), "wb") as f:   # a corrupt label map
@@ -375,6 +376,11 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
   small = tmp_path / "spoilt" / "lab" / (stems[1] + ".png")
   with Image.open(small) as im:
     im.resize((im.width // 2, im.height // 2), Image.NEAREST).save(small)
+  beyond = tmp_path / "spoilt" / "lab" / (stems[2] + ".png")
+  with Image.open(beyond) as im:
+    values = np.asarray(im).copy()
+  values[0, 0] = 9   # 6 class names: a short classes file would hide this class
+  Image.fromarray(values).save(beyond)
   res = {}
   with open(env["sample"]["classes"]) as f:
     names = ["background"] + json.load(f)["classes"]
@@ -383,9 +389,10 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
         "data.sample_dir": "", "data.image_dir": str(tmp_path / name / "img"),
         "data.label_dir": str(tmp_path / name / "lab"), "data.class_names": names})
     res[name] = evaluate.evaluate(cfg, str(tmp_path / f"sem_{name}"))
-  assert res["spoilt"]["num_images"] == 3 and len(res["spoilt"]["skipped"]) == 2
-  assert ["a label map:" in s["reason"] for s in res["spoilt"]["skipped"]] == [True, False]
+  assert res["spoilt"]["num_images"] == 2 and len(res["spoilt"]["skipped"]) == 3
+  assert ["a label map:" in s["reason"] for s in res["spoilt"]["skipped"]] == [True, False, False]
   assert "does not match its image" in res["spoilt"]["skipped"][1]["reason"]
+  assert "label values [9] beyond the 6 class names (ignore_index 255)" in res["spoilt"]["skipped"][2]["reason"]
   assert res["spoilt"]["metrics"] == res["clean"]["metrics"]
 
   coco = COCO(env["sample"]["coco_instances"])
