@@ -59,15 +59,18 @@ def test_folder_bad_inputs(tmp_path):
   _write(str(src / "corrupt.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg")
   _write(str(src / "trunc.png"), _img(fmt="PNG", seed=4)[:300])
   _write(str(src / "notes.xyz"), b"hello")
+  _write(str(src / "d.jpg"), _img(seed=5))
+  _write(str(src / "d.txt"), " \n")
   out = str(tmp_path / "out")
   m = prepare.prepare("folder", str(src), out, shard_size=2, val_fraction=0.0, log=_quiet)
-  assert m["splits"]["train"]["records"] == 3 and m["splits"]["train"]["inputs"] == 6
+  assert m["splits"]["train"]["records"] == 3 and m["splits"]["train"]["inputs"] == 7
   r = _reasons(m)
-  assert set(r) == {"corrupt.jpg", "trunc.png", "notes.xyz"}
+  assert set(r) == {"corrupt.jpg", "trunc.png", "notes.xyz", "d.jpg"}
+  assert r["d.jpg"] == "empty caption file"
   assert r["corrupt.jpg"].startswith("corrupt image")
   assert r["trunc.png"].startswith("corrupt image")
   assert r["notes.xyz"].startswith("unsupported file type .xyz")
-  assert m["num_skipped_inputs"] == 3
+  assert m["num_skipped_inputs"] == 4
   recs = {x["key"]: x for x in _all_records(out)}
   assert set(recs) == {"a.jpg", "b.png", "c.webp"}
   assert recs["b.png"]["caption"] == "a caption for b"
@@ -224,8 +227,9 @@ def test_coco_doubtful_annotations_are_skipped_one_by_one(tmp_path):
 
 def test_coco_malformed_annotation_file(tmp_path):
   _write(str(tmp_path / "ann.json"), "{not json")
+  (tmp_path / "images").mkdir()
   with pytest.raises(SystemExit, match="cannot read COCO annotations"):
-    prepare.prepare("coco", str(tmp_path), str(tmp_path / "out"),
+    prepare.prepare("coco", str(tmp_path / "images"), str(tmp_path / "out"),
                     annotations=str(tmp_path / "ann.json"), log=_quiet)
 
 

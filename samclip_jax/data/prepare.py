@@ -133,10 +133,14 @@ def checked_image(data: bytes) -> tuple[bytes, int, int]:
 
 
 def _decode_text(data: bytes) -> str:
+  """A caption file's text; an empty one is a broken sample (a caption set would train on "")."""
   try:
-    return data.decode("utf-8-sig").strip()   # -sig: a byte-order mark is not text
+    text = data.decode("utf-8-sig").strip()   # -sig: a byte-order mark is not text
   except UnicodeDecodeError:
-    return data.decode("latin-1").strip()
+    text = data.decode("latin-1").strip()
+  if not text:
+    raise Skip("empty caption file")
+  return text
 
 
 def _checked_polygon(poly, h, w) -> list[float]:
