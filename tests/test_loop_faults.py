@@ -157,6 +157,19 @@ def test_nonfinite_update_stop_and_skip(env, ref, monkeypatch, capsys):
   _assert_equal(_params(out["state"]), ref["params"])
 
 
+def test_another_model_in_a_run_workdir_is_refused_before_anything_changes(env, ref):
+  """A model field changed between runs of one workdir: refused by name before anything is
+  written (model_config.json was rewritten first, so the workdir then described a model its
+  checkpoints do not hold, and samclip_jax.api loaded them into it without a word)."""
+  workdir = _copy_unfinished(ref, env["root"] / "other_model")
+  config_file = os.path.join(workdir, merge_task.MODEL_CONFIG_FILE)
+  before = open(config_file).read()
+  with pytest.raises(ValueError, match="holds a run of another model \\(head_depth differ"):
+    run(tiny(env, **{"model.head_depth": 1}), workdir)
+  assert open(config_file).read() == before
+  _assert_equal(api.restore_workdir_params(workdir, TOTAL), ref["params"])
+
+
 def test_ctrl_c_says_where_a_rerun_resumes(env, ref, monkeypatch, capsys):
   """Ctrl-C during step 3 (its batch drawn): the loop names the checkpoint a rerun resumes
   from (step 2), nothing later is saved, and the rerun ends as the straight run."""

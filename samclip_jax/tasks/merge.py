@@ -331,9 +331,17 @@ class MergeTask:
   def prepare_workdir(self, workdir: str) -> None:
     """WORKDIR/model_config.json (the model the checkpoints hold, read by samclip_jax.api to
     load an unfinished run) and, for a random CLIP teacher, WORKDIR/text_model/."""
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    model = json.loads(json.dumps(self.model_config.to_dict()))  # as the file gives it back
+    if os.path.isfile(path):  # its checkpoints hold that model: another one cannot resume them
+      with open(path) as f:
+        before = json.load(f)
+      changed = sorted(k for k in model if k in before and before[k] != model[k])
+      if changed:
+        raise ValueError(f"{workdir} holds a run of another model ({', '.join(changed)} differ from this "
+                         "config's); use another --workdir, or the run's own model settings")
     if jax.process_index() == 0:
-      meta = dict(self.model_config.to_dict(), **self.run_facts())
-      path = os.path.join(workdir, MODEL_CONFIG_FILE)
+      meta = dict(model, **self.run_facts())
       with open(path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
       os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
