@@ -1,4 +1,5 @@
 """Dataset preparation: every source, every bad-input path, kill-and-rerun resume."""
+import glob
 import io
 import json
 import os
@@ -80,6 +81,20 @@ def test_folder_bad_inputs(tmp_path):
   b = next(iter(pipeline.clip_loader(os.path.join(out, "train.json"), batch_size=2, seed=0,
                                      resolutions=(224,))))
   assert b["image"].shape == (2, 224, 224, 3)
+
+
+def test_an_output_directory_of_two_splits_is_not_one_split(tmp_path):
+  """prepare's output holds train and val shards: given as one data path it would train on
+  val too; it is refused, naming the split manifests (with one split, it is that split)."""
+  src = tmp_path / "in"
+  for i in range(6):
+    _write(str(src / f"{i}.jpg"), _img(seed=i))
+  out = tmp_path / "out"
+  prepare.prepare("folder", str(src), str(out), val_fraction=0.5, log=_quiet)
+  with pytest.raises(ValueError, match=r"holds the splits train.json, val.json: give one of them"):
+    records.resolve_files(str(out))
+  os.remove(out / "val.json")
+  assert records.resolve_files(str(out)) == records.resolve_files(str(out / "train.json"))
 
 
 def test_bad_options_and_a_users_output_directory(tmp_path):
@@ -471,7 +486,7 @@ def test_resume_after_the_inputs_changed(tmp_path):
     assert [x["key"] for x in _all_records(out)] == [x["key"] for x in _all_records(ref)]
     assert m["splits"] == want["splits"]
     # No stale shard left for a directory glob to pick up.
-    assert sorted(records.resolve_files(out)) == sorted(records.resolve_files(
+    assert sorted(glob.glob(os.path.join(out, "*.array_record"))) == sorted(records.resolve_files(
         os.path.join(out, "train.json")))
 
   check()

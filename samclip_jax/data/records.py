@@ -108,6 +108,14 @@ def write_split_manifest(path: str, files: Sequence[str], extra: Mapping | None 
   os.replace(tmp, path)
 
 
+def _is_split_manifest(path: str) -> bool:
+  try:
+    with open(path) as f:
+      return isinstance(json.load(f).get("files"), list)
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def resolve_files(paths) -> list[str]:
   """Turns a split manifest (.json), a glob, a file, a directory or a list into files."""
   if isinstance(paths, (list, tuple)):
@@ -119,6 +127,13 @@ def resolve_files(paths) -> list[str]:
     base = os.path.dirname(paths)
     return [os.path.join(base, f) for f in manifest["files"]]
   if os.path.isdir(paths):
+    splits = sorted(os.path.basename(m) for m in glob.glob(os.path.join(paths, "*.json"))
+                    if _is_split_manifest(m))
+    if len(splits) == 1:  # prepare's output with one split: that split's shards
+      return resolve_files(os.path.join(paths, splits[0]))
+    if splits:  # its shards are those of every split: training on it would train on val too
+      raise ValueError(f"{paths} holds the splits {', '.join(splits)}: give one of them "
+                       f"(e.g. {os.path.join(paths, splits[-1])})")
     files = sorted(glob.glob(os.path.join(paths, "*.array_record")))
   elif any(c in paths for c in "*?["):
     files = sorted(glob.glob(paths))
