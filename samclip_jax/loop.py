@@ -159,13 +159,18 @@ def evaluate(task, eval_step, state, aux, paths):
   """Means over config.eval_batches held-out batches of each set (fixed order)."""
   its = {k: iter(v) for k, v in task.make_loaders(paths, split="val").items()}
   sums = {}
-  for _ in range(task.config.eval_batches):
+  for i in range(task.config.eval_batches):
     host = {}
     for k, it in its.items():
       try:
         host[k] = next(it)
       except StopIteration:
         pass
+    empty = sorted(set(its) - set(host))
+    if i == 0 and empty:  # batches drop their remainder: its metrics would be missing, silently
+      raise ValueError(f"the held-out {empty[0]} set ({paths.get(empty[0] + '_val', '?')}) holds fewer "
+                       "records than one batch: give more held-out records, a smaller batch size, "
+                       "or --config.eval_every_steps=0")
     if not host:
       break
     out = jax.device_get(eval_step(state, aux, task.device_batches(host)))

@@ -157,6 +157,21 @@ def test_nonfinite_update_stop_and_skip(env, ref, monkeypatch, capsys):
   _assert_equal(_params(out["state"]), ref["params"])
 
 
+def test_a_held_out_set_smaller_than_one_batch_is_named():
+  """Batches drop their remainder: a held-out set smaller than one batch gave no batch, and
+  its metrics were missing from every evaluation without a word."""
+  from types import SimpleNamespace
+  from samclip_jax import loop
+  task = SimpleNamespace(config=SimpleNamespace(eval_batches=4),
+                         make_loaders=lambda paths, split: {"clip": [{"x": 1}] * 3, "sam": []},
+                         device_batches=lambda host: host)
+  step = lambda state, aux, batches: {"clip_cosine": 0.5}
+  with pytest.raises(ValueError, match=r"held-out sam set \(/data/sam_val.json\) holds fewer records than one batch"):
+    loop.evaluate(task, step, None, None, {"clip_val": "/data/clip_val.json", "sam_val": "/data/sam_val.json"})
+  task.make_loaders = lambda paths, split: {"clip": [{"x": 1}] * 3, "sam": [{"y": 1}]}  # one batch is enough
+  assert loop.evaluate(task, step, None, None, {}) == {"clip_cosine": 0.5}
+
+
 def test_another_model_in_a_run_workdir_is_refused_before_anything_changes(env, ref):
   """A model field changed between runs of one workdir: refused by name before anything is
   written (model_config.json was rewritten first, so the workdir then described a model its

@@ -388,6 +388,26 @@ def _keys(seed, impl="threefry2x32"):
   return {name: jax.random.fold_in(root, i) for i, name in enumerate(("sam", "clip", "head"))}
 
 
+def check_teacher_embeddings(config, clip_cfg) -> None:
+  """Offline embeddings must come from this run's CLIP teacher: its width (and, for a random
+  teacher, its variant and seed), checked before anything runs. A checkpoint's path may differ
+  (extraction and training hosts mount it differently)."""
+  from samclip_jax.data import teacher_store
+  directory = config.data.teacher_embeddings
+  m = teacher_store.read_manifest(directory)
+  teacher = m.get("teacher", {})
+  problems = []
+  if m["dim"] != clip_cfg.embed_dim:
+    problems.append(f"they are {m['dim']}-dim, this teacher embeds into {clip_cfg.embed_dim}")
+  if not config.clip_checkpoint and (teacher.get("random_variant"), teacher.get("seed")) != (
+      config.model.clip_variant, int(config.seed)):
+    problems.append(f"their teacher is random {teacher.get('random_variant') or teacher.get('checkpoint')!r} "
+                    f"seed {teacher.get('seed')}, this run's random {config.model.clip_variant!r} seed {config.seed}")
+  if problems:
+    raise ValueError(f"teacher embeddings in {directory} were not made by this run's CLIP teacher: "
+                     f"{'; '.join(problems)}; extract them with it (samclip_jax.extract, the same teacher settings)")
+
+
 def create(config, devices=None) -> MergeTask:
   """Builds the static parts of a merge run; no parameter is materialised (eval_shape only)."""
   validate_config(config)
@@ -403,6 +423,8 @@ def create(config, devices=None) -> MergeTask:
     raise ValueError(f"sam_image_size={config.sam_image_size} but the SAM model is built for "
                      f"{sam_cfg.image_size} px")
   clip_cfg = common.clip_config_from(config)
+  if config.data.teacher_embeddings:
+    check_teacher_embeddings(config, clip_cfg)
   model_cfg = SamClipConfig(sam=sam_cfg, head_depth=config.model.head_depth,
                             head_mlp_hidden=tuple(config.model.head_mlp_hidden),
                             out_dim=clip_cfg.embed_dim)
