@@ -124,6 +124,9 @@ def _restore_step(mngr, step, abstract_state, iterators):
   return state
 
 
+DATA_ORDER_CHANGED = "does not match dataloader sampler"  # grain's words on restore
+
+
 def _problem(e: Exception) -> str:
   return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
@@ -141,7 +144,7 @@ def restore_latest(mngr, abstract_state, make_iterators, say=print):
   loaded on all of them. So all processes resume from the same step (and move aside the same
   bad ones) whatever their own, possibly lagging, listing of the shared directory says.
   """
-  bad, tried = [], set()
+  bad, tried, problems = [], set(), []
   while True:
     step, problem = -1, ""
     if jax.process_index() == 0:
@@ -176,12 +179,19 @@ def restore_latest(mngr, abstract_state, make_iterators, say=print):
     logging.warning(msg)
     say(msg)
     bad.append(step)
+    problems.append(problem)
+  if bad and all(DATA_ORDER_CHANGED in p for p in problems):  # the config changed, not the files
+    raise ValueError(f"the checkpoints in {mngr.directory} (steps {sorted(bad)}) record another data "
+                     "order than this run's: a batch size, data path, seed or process count differs "
+                     "from the run that wrote them. Rerun with that run's settings, or start another "
+                     "--workdir with --config.init_from=EXPORT_DIR (weights kept, optimizer and data "
+                     "order new); they were left as they are.")
   if bad:
-    raise RuntimeError(f"no usable checkpoint in {mngr.directory} (steps {sorted(bad)}, see the "
-                       "messages above); they were left as they are. Fix the cause, move that "
-                       "directory away to train from scratch, or start another --workdir from this "
-                       "run's export with --config.init_from=EXPORT_DIR (weights kept, optimizer and "
-                       "data order new).")
+    raise ValueError(f"no usable checkpoint in {mngr.directory} (steps {sorted(bad)}, see the "
+                     "messages above); they were left as they are. Fix the cause, move that "
+                     "directory away to train from scratch, or start another --workdir from this "
+                     "run's export with --config.init_from=EXPORT_DIR (weights kept, optimizer and "
+                     "data order new).")
   return None, None, make_iterators()
 
 

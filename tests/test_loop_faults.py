@@ -185,6 +185,18 @@ def test_another_model_in_a_run_workdir_is_refused_before_anything_changes(env, 
   _assert_equal(api.restore_workdir_params(workdir, TOTAL), ref["params"])
 
 
+def test_a_changed_data_order_is_named_not_blamed_on_the_checkpoints(env, ref):
+  """Another batch size on a run's workdir: every checkpoint's data iterator refuses it. Said
+  as what it is (the config changed), in one error, and every checkpoint stays."""
+  workdir = _copy_unfinished(ref, env["root"] / "other_batch")
+  c = tiny(env)
+  c.clip_batch_size //= 2
+  with pytest.raises(ValueError, match="record another data order than this run's: a batch size"):
+    run(c, workdir)
+  assert _steps(workdir) == list(range(1, TOTAL + 1))
+  assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
+
+
 def test_ctrl_c_says_where_a_rerun_resumes(env, ref, monkeypatch, capsys):
   """Ctrl-C during step 3 (its batch drawn): the loop names the checkpoint a rerun resumes
   from (step 2), nothing later is saved, and the rerun ends as the straight run."""
@@ -259,7 +271,7 @@ def test_no_usable_checkpoint_is_refused_not_restarted(env, ref):
   for step in _steps(workdir):
     os.remove(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA"))
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(RuntimeError, match="no usable checkpoint"):
+  with pytest.raises(ValueError, match="no usable checkpoint"):
     run(tiny(env), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
