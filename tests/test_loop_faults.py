@@ -157,6 +157,20 @@ def test_nonfinite_update_stop_and_skip(env, ref, monkeypatch, capsys):
   _assert_equal(_params(out["state"]), ref["params"])
 
 
+def test_own_data_is_not_mixed_with_the_embedded_sample(env, tmp_path):
+  """A run given some of its data paths: the rest are named, not filled from the embedded world
+  sample (which validated a user's run silently); without evaluation no held-out set is needed."""
+  own = tmp_path / "train.json"
+  own.write_text("{}")
+  c = tiny(env, **{"data.clip_train": str(own), "eval_every_steps": 5})
+  c.data.sample_dir = ""
+  with pytest.raises(ValueError, match="config.data.clip_val is not set while other data paths are"):
+    merge_task.create(c, jax.devices()[:1]).data_paths(str(tmp_path))
+  c.eval_every_steps = 0
+  assert merge_task.create(c, jax.devices()[:1]).data_paths(str(tmp_path))["clip_train"] == str(own)
+  assert not os.path.exists(tmp_path / "sample")
+
+
 def test_a_held_out_set_smaller_than_one_batch_is_named():
   """Batches drop their remainder: a held-out set smaller than one batch gave no batch, and
   its metrics were missing from every evaluation without a word."""

@@ -259,10 +259,18 @@ class MergeTask:
 
   # ---------------------------------------------------------------- data
   def data_paths(self, workdir) -> dict:
-    """Split paths from the config, the embedded sample filling the empty ones."""
+    """Split paths from the config; the embedded sample fills them when none this run reads is set."""
     d = self.config.data
     paths = {k: d[k] for k in ("clip_train", "clip_val", "sam_train", "sam_val")}
-    if not all(paths.values()):
+    splits = ("train", "val") if self.config.eval_every_steps > 0 else ("train",)
+    used = [f"{kind}_{split}" for kind, on in (("clip", self.use_clip), ("sam", self.use_sam)) if on
+            for split in splits]
+    missing = [k for k in used if not paths[k]]
+    if missing and any(paths[k] for k in used):  # own data: the embedded sample is no stand-in
+      raise ValueError(f"config.data.{missing[0]} is not set while other data paths are "
+                       f"(set {', '.join('config.data.' + k for k in missing)}; the embedded sample "
+                       "fills them only when none is set)")
+    if missing:
       from samclip_jax.data.sample import ensure_sample
       sample = ensure_sample(d.sample_dir or os.path.join(workdir, "sample"))
       paths = {k: v or sample[k] for k, v in paths.items()}
