@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import teachers
 from samclip_jax import train
@@ -140,6 +141,20 @@ def test_teacher_configs_refuse_bad_args():
   c.hard_negatives = -1
   with pytest.raises(ValueError, match="hard_negatives"):
     train.create_task(c, jax.devices()[:1])
+
+
+def test_clip_pretraining_on_records_without_captions_is_named(tmp_path):
+  """A set without captions (a prepared COCO set) was a KeyError deep in a loader worker."""
+  from samclip_jax.data import prepare
+  (tmp_path / "in").mkdir()
+  for i in range(2):
+    Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / "in" / f"{i}.png")
+  prepare.prepare("folder", str(tmp_path / "in"), str(tmp_path / "out"), val_fraction=0.0, log=lambda *_: None)
+  c = teachers.get_config("clip,tiny")
+  c.data.clip_train = str(tmp_path / "out" / "train.json")
+  task = clip_pretrain.create(c, jax.devices()[:1])
+  with pytest.raises(ValueError, match="its records have no caption .*CLIP pretraining needs a caption set"):
+    task.make_loaders(task.data_paths(None))
 
 
 def test_resnet_init_choices():

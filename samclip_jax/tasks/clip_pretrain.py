@@ -211,10 +211,15 @@ class ClipPretrainTask:
     return {"clip_train": self.config.data.clip_train, "clip_val": self.config.data.clip_val}
 
   def make_loaders(self, paths, split="train"):
-    from samclip_jax.data import pipeline
+    from samclip_jax.data import pipeline, records
     cfg, nproc = self.config, jax.process_count()
     is_train = split == "train"
-    source = pipeline.KeyedSource(pipeline.data_source(paths[f"clip_{split}"]))
+    raw = pipeline.data_source(paths[f"clip_{split}"])
+    if len(raw) and "caption" not in records.decode(raw[0]):  # else a KeyError deep in a worker
+      raise ValueError(f"{paths[f'clip_{split}']}: its records have no caption (e.g. "
+                       f"{records.decode(raw[0]).get('key', 'the first')!r}); CLIP pretraining needs a "
+                       "caption set (prepare --source folder with .txt captions, or --source wds)")
+    source = pipeline.KeyedSource(raw)
     from samclip_jax.templates import get_templates
     templates = get_templates(cfg.caption_templates) if cfg.get("caption_templates") else ()
     ops = [CaptionRender(cfg.clip_image_size, self.clip_config.text.context_length, train=is_train,
