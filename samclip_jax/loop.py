@@ -347,6 +347,7 @@ def _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_st
   window, window_start, pending = [], time.time(), None
   rates, seen_shapes, final, history = [], set(), {}, []
   timed_from = None  # (step, time) after the first compiled step: the ETA excludes compilation
+  compiled_in_window = False
 
   def settle():
     """Checks the newest dispatched step (the state must be clean before it is saved)."""
@@ -364,6 +365,7 @@ def _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_st
     shape_key = tuple((k, v["image"].shape[1]) for k, v in host.items())
     if shape_key not in seen_shapes:
       seen_shapes.add(shape_key)
+      compiled_in_window = True  # this window's time is mostly compilation: no images/s from it
       writer.print(f"step {step}: compiling the train step for image sizes {dict(shape_key)}")
     state, metrics = train_step(state, aux, task.device_batches(host))
     step += 1
@@ -384,12 +386,15 @@ def _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_st
         eta = (total - step) * (now - timed_from[1]) / max(step - timed_from[0], 1)
       rate = len(window) / max(now - window_start, 1e-9)  # steps/s
       mean = _window_means(host_metrics)
-      mean["images_per_sec"] = rate * task.images_per_step
+      if not compiled_in_window:
+        mean["images_per_sec"] = rate * task.images_per_step
       parts = [f"{k}={mean[k]:.4f}" for k in task.log_keys if k in mean]
+      speed = f"{mean['images_per_sec']:.1f} img/s" if not compiled_in_window else "img/s: compiling"
       writer.print(f"step {step}/{total} " + " ".join(parts) +
-                   f" lr={mean['learning_rate']:.3g} {mean['images_per_sec']:.1f} img/s"
+                   f" lr={mean['learning_rate']:.3g} {speed}"
                    f" skipped={mean['nonfinite_steps']} eta "
                    + (cli.duration(eta) if eta is not None else "(after compilation)"))
+      compiled_in_window = False
       writer.scalars(step, mean, "train")
       history.append(dict(mean, step=step))
       final.update({f"train/{k}": v for k, v in mean.items()})
