@@ -174,7 +174,7 @@ def test_output_dir_of_a_user_and_empty_data_are_refused(extracted, tmp_path):
 
 def test_a_merge_run_refuses_embeddings_of_another_teacher(extracted):
   """Embeddings of another width failed after the first evaluation with a broadcasting
-  traceback, and those of another random teacher trained silently: both are named up front."""
+  traceback; those and a converted teacher's run given a random stand-in's are named up front."""
   from configs import merge
   from samclip_jax.tasks import common, merge as merge_task
   _, out, man, _ = extracted
@@ -182,11 +182,12 @@ def test_a_merge_run_refuses_embeddings_of_another_teacher(extracted):
   c.data.teacher_embeddings = out
   c.model.tiny_clip_embed_dim = man["dim"]
   merge_task.check_teacher_embeddings(c, common.clip_config_from(c))   # the extraction's teacher
-  c.seed = 1
-  with pytest.raises(ValueError, match="their teacher is random 'tiny' seed 0, this run's random 'tiny' seed 1"):
-    merge_task.check_teacher_embeddings(c, common.clip_config_from(c))
-  c.seed, c.model.tiny_clip_embed_dim = 0, 16
+  c.model.tiny_clip_embed_dim = 16
   with pytest.raises(ValueError, match=f"they are {man['dim']}-dim, this teacher embeds into 16"):
+    merge_task.check_teacher_embeddings(c, common.clip_config_from(c))
+  from configs.common import shipped_teacher
+  c.clip_checkpoint = shipped_teacher("clip")
+  with pytest.raises(ValueError, match="their teacher is a random stand-in, this run's .*teachers/clip"):
     merge_task.check_teacher_embeddings(c, common.clip_config_from(c))
 
 
