@@ -192,8 +192,10 @@ def list_images(directory: str, recursive: bool = False) -> list[str]:
   """Image files of a directory (with recursive, of its sub-folders too; hidden ones left out)."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"image directory not found: {directory}")
-  files = transforms.visible_files(directory)
-  return [f for f in files if transforms.is_image_name(f) and (recursive or os.sep not in f)]
+  # Only a recursive listing walks the tree (a flat image folder may sit above large ones).
+  files = transforms.visible_files(directory) if recursive else sorted(
+      f for f in os.listdir(directory) if not f.startswith("."))
+  return [f for f in files if transforms.is_image_name(f)]
 
 
 # ----------------------------------------------------------------------------- models
