@@ -18,6 +18,7 @@ A task provides:
   export(state, directory)              collective; the run's product
   describe() -> str, log_keys, images_per_step
 """
+import json
 import os
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from samclip_jax import cli, optim, run_checkpoints, sharding
 from samclip_jax.workdir_lock import LOCK_FILE, WorkdirLock
 
 NAN_POLICIES = ("stop", "skip")
+RUN_CONFIG_FILE = "run_config.json"  # WORKDIR/: the whole config of the run's latest start
 
 
 @flax.struct.dataclass
@@ -270,6 +272,38 @@ def validate_common(config) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+def _settings(config) -> dict:
+  """{dotted name: value} of a config, as JSON gives it back (tuples become lists)."""
+  def flat(d, prefix):
+    for k, v in d.items():
+      yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+  return dict(flat(json.loads(json.dumps(config.to_dict(), default=str)), ""))
+
+
+def record_run_config(workdir: str, config, resumed: bool, say) -> None:
+  """Writes WORKDIR/run_config.json; on a resume, first says which settings changed since the
+  run's last start (a resume takes the new ones: a longer schedule, another learning rate)."""
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  now = _settings(config)
+  if resumed and os.path.isfile(path):
+    try:
+      with open(path) as f:
+        before = json.load(f)
+      if not isinstance(before, dict):
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+      say(f"note: {path} is unreadable ({e}); it is rewritten")
+      before = now
+    changed = [f"{k} {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if changed:
+      say(f"resuming with {len(changed)} setting(s) changed since the run's last start: "
+          + "; ".join(changed))
+  if jax.process_index() == 0:
+    with cli.atomic_write(path) as tmp, open(tmp, "w") as f:
+      json.dump(now, f, indent=2, sort_keys=True)
+
+
 def check_workdir(workdir: str) -> None:
   """A workdir is new, empty, one a run used before (it holds the run's lock file or its
   checkpoints) or one holding only a `sample` directory (the embedded sample's default place,
@@ -324,6 +358,7 @@ def _run_locked(task, workdir, writer, stop_at_step):
       writer.print(f"resumed from step {latest} ({os.path.join(workdir, 'checkpoints', str(latest))})")
     else:
       state = task.init_state(aux)
+    record_run_config(workdir, config, resumed=latest is not None, say=writer.print)
     return _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_step)
   except KeyboardInterrupt:
     run_checkpoints.finish(mngr)  # a save in flight completes: it may be the step to resume from

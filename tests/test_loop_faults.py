@@ -2,6 +2,7 @@
 workdir, a workdir moved elsewhere, a finished run rerun, bad configs. One straight tiny run
 (the CLIP-head probe: cheap to compile) is the reference every resumed run must equal bit
 for bit."""
+import json
 import os
 import shutil
 import subprocess
@@ -230,6 +231,28 @@ def test_ctrl_c_says_where_a_rerun_resumes(env, ref, monkeypatch, capsys):
   out = run(tiny(env), workdir)
   assert "resumed from step 2" in capsys.readouterr().out
   _assert_equal(_params(out["state"]), ref["params"])
+
+
+def test_a_resume_with_changed_settings_names_them(env, ref, capsys):
+  """Another learning rate on a run's workdir: the resume goes on with it (as a longer schedule
+  would) and says so, naming the old and new values; run_config.json then holds the new ones."""
+  workdir = _copy_unfinished(ref, env["root"] / "other_lr")
+  for step in (4, 5):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  old_lr = tiny(env).learning_rate
+  capsys.readouterr()
+  out = run(tiny(env, learning_rate=old_lr / 2), workdir)
+  said = capsys.readouterr().out
+  assert "resumed from step 3 " in said, said
+  assert f"resuming with 1 setting(s) changed since the run's last start: learning_rate {old_lr!r} -> {old_lr / 2!r}" in said, said
+  assert out["step"] == TOTAL
+  with open(os.path.join(workdir, "run_config.json")) as f:
+    assert json.load(f)["learning_rate"] == old_lr / 2
+  # The unchanged command resumes without a word about settings.
+  shutil.rmtree(os.path.join(workdir, "export"))
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(TOTAL)))
+  run(tiny(env, learning_rate=old_lr / 2), workdir)
+  assert "setting(s) changed" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- corrupt checkpoints
