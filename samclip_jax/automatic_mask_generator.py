@@ -27,6 +27,22 @@ from samclip_jax.predictor import SamPredictor
 
 # -- point grids and crops -----------------------------------------------------------------
 
+SAM_SETTINGS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+GRID_SPACING = 8    # a model below 1024 px: a point every 8 px of what it sees
+SMALL_MODEL_THRESHOLDS = {"pred_iou_thresh": 0.8, "stability_score_thresh": 0.8}
+
+
+def suited_settings(height: int, width: int, model_size: int) -> dict:
+  """Grid and filters that suit an image and a model: SAM's for a 1024-px model; a smaller
+  model gets a point every GRID_SPACING px of what it sees (8 to 32 a side) and looser filters,
+  as its coarser masks score lower stability (the README: found shapes on world scenes)."""
+  if model_size >= 1024:
+    return dict(SAM_SETTINGS)
+  side = int(np.clip(round(min(height, width, model_size) / GRID_SPACING), 8, 32))
+  return dict(points_per_side=side, **SMALL_MODEL_THRESHOLDS)
+
+
+
 def build_point_grid(n_per_side: int) -> np.ndarray:
   """[n*n, 2] (x, y) points evenly spaced in [0,1]^2, cell centres."""
   offset = 1 / (2 * n_per_side)

@@ -166,7 +166,7 @@ class ClipModel:
     antialiased bicubic instead (differences of about one grey level).
     """
     from PIL import Image  # Only needed here.
-    from samclip_jax.data.transforms import WIDE_MODES, as_rgb_uint8, to_rgb
+    from samclip_jax.data.transforms import as_rgb_uint8, is_wide, to_rgb
     if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
       images = [images]
     th, tw = self.image_size
@@ -174,7 +174,7 @@ class ClipModel:
     for i, img in enumerate(images):
       if not isinstance(img, Image.Image):  # arrays: checked and made RGB as everywhere else
         img = Image.fromarray(as_rgb_uint8(img))
-      elif img.mode in WIDE_MODES:  # 16-bit / float: scaled from their range, not clipped
+      elif is_wide(img.mode):  # 16-bit / float: scaled from their range, not clipped
         img = to_rgb(img)
       w, h = img.size
       if th == tw:  # torchvision Resize(int): shorter side -> S, longer side truncated.

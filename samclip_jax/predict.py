@@ -24,9 +24,6 @@ import numpy as np
 from samclip_jax import cli
 from samclip_jax.cli import EXIT_FAILURE, EXIT_USAGE, UsageError
 
-GRID_SPACING = 32     # --everything default: a point every 32 px of the model input (SAM: 32x32 at 1024)
-
-
 def _numbers(vals, part: str, flag: str) -> list[float]:
   """The finite numbers of one point or box, else a UsageError naming it."""
   try:
@@ -97,12 +94,6 @@ def parse_classes(text: str, flag: str = "--classes") -> list[str]:
     raise UsageError(f"{flag}: {e}") from None
 
 
-def default_points_per_side(h: int, w: int, model_size: int) -> int:
-  """--everything grid that suits the image: a point every GRID_SPACING px of the shorter side
-  as the model sees it (at most SAM's 32 a side; at least 4)."""
-  return int(np.clip(round(min(h, w, model_size) / GRID_SPACING), 4, 32))
-
-
 def join_negative_values(argv: list[str]) -> list[str]:
   """["--points", "-5,10"] -> ["--points=-5,10"]: argparse takes "-5,10" for an option."""
   out, i = [], 0
@@ -145,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top", type=int,
                  help="--text: draw only the K best masks (default: every one, best first)")
   p.add_argument("--points-per-side", type=int,
-                 help=f"--everything grid (default: a point every {GRID_SPACING} px of the image as the "
-                      "model sees it, 4 to 32 a side)")
-  p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="--everything: min predicted IoU")
-  p.add_argument("--stability-score-thresh", type=float, default=0.95, help="--everything: min stability")
+                 help="--everything grid (default: SAM's 32 a side for a 1024-px model; for a smaller one "
+                      "a point every 8 px of the image as it sees it, 8 to 32 a side)")
+  p.add_argument("--pred-iou-thresh", type=float,
+                 help="--everything: min predicted IoU (default: SAM's 0.88 for a 1024-px model, 0.8 for "
+                      "a smaller one)")
+  p.add_argument("--stability-score-thresh", type=float,
+                 help="--everything: min stability (default: SAM's 0.95 for a 1024-px model, 0.8 for a "
+                      "smaller one)")
   p.add_argument("--templates", default="imagenet80", help="prompt template set for class names")
   p.add_argument("--text-model", help="open_clip model directory if the checkpoint lacks its text tower")
   p.add_argument("--alpha", type=float, default=0.5, help="mask opacity (default 0.5)")
@@ -199,7 +194,7 @@ def run(args) -> str:
     raise UsageError(f"output directory is not writable: {out_dir} ({e.strerror})") from None
   for flag, value in (("--pred-iou-thresh", args.pred_iou_thresh),
                       ("--stability-score-thresh", args.stability_score_thresh)):
-    if not 0.0 <= value <= 1.0:
+    if value is not None and not 0.0 <= value <= 1.0:
       raise UsageError(f"{flag} must be in [0, 1], got {value}")
   check_output(args.output, args.image, args.overwrite)
   classes = parse_classes(args.classes) if args.classes else None
@@ -251,12 +246,16 @@ def run(args) -> str:
     pic = visualize.overlay_masks(image, masks[:shown], alpha=args.alpha,
                                   tags=[f"{s:.2f}" for s in scores[:shown]], title=title)
   elif args.everything:
-    side = args.points_per_side or default_points_per_side(h, w, model.config.sam.image_size)
+    from samclip_jax.automatic_mask_generator import suited_settings
+    settings = suited_settings(h, w, model.config.sam.image_size)
+    settings.update({k: v for k, v in (("points_per_side", args.points_per_side),
+                                       ("pred_iou_thresh", args.pred_iou_thresh),
+                                       ("stability_score_thresh", args.stability_score_thresh)) if v is not None})
+    side = settings["points_per_side"]
     progress = cli.Progress("everything", side * side, "points")
-    generator = model.mask_generator(points_per_side=side, pred_iou_thresh=args.pred_iou_thresh,
-                                     stability_score_thresh=args.stability_score_thresh, progress=progress.update)
+    generator = model.mask_generator(**settings, progress=progress.update)
     records = generator.generate(image)
-    print(everything_summary(side, generator.counts, args), file=sys.stderr)
+    print(everything_summary(settings, generator.counts), file=sys.stderr)
     masks = [r["segmentation"] for r in records]
     names = [n for n, _ in model.label_masks(image, masks, classes, args.templates)] if classes else None
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, title=cli.plural(len(masks), "mask"))
@@ -268,11 +267,12 @@ def run(args) -> str:
   return args.output
 
 
-def everything_summary(side: int, c: dict, args) -> str:
+def everything_summary(settings: dict, c: dict) -> str:
   """Where --everything's candidate masks went, and what to lower when none is left."""
+  side = settings["points_per_side"]
   line = (f"[everything] {side}x{side} points -> {cli.plural(c['candidates'], 'candidate mask')}; "
-          f"predicted IoU > {args.pred_iou_thresh}: {c['pred_iou']} (best {c['best_pred_iou']:.2f}); "
-          f"stability >= {args.stability_score_thresh}: {c['stability']} (best {c['best_stability']:.2f}); "
+          f"predicted IoU > {settings['pred_iou_thresh']}: {c['pred_iou']} (best {c['best_pred_iou']:.2f}); "
+          f"stability >= {settings['stability_score_thresh']}: {c['stability']} (best {c['best_stability']:.2f}); "
           f"after duplicate removal: {cli.plural(c['kept'], 'mask')}")
   if c["kept"] == 0:
     line += ("\n[everything] no mask passed the filters: lower --pred-iou-thresh / "

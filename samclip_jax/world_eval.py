@@ -1,11 +1,12 @@
 """Quality on held-out scenes of the embedded world, through the public API.
 
 What the README, the tests and the merge study report for a SAM teacher, a CLIP teacher or a
-merged model: box- and single-point-prompted mask mIoU against the true instance masks,
-zero-shot top-1 on the largest shape (5 classes, OpenAI's 80 templates) and on its colour
-(8 colours), caption retrieval R@1, how often masks are named by their right colour / shape
-(label_masks, both modes), and zero-shot semantic segmentation mIoU (with a
-"background" class) over shapes and over colours, in both modes; with --text, a merged
+merged model: box- and single-point-prompted mask mIoU against the true instance masks, the
+automatic mask generator's recall and precision at predict --everything's settings, zero-shot
+top-1 on the largest shape (5 classes, OpenAI's 80 templates) and on its colour (8 colours),
+caption retrieval R@1, how often masks are named by their right colour / shape (label_masks,
+both modes), and zero-shot semantic segmentation mIoU (with a "background" class) over shapes
+and over colours, in both modes; with --text, a merged
 model's text-prompted instance segmentation (SamClip.segment_text, see text_metrics).
 
   python -m samclip_jax.world_eval --model DIR [--scenes 64] [--side 128 [--max-side 256]] [--renderer other] [--text]
@@ -24,6 +25,7 @@ from samclip_jax.data import other_world, sample
 from samclip_jax.data.world import WorldSource
 
 BACKGROUND = "background"
+HIT_IOU = 0.5   # a mask "hits" a true instance (or a text query its target) at this IoU
 
 
 RENDERERS = ("world", "other")
@@ -78,6 +80,25 @@ SEMANTICS = {
     "shape": (list(sample.CLASSES), lambda s: s["semantic"]),
     "colour": (list(sample.COLOURS), lambda s: _colour_map(s)),
 }
+
+
+def everything_metrics(predictor, world, model_size: int) -> dict:
+  """The automatic mask generator at the settings predict --everything takes by default
+  (suited_settings): everything_recall, the true instances some output mask matches at IoU >=
+  HIT_IOU; everything_precision, the output masks that match a true instance; everything_masks,
+  output masks per scene."""
+  from samclip_jax.automatic_mask_generator import SamAutomaticMaskGenerator, suited_settings
+  found = truths = matched = outputs = 0
+  for scene in world:
+    h, w = scene["image"].shape[:2]
+    generator = SamAutomaticMaskGenerator(predictor, **suited_settings(h, w, model_size))
+    out = [r["segmentation"] for r in generator.generate(scene["image"])]
+    iou = np.array([[_iou(o, t) for t in scene["masks"]] for o in out]).reshape(len(out), len(scene["masks"]))
+    found += int((iou >= HIT_IOU).any(0).sum())
+    matched += int((iou >= HIT_IOU).any(1).sum())
+    truths, outputs = truths + len(scene["masks"]), outputs + len(out)
+  return {"everything_recall": found / max(truths, 1), "everything_precision": matched / max(outputs, 1),
+          "everything_masks": outputs / max(len(world), 1)}
 
 
 def _colour_map(scene) -> np.ndarray:
@@ -184,7 +205,6 @@ TEXT_VOCABULARY = {
     "colour_shape": [f"{c} {s}" for c in sample.COLOURS for s in sample.CLASSES],
     "colour": list(sample.COLOURS),
 }
-HIT_IOU = 0.5   # a text query "hits" when one of its masks overlaps the target this much
 
 
 def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_kw) -> dict:
@@ -225,23 +245,30 @@ def text_metrics(model, world, templates="imagenet80", seed: int = 0, **segment_
 
 
 def evaluate_model(path: str, num_scenes: int = 64, side: int = 128, semseg_scenes: int = 32,
-                   parts=("sam", "clip", "naming", "semseg"), max_side: int | None = None,
+                   parts=("sam", "everything", "clip", "naming", "semseg"), max_side: int | None = None,
                    renderer: str = "world") -> dict:
   """Every metric (of `parts`) the model at `path` can compute, on `num_scenes` held-out scenes."""
   from samclip_jax import api
   world = scenes(num_scenes, side, max_side=max_side, renderer=renderer)
   kind = api.model_type(path)
+  out = {}
   if kind == "sam":
     from samclip_jax.predictor import SamPredictor
-    return sam_metrics(SamPredictor.from_checkpoint(path), world)
+    predictor = SamPredictor.from_checkpoint(path)
+    if "sam" in parts:
+      out.update(sam_metrics(predictor, world))
+    if "everything" in parts:
+      out.update(everything_metrics(predictor, world, predictor.image_size))
+    return out
   if kind == "open_clip":
     from samclip_jax.clip_model import ClipModel
     return clip_teacher_metrics(ClipModel.from_checkpoint(path), world)
   model = api.SamClip.from_checkpoint(path)
   res = model.config.sam.image_size  # the world's merged models see the SAM size everywhere
-  out = {}
   if "sam" in parts:
     out.update(sam_metrics(model.predictor(), world))
+  if "everything" in parts:
+    out.update(everything_metrics(model.predictor(), world, res))
   if "clip" in parts:
     out.update(merged_clip_metrics(model, world, res))
   if "naming" in parts:

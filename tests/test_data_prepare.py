@@ -395,6 +395,24 @@ def test_wide_images_keep_their_range(tmp_path):
       np.testing.assert_array_equal(api.as_rgb_uint8(im), expect, err_msg=name)
 
 
+def test_int32_and_float_images_are_read_in_the_range_they_hold():
+  """PIL's convert("I") / convert("F") of an 8-bit picture keep 0..255 (they came out black /
+  white, read as 16-bit / 0..1); float files in 0..1 and 16-bit content in mode I still scale;
+  a range no picture has is refused by name."""
+  from samclip_jax import api
+  rng = np.random.default_rng(3)
+  grey = rng.integers(0, 256, (9, 11)).astype(np.uint8)
+  want = np.repeat(grey[..., None], 3, -1)
+  eight = Image.fromarray(grey)
+  for im in (eight.convert("I"), eight.convert("F"), Image.fromarray(grey.astype(np.float32) / 255, "F"),
+             Image.fromarray(grey.astype(np.int32) * 257, "I")):
+    np.testing.assert_array_equal(api.as_rgb_uint8(im), want, err_msg=im.mode)
+  for bad in (Image.fromarray(np.full((4, 4), 70000, np.int32), "I"),
+              Image.fromarray(np.full((4, 4), -3.0, np.float32), "F")):
+    with pytest.raises(ValueError, match=f"a mode-{bad.mode} image with values .*: not a picture's range"):
+      api.as_rgb_uint8(bad)
+
+
 def test_coco_bad_geometry_and_entries_are_skipped_and_counted(tmp_path):
   h, w = 40, 50
   _write(str(tmp_path / "images" / "1.jpg"), _img(h, w))

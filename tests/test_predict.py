@@ -174,12 +174,18 @@ def test_everything_progress_and_summary(env, tmp_path, capsys):
   assert "[everything] 144/144 points" in err and "ETA" in err
   summary = [line for line in err.splitlines() if "candidate masks" in line]
   assert summary and summary[0].startswith("[everything] 12x12 points -> 432 candidate masks")
+  # The test model sees 128 px: the small-model filters, not SAM's 1024-px ones.
+  assert "predicted IoU > 0.8:" in summary[0] and "stability >= 0.8:" in summary[0], summary
   assert ("no mask passed the filters" in err) == summary[0].endswith(" 0 masks")
 
 
-def test_everything_default_grid():
-  """A point every 32 px of the image as the model sees it: SAM's 32x32 on big pictures only."""
-  assert predict.default_points_per_side(480, 640, 1024) == 15
-  assert predict.default_points_per_side(551, 624, 256) == 8
-  assert predict.default_points_per_side(3000, 4000, 1024) == 32
-  assert predict.default_points_per_side(60, 90, 1024) == 4
+def test_everything_defaults_suit_the_model():
+  """SAM's grid and thresholds for a 1024-px model, whatever the picture; a smaller model a
+  point every 8 px of what it sees (8 to 32 a side) and looser filters."""
+  from samclip_jax.automatic_mask_generator import suited_settings
+  sam = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+  assert suited_settings(480, 640, 1024) == sam and suited_settings(60, 90, 1024) == sam
+  small = {"pred_iou_thresh": 0.8, "stability_score_thresh": 0.8}
+  assert suited_settings(373, 268, 128) == dict(points_per_side=16, **small)
+  assert suited_settings(551, 624, 256) == dict(points_per_side=32, **small)
+  assert suited_settings(40, 300, 128)["points_per_side"] == 8

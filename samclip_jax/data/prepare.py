@@ -113,7 +113,7 @@ def checked_image(data: bytes) -> tuple[bytes, int, int]:
   (16-bit, float) samples -> 8-bit RGB PNG, so every reader decodes the same pixels."""
   try:
     with Image.open(io.BytesIO(data)) as im:
-      reencode = im.format not in ("JPEG", "PNG") or im.mode in transforms.WIDE_MODES
+      reencode = im.format not in ("JPEG", "PNG") or transforms.is_wide(im.mode)
       im.load()
       rgb = transforms.to_rgb(im)
   except Image.UnidentifiedImageError:

@@ -36,17 +36,37 @@ def is_image_name(path: str) -> bool:
 
 # PIL modes with samples wider than 8 bits -> the sample value that is white. PIL's own
 # convert("RGB") clips these at 255, so a 16-bit image came out almost white. 16-bit PNGs
-# open as I;16 (older Pillow: I); float images (F) follow the 0..1 convention.
-WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535,
-              "F": 1.0}
+# open as I;16 (older Pillow: I).
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+# 32-bit integer and float images have no one range: PIL's convert("I") / ("F") of an 8-bit
+# picture keeps 0..255, float files often hold 0..1, older Pillow reads 16-bit PNGs as I. White
+# is the smallest of these standard ranges that holds the image's largest value.
+RANGED_MODES = {"I": (255, 65535), "F": (1.0, 255, 65535)}
+
+
+def _white(im: Image.Image, x: np.ndarray) -> float:
+  if im.mode in WIDE_MODES:
+    return WIDE_MODES[im.mode]
+  finite = x[np.isfinite(x)]
+  lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+  fits = [w for w in RANGED_MODES[im.mode] if hi <= w]
+  if lo < 0 or not fits:
+    raise ValueError(f"a mode-{im.mode} image with values {lo:g}..{hi:g}: not a picture's range "
+                     f"({' / '.join(f'0..{w:g}' for w in RANGED_MODES[im.mode])}); convert it to 8-bit first")
+  return fits[0]
+
+
+def is_wide(mode: str) -> bool:
+  """Samples wider than 8 bits (16-bit, int32, float): PIL's convert would clip them."""
+  return mode in WIDE_MODES or mode in RANGED_MODES
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
   """Any PIL image -> 8-bit RGB; wide samples (16-bit, int32, float) scaled from their range."""
-  white = WIDE_MODES.get(im.mode)
-  if white is None:
+  if not is_wide(im.mode):
     return im.convert("RGB")
-  x = np.nan_to_num(np.asarray(im, np.float64)) * (255.0 / white)
+  x = np.asarray(im, np.float64)
+  x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) * (255.0 / _white(im, x))
   return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
