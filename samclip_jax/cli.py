@@ -139,15 +139,46 @@ def _leaves(config, prefix: str = ""):
 def _load_config(spec: str):
   """(module, config) of `--config=FILE[:ARG]`; a bad FILE or ARG is a UsageError."""
   path, _, arg = spec.partition(":")
+  if os.path.isdir(path):
+    raise UsageError(f"--config: {path!r} is a directory, not a config file")
   if not os.path.isfile(path):
     raise UsageError(f"--config: no such file {path!r}")
+  if not path.endswith(".py"):
+    raise UsageError(f"--config: {path!r} is not a Python config file (configs/*.py)")
   module_spec = importlib.util.spec_from_file_location("_config_for_help", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: a syntax error, a failing import
+    raise UsageError(f"--config: cannot load {path}: {type(e).__name__}: {e}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise UsageError(f"--config: {path} has no get_config(): not a config file (configs/*.py are)")
   try:
     return module, (module.get_config(arg) if arg else module.get_config())
   except ValueError as e:
     raise UsageError(f"--config={spec}: {e}") from None
+
+
+# The fields that mark each entry point's config (configs/*.py): another one's is refused by name.
+ENTRY_CONFIG_FIELDS = {
+    "samclip_jax.main": ("task", "total_steps"),            # configs/merge.py, configs/teachers.py
+    "samclip_jax.evaluate": ("task", "model", "max_images"),  # configs/eval/*.py
+    "samclip_jax.extract": ("output_dir", "clip_checkpoint"),  # configs/extract.py
+    "samclip_jax.study": ("variants", "wise_alpha"),          # configs/study.py
+}
+
+
+def check_config_kind(spec: str, entry: str) -> None:
+  """A config written for another entry point is a UsageError naming the one it is for."""
+  _, config = _load_config(spec)
+  has = lambda fields: all(f in config.keys() for f in fields)  # noqa: E731
+  if has(ENTRY_CONFIG_FIELDS[entry]):
+    return
+  owner = next((e for e, fields in ENTRY_CONFIG_FIELDS.items() if has(fields)), None)
+  missing = ", ".join(f for f in ENTRY_CONFIG_FIELDS[entry] if f not in config.keys())
+  raise UsageError(f"--config={spec} is " + (f"a config for python -m {owner}" if owner else
+                                              f"not a config for python -m {entry} (no {missing})")
+                   + (f", not for python -m {entry}" if owner else ""))
 
 
 def config_help(spec: str) -> str:
@@ -238,12 +269,15 @@ def say_error(e: BaseException) -> None:
   print(f"error: {e}\n(the traceback: rerun with {TRACEBACK_ENV}=1)", file=sys.stderr)
 
 
-def check_overrides(argv) -> None:
-  """Every --config.FIELD=VALUE names a field of the config, else one UsageError naming it
-  (ml_collections raises a bare AttributeError from inside absl's flag parsing)."""
+def check_config(argv, entry: str | None = None) -> None:
+  """The config is one for `entry`, and every --config.FIELD=VALUE names a field of it, else
+  one UsageError naming the problem (ml_collections raises a bare AttributeError from inside
+  absl's flag parsing)."""
   spec = _config_arg(argv)
   if not spec:
     return
+  if entry:
+    check_config_kind(spec, entry)
   _, config = _load_config(spec)
   for a in argv:
     if not a.startswith("--config."):
@@ -257,10 +291,10 @@ def check_overrides(argv) -> None:
       node = node[part]
 
 
-def run(main, doc: str):
-  """absl's app.run for an entry point: --help exits 0 (absl's exits 1) and lists the
-  config's fields; Orbax's INFO lines are hidden unless --verbosity is given; a UsageError
-  is printed as one line (exit 2)."""
+def run(main, doc: str, entry: str | None = None):
+  """absl's app.run for an entry point (`entry`, its module: the config must be one for it):
+  --help exits 0 (absl's exits 1) and lists the config's fields; Orbax's INFO lines are hidden
+  unless --verbosity is given; a UsageError is printed as one line (exit 2)."""
   from absl import app, flags, logging
   argv = sys.argv
   if any(a in HELP_ARGS for a in argv[1:]):
@@ -278,5 +312,5 @@ def run(main, doc: str):
       logging.set_verbosity(logging.WARNING)   # Orbax logs every checkpoint step at INFO
     return reported(main, args)
 
-  reported(check_overrides, argv[1:])
+  reported(check_config, argv[1:], entry)
   app.run(quiet_main)

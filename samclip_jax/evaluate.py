@@ -766,4 +766,4 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "directory for TASK.json / TASK.md (and the sample)")
   flags.mark_flags_as_required(["config", "workdir"])
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, "samclip_jax.evaluate")

@@ -326,7 +326,7 @@ def cli():
   flags.DEFINE_string("workdir", None, "Directory for the sample and the output.")
   config_flags.DEFINE_config_file("config", None, "configs/extract.py[:local]", lock_config=True)
   from samclip_jax.cli import run as run_entry_point   # --help exits 0 and lists the fields; quiet Orbax
-  run_entry_point(main, __doc__)
+  run_entry_point(main, __doc__, "samclip_jax.extract")
 
 
 if __name__ == "__main__":

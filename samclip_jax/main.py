@@ -22,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, "samclip_jax.main")

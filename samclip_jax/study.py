@@ -357,4 +357,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, "samclip_jax.study")

@@ -42,7 +42,9 @@ def test_help_lists_config_fields_with_comments():
      "total_steps must be positive"),
     (("samclip_jax.world_eval", "--model", "samclip_jax/assets/teachers/clip", "--text"), 1,
      "holds a 'open_clip' model, expected 'samclip'"),
-], ids=["unknown-field", "unknown-arg", "bad-value", "wrong-model"])
+    (("samclip_jax.study", "--config=configs/merge.py:local", "--workdir=/nonexistent/w"), 2,
+     "--config=configs/merge.py:local is a config for python -m samclip_jax.main, not for python -m samclip_jax.study"),
+], ids=["unknown-field", "unknown-arg", "bad-value", "wrong-model", "another-entry-points-config"])
 def test_user_errors_are_one_line(tmp_path, args, code, message):
   """Bad input gets one line naming the problem and a non-zero exit, no traceback, and the
   workdir is not created; SAMCLIP_TRACEBACK=1 brings the traceback back."""
@@ -55,6 +57,31 @@ def test_user_errors_are_one_line(tmp_path, args, code, message):
   if code == 1:
     again = _python(*args, **{cli.TRACEBACK_ENV: "1"})
     assert "Traceback" in again.stderr and message in again.stderr
+
+
+def test_a_config_for_another_entry_point_is_named(tmp_path):
+  """Each entry point takes its own configs; another's (or a file that is no config) is one
+  UsageError naming what it is, not an AttributeError from deep inside."""
+  configs = {"samclip_jax.main": ["configs/merge.py:local", "configs/teachers.py:clip"],
+             "samclip_jax.evaluate": ["configs/eval/classification.py:local", "configs/eval/retrieval.py"],
+             "samclip_jax.extract": ["configs/extract.py"], "samclip_jax.study": ["configs/study.py:tiny"]}
+  for entry in configs:
+    for owner, specs in configs.items():
+      for spec in specs:
+        if owner == entry:
+          cli.check_config([f"--config={spec}"], entry)
+        else:
+          with pytest.raises(cli.UsageError, match=f"is a config for python -m {owner}, not for python -m {entry}"):
+            cli.check_config([f"--config={spec}"], entry)
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  (tmp_path / "own.py").write_text("import ml_collections\ndef get_config():\n  return ml_collections.ConfigDict({'lr': 1})\n")
+  for spec, message in (("configs/common.py", "has no get_config\\(\\): not a config file"),
+                        ("README.md", "is not a Python config file"),
+                        (str(tmp_path), "is a directory, not a config file"),
+                        (str(tmp_path / "broken.py"), "cannot load .*broken.py: SyntaxError"),
+                        (str(tmp_path / "own.py"), "is not a config for python -m samclip_jax.main \\(no task, total_steps\\)")):
+    with pytest.raises(cli.UsageError, match=message):
+      cli.check_config([f"--config={spec}"], "samclip_jax.main")
 
 
 def test_comments_of_a_config(tmp_path):
