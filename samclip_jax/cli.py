@@ -291,6 +291,23 @@ def check_config(argv, entry: str | None = None) -> None:
       node = node[part]
 
 
+def expand_workdir(argv: list[str]) -> list[str]:
+  """--workdir=~/x as the shell expands --workdir ~/x (it does not after '='; the run went
+  into a directory named '~'); an empty --workdir (the current directory) is a UsageError."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--workdir="):
+      value, prefix = a[len("--workdir="):], "--workdir="
+    elif a == "--workdir" and i + 1 < len(out):
+      value, prefix, i = out[i + 1], "", i + 1
+    else:
+      continue
+    if not value.strip():
+      raise UsageError("--workdir is empty: give the run's directory")
+    out[i] = prefix + os.path.expanduser(value)
+  return out
+
+
 def run(main, doc: str, entry: str | None = None):
   """absl's app.run for an entry point (`entry`, its module: the config must be one for it):
   --help exits 0 (absl's exits 1) and lists the config's fields; Orbax's INFO lines are hidden
@@ -313,4 +330,4 @@ def run(main, doc: str, entry: str | None = None):
     return reported(main, args)
 
   reported(check_config, argv[1:], entry)
-  app.run(quiet_main)
+  app.run(quiet_main, argv=[argv[0]] + reported(expand_workdir, argv[1:]))

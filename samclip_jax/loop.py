@@ -243,6 +243,8 @@ def validate_common(config) -> None:
 
   if int(config.total_steps) <= 0:
     raise ValueError(f"total_steps must be positive, got {config.total_steps}")
+  if not 0 <= int(config.seed) < 2 ** 31:   # grain's samplers take a non-negative int32
+    raise ValueError(f"seed must be in [0, 2**31), got {config.seed}")
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {config.nan_policy!r}")
   if config.grad_accum_steps < 1:
@@ -338,15 +340,17 @@ def run(task, workdir: str, *, stop_at_step: int | None = None) -> dict:
 def _run_locked(task, workdir, writer, stop_at_step):
   config = task.config
   total = int(config.total_steps)
+  export_dir = os.path.join(workdir, "export")
+  # Read from the listing, before Orbax starts its threads: one still cleaning up as the
+  # interpreter exits printed a page of "cannot schedule new futures after shutdown".
+  saved = run_checkpoints.saved_steps(workdir)
+  if saved and saved[-1] >= total and (os.path.isdir(export_dir) or not config.export):
+    past = f" (past total_steps {total})" if saved[-1] > total else ""
+    writer.print(f"already finished at step {saved[-1]}{past} ({export_dir if config.export else workdir}); "
+                 "nothing to do. Use another --workdir (or raise --config.total_steps) to train more.")
+    return {"step": saved[-1], "state": None, "history": [], "finished_before": True}
   mngr = run_checkpoints.manager(workdir, config)
   try:
-    export_dir = os.path.join(workdir, "export")
-    if mngr.latest_step() is not None and mngr.latest_step() >= total and (
-        os.path.isdir(export_dir) or not config.export):
-      writer.print(f"already finished at step {mngr.latest_step()} of {total} "
-                   f"({export_dir if config.export else workdir}); nothing to do. Use another "
-                   "--workdir (or raise --config.total_steps) to train more.")
-      return {"step": int(mngr.latest_step()), "state": None, "history": [], "finished_before": True}
     task.prepare_workdir(workdir)
     writer.print(task.describe())
     paths = task.data_paths(workdir)
@@ -356,6 +360,9 @@ def _run_locked(task, workdir, writer, stop_at_step):
         mngr, task.abstract_state(), make_iterators, say=writer.print)
     if state is not None:
       writer.print(f"resumed from step {latest} ({os.path.join(workdir, 'checkpoints', str(latest))})")
+      if latest > total:
+        writer.print(f"note: step {latest} is past total_steps {total}: nothing to train; the state of "
+                     f"step {latest} is {'exported' if config.export else 'final'} as it is")
     else:
       state = task.init_state(aux)
     record_run_config(workdir, config, resumed=latest is not None, say=writer.print)

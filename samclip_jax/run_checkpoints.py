@@ -15,7 +15,6 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from samclip_jax import optim, sharding
 
@@ -29,6 +28,16 @@ def manager(workdir, config):
       max_to_keep=config.max_checkpoints_to_keep, create=True,
       enable_async_checkpointing=config.async_checkpointing, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
+
+
+def saved_steps(workdir) -> list[int]:
+  """The finished steps in WORKDIR/checkpoints, ascending, from the listing alone (Orbax saves a
+  step under a temporary name and renames it when complete)."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
 class _Snapshot:
@@ -124,7 +133,10 @@ def _restore_step(mngr, step, abstract_state, iterators):
   return state
 
 
-DATA_ORDER_CHANGED = "does not match dataloader sampler"  # grain's words on restore
+# grain's words on restore when the data order changed: the sampler (batch size, seed, process
+# count), the data source (paths) or the worker count.
+DATA_ORDER_CHANGED = ("does not match dataloader sampler", "does not match datasource in dataloader",
+                      "does not match dataloader worker count")
 
 
 def _problem(e: Exception) -> str:
@@ -175,12 +187,10 @@ def restore_latest(mngr, abstract_state, make_iterators, say=print):
     if not problem:
       _move_aside(mngr, bad, say)
       return step, state, iterators
-    msg = f"checkpoint step {step} in {_step_dir(mngr, step)} is unusable ({problem}); trying an older one"
-    logging.warning(msg)
-    say(msg)
+    say(f"checkpoint step {step} in {_step_dir(mngr, step)} is unusable ({problem}); trying an older one")
     bad.append(step)
     problems.append(problem)
-  if bad and all(DATA_ORDER_CHANGED in p for p in problems):  # the config changed, not the files
+  if bad and all(any(m in p for m in DATA_ORDER_CHANGED) for p in problems):  # the config changed, not the files
     raise ValueError(f"the checkpoints in {mngr.directory} (steps {sorted(bad)}) record another data "
                      "order than this run's: a batch size, data path, seed or process count differs "
                      "from the run that wrote them. Rerun with that run's settings, or start another "

@@ -84,6 +84,19 @@ def test_a_config_for_another_entry_point_is_named(tmp_path):
       cli.check_config([f"--config={spec}"], "samclip_jax.main")
 
 
+def test_workdir_tilde_is_expanded_and_empty_refused(monkeypatch):
+  """bash leaves --workdir=~/x alone (runs went into a directory named '~' under the current
+  one); an empty --workdir would be the current directory."""
+  monkeypatch.setenv("HOME", "/home/someone")
+  assert cli.expand_workdir(["--config=c.py", "--workdir=~/runs/a", "--config.seed=1"]) == [
+      "--config=c.py", "--workdir=/home/someone/runs/a", "--config.seed=1"]
+  assert cli.expand_workdir(["--workdir", "~/b"]) == ["--workdir", "/home/someone/b"]
+  assert cli.expand_workdir(["--workdir=/abs/~x"]) == ["--workdir=/abs/~x"]
+  for argv in (["--workdir="], ["--workdir", " "]):
+    with pytest.raises(cli.UsageError, match="--workdir is empty"):
+      cli.expand_workdir(argv)
+
+
 def test_comments_of_a_config(tmp_path):
   src = tmp_path / "cfg.py"
   src.write_text('import ml_collections\n\n\ndef get_config(arg=""):\n'

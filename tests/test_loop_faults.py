@@ -101,7 +101,7 @@ def _copy_unfinished(ref, dest):
     ("learning_rate", float("nan")), ("learning_rate", float("inf")), ("learning_rate", 0.0),
     ("learning_rate", -1e-3), ("learning_rate", 1e39),  # 1e39 is inf in float32
     ("optim.b1", 1.0), ("optim.b1", -0.1), ("optim.b2", float("nan")),
-    ("clip_batch_size", -8), ("sam_batch_size", -2), ("stage", "bogus"),
+    ("clip_batch_size", -8), ("sam_batch_size", -2), ("stage", "bogus"), ("seed", -1), ("seed", 2 ** 31),
 ])
 def test_bad_config_is_refused_before_anything_runs(env, key, value):
   with pytest.raises(ValueError, match=key.split(".")[-1]):
@@ -200,16 +200,22 @@ def test_another_model_in_a_run_workdir_is_refused_before_anything_changes(env, 
   _assert_equal(api.restore_workdir_params(workdir, TOTAL), ref["params"])
 
 
-def test_a_changed_data_order_is_named_not_blamed_on_the_checkpoints(env, ref):
-  """Another batch size on a run's workdir: every checkpoint's data iterator refuses it. Said
-  as what it is (the config changed), in one error, and every checkpoint stays."""
-  workdir = _copy_unfinished(ref, env["root"] / "other_batch")
+@pytest.mark.parametrize("change", ["batch_size", "data"])
+def test_a_changed_data_order_is_named_not_blamed_on_the_checkpoints(env, ref, change, capsys):
+  """Another batch size, or other data, on a run's workdir: every checkpoint's data iterator
+  refuses it. Said as what it is (the config changed), in one error, and every checkpoint stays."""
+  workdir = _copy_unfinished(ref, env["root"] / f"other_{change}")
   c = tiny(env)
-  c.clip_batch_size //= 2
+  if change == "batch_size":
+    c.clip_batch_size //= 2
+  else:  # the CLIP split of the sample's val images instead of its train images
+    c.data.clip_train = os.path.join(env["sample"], "clip_val.json")
   with pytest.raises(ValueError, match="record another data order than this run's: a batch size"):
     run(c, workdir)
   assert _steps(workdir) == list(range(1, TOTAL + 1))
   assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
+  said = capsys.readouterr()
+  assert said.out.count("checkpoint step 5 ") == 1 and "checkpoint step 5 " not in said.err  # said once
 
 
 def test_ctrl_c_says_where_a_rerun_resumes(env, ref, monkeypatch, capsys):
