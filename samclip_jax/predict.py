@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "one is replaced only if predict wrote it (else pass --overwrite)")
   p.add_argument("--overwrite", action="store_true", help="replace --output even if predict did not write it")
   p.add_argument("--classes", help="comma-separated class names")
-  p.add_argument("--mode", choices=("clip+sam", "clip"), default="clip+sam",
+  p.add_argument("--mode", choices=("clip+sam", "clip"),
                  help="semantic segmentation without prompts (default clip+sam)")
   p.add_argument("--points", help="'x,y;x,y' point prompts in image pixels (one mask)")
   p.add_argument("--labels", help="'1,0' per point: 1 foreground (default), 0 background")
@@ -168,6 +168,13 @@ def run(args) -> str:
     raise UsageError(f"--top must be at least 1, got {args.top}")
   if args.everything and prompted:
     raise UsageError("--everything takes no --points / --boxes")
+  for flag, value in (("--points-per-side", args.points_per_side), ("--pred-iou-thresh", args.pred_iou_thresh),
+                      ("--stability-score-thresh", args.stability_score_thresh)):
+    if value is not None and not args.everything:
+      raise UsageError(f"{flag} needs --everything")
+  if args.mode is not None and (prompted or args.everything or args.text is not None):
+    raise UsageError("--mode is for semantic segmentation (--classes alone); prompted masks, "
+                     "--everything and --text take none")
   if args.text is not None:
     if prompted or args.everything or args.classes:
       raise UsageError("--text takes no --points / --boxes / --everything / --classes (see --contrast)")
@@ -260,7 +267,7 @@ def run(args) -> str:
     names = [n for n, _ in model.label_masks(image, masks, classes, args.templates)] if classes else None
     pic = visualize.overlay_masks(image, masks, names, alpha=args.alpha, title=cli.plural(len(masks), "mask"))
   else:
-    label_map = model.segment_semantic(image, classes, mode=args.mode, templates=args.templates)
+    label_map = model.segment_semantic(image, classes, mode=args.mode or "clip+sam", templates=args.templates)
     skip = [i for i, n in enumerate(classes) if n.lower() == "background"]
     pic = visualize.overlay_semantic(image, label_map, classes, alpha=args.alpha, skip=skip)
   _save_atomic(pic, args.output, out_ext)

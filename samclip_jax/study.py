@@ -228,6 +228,14 @@ def validate(config) -> None:
       raise ValueError(f"lambda_sweep holds {lam!r}; lambdas are finite positive numbers, e.g. '(1.0,100.0)'")
   for ablation in config.ablations:
     _ablation(ablation)
+  for field, low in (("probe_steps", 1), ("distill_steps", 1), ("resolution_steps", 1),
+                     ("eval_scenes", 1), ("semseg_scenes", 1), ("scene_side", 64)):
+    if isinstance(config[field], bool) or not isinstance(config[field], int) or config[field] < low:
+      raise ValueError(f"{field} must be an integer >= {low}, got {config[field]!r}")
+  alpha = config.wise_alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    # outside [0, 1] weight_average would extrapolate past its two endpoints
+    raise ValueError(f"wise_alpha must be in [0, 1], got {alpha!r}")
 
 
 def _ablation(name) -> dict:

@@ -29,6 +29,7 @@ HIT_IOU = 0.5   # a mask "hits" a true instance (or a text query its target) at 
 
 
 RENDERERS = ("world", "other")
+MIN_SIDE = 64   # smaller scenes often hold no shape at all
 
 
 def scenes(num: int = 64, side: int = 128, split: str = "test", seed: int = 0, max_side: int | None = None,
@@ -293,18 +294,23 @@ def main(argv=None) -> int:
                  help="text-prompted instance segmentation of a merged model (text_metrics) instead")
   args = p.parse_args(argv)
   max_side = args.max_side or args.side
-  if args.scenes < 1 or args.side < 16 or max_side < args.side:
-    p.error(f"--scenes must be >= 1, --side >= 16 and --max-side >= --side, got {args.scenes}, "
+  if args.scenes < 1 or args.side < MIN_SIDE or max_side < args.side:
+    p.error(f"--scenes must be >= 1, --side >= {MIN_SIDE} and --max-side >= --side, got {args.scenes}, "
             f"{args.side} and {args.max_side}")
   if args.text:
     from samclip_jax import api
     model = api.SamClip.from_checkpoint(args.model)
     world = scenes(args.scenes, args.side, max_side=max_side, renderer=args.renderer)
-    print(json.dumps(text_metrics(model, world), indent=2))
+    print(_json(text_metrics(model, world)))
     return 0
-  print(json.dumps(evaluate_model(args.model, args.scenes, args.side, max_side=max_side,
-                                  renderer=args.renderer), indent=2))
+  print(_json(evaluate_model(args.model, args.scenes, args.side, max_side=max_side, renderer=args.renderer)))
   return 0
+
+
+def _json(metrics: dict) -> str:
+  """Valid JSON: a metric with nothing to measure (NaN) is null."""
+  return json.dumps({k: None if isinstance(v, float) and not np.isfinite(v) else v
+                     for k, v in metrics.items()}, indent=2)
 
 
 if __name__ == "__main__":

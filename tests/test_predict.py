@@ -86,6 +86,9 @@ def test_jpeg_output_and_workdir_checkpoint(env, tmp_path):
     (("--labels", "1"), 2, "--labels needs --points"),
     ((), 2, "nothing to do"),
     (("--everything", "--points", "1,1"), 2, "--everything takes no"),
+    (("--points", "1,1", "--points-per-side", "8"), 2, "--points-per-side needs --everything"),  # was ignored
+    (("--classes", "a,b", "--stability-score-thresh", "0.5"), 2, "--stability-score-thresh needs --everything"),
+    (("--boxes", "1,1,9,9", "--mode", "clip"), 2, "--mode is for semantic segmentation"),  # was ignored
     (("--classes", " , "), 2, "class names"),
     (("--classes", "cat,dog,Cat"), 2, "repeat: 'cat' and 'Cat'"),
     (("--points", "-5,10"), 2, "--points fall outside"),          # a leading '-' is a value, not an option

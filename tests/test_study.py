@@ -93,6 +93,10 @@ def test_ablations_change_stages_2_and_3_of_the_samclip_recipe(tmp_path, monkeyp
     ("lambda_sweep", ("a", "b", "c"), "lambda_sweep holds 'a'"),  # the command line turns abc into this
     ("lambda_sweep", (-1.0,), "lambda_sweep holds -1.0"),
     ("lambda_sweep", (float("nan"),), "lambda_sweep holds nan"),
+    ("wise_alpha", 2.0, "wise_alpha must be in \\[0, 1\\], got 2.0"),   # would extrapolate
+    ("semseg_scenes", -1, "semseg_scenes must be an integer >= 1, got -1"),  # world[:-1]
+    ("probe_steps", 0, "probe_steps must be an integer >= 1"),   # failed after the first measurement
+    ("scene_side", 16, "scene_side must be an integer >= 64"),   # scenes without shapes
 ])
 def test_bad_study_config_is_refused_before_anything_runs(tmp_path, field, value, message):
   config = tiny_config()

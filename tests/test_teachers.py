@@ -280,6 +280,16 @@ def test_everything_finds_most_shapes_with_the_suited_defaults():
   assert got["everything_recall"] >= 0.5 and got["everything_precision"] >= 0.85, got
 
 
+def test_world_eval_refuses_scenes_too_small_for_shapes_and_prints_valid_json(capsys):
+  """At --side 16 no scene holds a shape: refused, not a NaN (invalid JSON) with exit 0."""
+  import json
+  from samclip_jax import world_eval
+  with pytest.raises(SystemExit) as e:
+    world_eval.main(["--model", "unused", "--side", "16"])
+  assert e.value.code == 2 and "--side >= 64" in capsys.readouterr().err
+  assert json.loads(world_eval._json({"box_miou": float("nan"), "top1": 0.5})) == {"box_miou": None, "top1": 0.5}
+
+
 def test_shipped_sam_segments_scenes_drawn_by_other_code():
   """The SAM teacher did not learn its renderer: on 32 scenes of data/other_world.py (soft edges,
   rotated rectangles, other shades and backgrounds, JPEG, 160-400 px sides) measured box 0.829,
