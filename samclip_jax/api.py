@@ -443,6 +443,11 @@ class SamClip:
     frame (the image scaled so its longest side is config.sam.image_size: divide by that
     scale for image pixels), covered_fraction.
     """
+    class_names = check_class_names(class_names)   # a list: a generator has no len()
+    if isinstance(points_per_class, bool) or not isinstance(points_per_class, (int, np.integer)) or points_per_class < 0:
+      raise ValueError(f"points_per_class must be an integer >= 0, got {points_per_class!r}")
+    if not 0.0 <= threshold <= 1.0:
+      raise ValueError(f"threshold must be in [0, 1] (a class probability), got {threshold}")
     image = as_rgb_uint8(image)
     h, w = image.shape[:2]
     size = self.config.sam.image_size
@@ -505,6 +510,9 @@ class SamClip:
     """
     if mode not in LABEL_MODES:
       raise ValueError(f"label_masks mode must be one of {LABEL_MODES}, got {mode!r}")
+    if isinstance(masks, np.ndarray) and masks.ndim == 2:
+      raise ValueError(f"masks is one {masks.shape[0]}x{masks.shape[1]} array: give a list of masks "
+                       "(or an [N,H,W] array), e.g. [mask]")
     if len(masks) == 0:
       return []
     image = as_rgb_uint8(image)
@@ -559,6 +567,8 @@ class SamClip:
       raise ValueError(f"threshold must be None or in [0, 1), got {threshold}")
     if max_candidates < 1:
       raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
+    if not 0.0 <= nms_thresh <= 1.0:
+      raise ValueError(f"nms_thresh must be in [0, 1] (a mask IoU), got {nms_thresh}")
     if not 0.0 <= min_score <= 1.0:
       raise ValueError(f"min_score must be in [0, 1] (scores are p_mask x predicted IoU), got {min_score}")
     query = " ".join(text.lower().split())

@@ -288,6 +288,25 @@ def test_label_masks_wrong_shape(model):
   img = _image()
   with pytest.raises(ValueError, match=r"mask 1 has shape \(10, 10\).*150x210"):
     model.label_masks(img, [np.ones(img.shape[:2], bool), np.ones((10, 10), bool)], NAMES, "photo")
+  # One HxW mask, not in a list: said so (it read as "mask 0 has shape (210,)").
+  with pytest.raises(ValueError, match="masks is one 150x210 array: give a list of masks"):
+    model.label_masks(img, np.ones(img.shape[:2], bool), NAMES, "photo")
+
+
+def test_clip_sam_and_text_arguments(model):
+  """Names as any iterable, as segment_semantic's "clip" mode takes them; out-of-range counts and
+  thresholds are refused by name (a negative count failed inside numpy, a bad NMS threshold
+  silently kept one mask or all)."""
+  img = _image()
+  a = model.segment_semantic(img, (n for n in NAMES), mode="clip+sam", templates="photo")
+  np.testing.assert_array_equal(a, model.segment_semantic(img, list(NAMES), mode="clip+sam", templates="photo"))
+  for kwargs, message in (({"points_per_class": -1}, "points_per_class must be an integer >= 0"),
+                          ({"threshold": 1.5}, "threshold must be in \\[0, 1\\]")):
+    with pytest.raises(ValueError, match=message):
+      model.segment_clip_sam(img, NAMES, "photo", **kwargs)
+  for bad in (-1.0, 1.5):
+    with pytest.raises(ValueError, match="nms_thresh must be in \\[0, 1\\]"):
+      model.segment_text(img, NAMES[0], nms_thresh=bad, templates="photo")
 
 
 def test_raw_images_in_everywhere(model):
