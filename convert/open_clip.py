@@ -1,4 +1,4 @@
-"""Converts an OpenCLIP ViT checkpoint to a samclip_jax model directory.
+"""Converts an OpenCLIP checkpoint (ViT or ModifiedResNet image tower) to a samclip_jax model directory.
 
   python -m convert.open_clip --model ViT-L-14 --checkpoint open_clip_pytorch_model.bin --output DIR [--overwrite]
 

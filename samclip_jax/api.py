@@ -59,6 +59,8 @@ class CheckpointNotFound(FileNotFoundError):
 
 def load_image(path: str) -> np.ndarray:
   """Reads an image file as uint8 RGB [H,W,3]; a clear error for missing / unreadable files."""
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory, not an image file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"image not found: {path}")
   return transforms.read_image_file(path, "an image", lambda im: np.asarray(transforms.to_rgb(im)))

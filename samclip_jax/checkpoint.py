@@ -153,6 +153,9 @@ def load_config(directory: str, expected_type: str | None = None) -> dict:
   """Reads the config.json of a model directory, with a clear error if it is not one (or, given
   `expected_type`, holds another kind of model)."""
   path = os.path.join(directory, CONFIG_FILE)
+  if os.path.isfile(directory):
+    raise NotADirectoryError(f"{directory} is a file; give the model directory that holds it "
+                             f"({os.path.dirname(directory) or '.'})")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not a samclip_jax model directory (no {CONFIG_FILE})")
   try:

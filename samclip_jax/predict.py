@@ -215,7 +215,7 @@ def run(args) -> str:
     raise UsageError("points go with at most one box (one prompt); got several boxes")
   try:
     image = api.load_image(args.image)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, IsADirectoryError, ValueError) as e:
     raise UsageError(str(e)) from None
   h, w = image.shape[:2]
   if points is not None:

@@ -1,6 +1,7 @@
 """SamClip user API on tiny random models: loading (model dirs, training workdirs), zero-shot
 classification, semantic segmentation (CLIP head, CLIP+SAM), the SAM head."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,9 @@ def test_loading_errors(paths, tmp_path):
     api.SamClip.from_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match="'open_clip' model"):
     api.SamClip.from_checkpoint(paths["clip"])
+  from samclip_jax.predictor import SamPredictor   # a model's config.json given for its directory
+  with pytest.raises(NotADirectoryError, match="config.json is a file; give the model directory that holds it"):
+    SamPredictor.from_checkpoint(os.path.join(paths["sam"], "config.json"))
   bare = api.SamClip.from_checkpoint(paths["samclip_no_text"])
   with pytest.raises(ValueError, match="no CLIP text encoder"):
     bare.classify(_image(), ["a", "b"])

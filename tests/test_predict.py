@@ -111,6 +111,9 @@ def test_bad_files(env, tmp_path, capsys):
   rc = predict.main(["--checkpoint", env["models"]["samclip"], "--image", str(tmp_path / "missing.png"),
                      "--output", str(out), "--classes", "a,b"])
   assert rc == 2 and "image not found" in capsys.readouterr().err
+  rc = predict.main(["--checkpoint", env["models"]["samclip"], "--image", str(tmp_path), "--output", str(out),
+                     "--classes", "a,b"])
+  assert rc == 2 and f"{tmp_path} is a directory, not an image file" in capsys.readouterr().err
   rc = predict.main(["--checkpoint", str(tmp_path / "nope"), "--image", env["image"], "--output", str(out),
                      "--classes", "a,b"])
   assert rc == 2 and "checkpoint not found" in capsys.readouterr().err

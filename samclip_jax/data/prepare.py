@@ -656,12 +656,14 @@ def _finalize(output, source, split_files, extra, val_fraction, shard_size, log)
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--source", required=True, choices=sorted(SOURCES))
-  p.add_argument("--input", required=True)
-  p.add_argument("--annotations")
-  p.add_argument("--output", required=True)
-  p.add_argument("--shard-size", type=int, default=1000)
-  p.add_argument("--val-fraction", type=float, default=0.01)
+  p.add_argument("--source", required=True, choices=sorted(SOURCES), help="input format (above)")
+  p.add_argument("--input", required=True, help="image folder, SA-1B tar(s) / folder, or webdataset shards")
+  p.add_argument("--annotations", help="coco: the COCO instances JSON")
+  p.add_argument("--output", required=True, help="new directory for the shards and manifests (or an earlier "
+                 "output of prepare, resumed)")
+  p.add_argument("--shard-size", type=int, default=1000, help="records per ArrayRecord shard (default 1000)")
+  p.add_argument("--val-fraction", type=float, default=0.01,
+                 help="share of inputs put in the val split, by a hash of their key (default 0.01)")
   p.add_argument("--workers", type=int, default=0, help="processes writing shards in parallel")
   a = p.parse_args(argv)
   prepare(a.source, a.input, a.output, a.annotations, a.shard_size, a.val_fraction, a.workers,
