@@ -42,7 +42,6 @@ def suited_settings(height: int, width: int, model_size: int) -> dict:
   return dict(points_per_side=side, **SMALL_MODEL_THRESHOLDS)
 
 
-
 def build_point_grid(n_per_side: int) -> np.ndarray:
   """[n*n, 2] (x, y) points evenly spaced in [0,1]^2, cell centres."""
   offset = 1 / (2 * n_per_side)
