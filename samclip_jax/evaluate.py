@@ -358,10 +358,10 @@ def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
   if not image_dir or not captions_file:
     raise ValueError("set --config.data.image_dir and --config.data.captions_file")
   with open(captions_file) as f:
-    entries = _limit(json.load(f), config)
-  paths, captions, t2i = [], [], []
+    entries = json.load(f)
   if not isinstance(entries, list):
     raise ValueError(f"{captions_file}: expected a list of {{file_name, captions}} entries")
+  by_image: dict[str, list[str]] = {}   # entries of one file (one per caption, say) are one image
   for i, e in enumerate(entries):
     name = e.get("file_name") if isinstance(e, dict) else None
     if not isinstance(name, str) or not name:
@@ -373,8 +373,13 @@ def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
                        f"got {caps!r}")
     if not caps:
       raise ValueError(f"{captions_file}: {name} has no caption")
+    by_image.setdefault(name, []).extend(caps)
+  if not by_image:
+    raise ValueError(f"{captions_file} holds no entries")
+  paths, captions, t2i = [], [], []
+  for i, (name, caps) in enumerate(_limit(list(by_image.items()), config)):
     paths.append(os.path.join(image_dir, name))
-    captions += list(caps)
+    captions += caps
     t2i += [i] * len(caps)
   return paths, captions, t2i
 
@@ -405,14 +410,17 @@ def _sam_parts(model: Loaded):
   return cfg, nn.unbox(params)
 
 
-def _detection_problem(d, categories) -> str | None:
-  """What is wrong with one COCO detection (image_id, category_id, XYWH bbox, score), or None."""
+def _detection_problem(d, categories, image_sizes) -> str | None:
+  """What is wrong with one COCO detection (image_id, category_id, XYWH bbox, score), or None.
+  image_sizes: {image id: (width, height)} of the annotations' images."""
   def number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
   if not isinstance(d, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(d):
     return "needs image_id, category_id, bbox and score"
   if not isinstance(d["image_id"], int) or isinstance(d["image_id"], bool):
     return "has a non-integer image_id"
+  if d["image_id"] not in image_sizes:
+    return "has an image_id the annotations do not hold"
   if d["category_id"] not in categories:
     return "has a category_id the annotations do not define"
   box = d["bbox"]
@@ -420,6 +428,9 @@ def _detection_problem(d, categories) -> str | None:
     return "has a bbox that is not 4 finite numbers [x, y, width, height]"
   if box[2] <= 0 or box[3] <= 0:
     return "has a bbox of zero or negative size"
+  w, h = image_sizes[d["image_id"]]
+  if box[0] >= w or box[1] >= h or box[0] + box[2] <= 0 or box[1] + box[3] <= 0:
+    return f"has a bbox entirely outside its {w}x{h} image"
   if not number(d["score"]):
     return "has a score that is not a finite number"
   return None
@@ -434,8 +445,9 @@ def _box_prompts(coco, config) -> dict[int, list[tuple[list[float], int, float |
     if not isinstance(dets, list):
       raise ValueError(f"{config.data.detections}: expected a list of COCO detections")
     categories = set(coco.getCatIds())
+    sizes = {i: (im["width"], im["height"]) for i, im in coco.imgs.items()}
     for i, d in enumerate(dets):
-      problem = _detection_problem(d, categories)
+      problem = _detection_problem(d, categories, sizes)
       if problem:  # one bad detection would change the AP silently: the file is refused
         raise ValueError(f"{config.data.detections}: detection {i} {problem}: {d!r}"[:400])
       if d["score"] >= config.data.min_score and d["image_id"] in out:

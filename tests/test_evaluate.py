@@ -172,7 +172,10 @@ def test_instance_segmentation_teacher_with_detections(env, tmp_path):
                           ({"bbox": [1, 2, float("nan"), 4]}, "not 4 finite numbers"),
                           ({"bbox": [1, 2, 0, 4]}, "zero or negative size"),
                           ({"category_id": 77}, "category_id the annotations do not define"),
-                          ({"image_id": "3"}, "non-integer image_id")):
+                          ({"image_id": "3"}, "non-integer image_id"),
+                          # both dropped without a word (AP 0 on a file of another image set)
+                          ({"image_id": 10 ** 6}, "an image_id the annotations do not hold"),
+                          ({"bbox": [5000, 5000, 10, 10]}, "bbox entirely outside its")):
     with open(tmp_path / "bad.json", "w") as f:
       json.dump([good, dict(good, **change)], f)
     bad = _config("instance_segmentation", env, model="sam", max_images=4,
@@ -284,13 +287,21 @@ def test_retrieval_several_captions_per_image(env, tmp_path):
   assert res["num_images"] == 4 and res["metrics"]["num_captions"] == 8
   paths, captions, t2i = evaluate.retrieval_items(cfg, str(tmp_path))
   assert t2i == [0, 0, 1, 1, 2, 2, 3, 3] and captions[1] == "picture 0"
+  # One entry per caption (the same file_name twice) is the same image: counted once, as above
+  # (it counted as two images, each the other's wrong answer, halving R@1).
+  with open(tmp_path / "flat.json", "w") as f:
+    json.dump([{"file_name": e["file_name"], "caption": c} for e in entries for c in e["captions"]], f)
+  flat = _config("retrieval", env, **{"data.sample_dir": "", "data.image_dir": src,
+                                      "data.captions_file": str(tmp_path / "flat.json")})
+  assert evaluate.retrieval_items(flat, str(tmp_path)) == (paths, captions, t2i)
   # Malformed entries are named, not read as something else (a string's characters as captions).
   for bad, message in (({"file_name": files[0], "captions": "one caption"}, "must be a list of non-empty"),
                        ({"file_name": files[0], "captions": ["", "x"]}, "must be a list of non-empty"),
                        ({"file_name": files[0], "captions": []}, "has no caption"),
-                       ({"captions": ["x"]}, "entry 0 has no file_name")):
+                       ({"captions": ["x"]}, "entry 0 has no file_name"),
+                       (None, "caps.json holds no entries")):
     with open(tmp_path / "caps.json", "w") as f:
-      json.dump([bad], f)
+      json.dump([bad] if bad else [], f)
     with pytest.raises(ValueError, match=message):
       evaluate.retrieval_items(cfg, str(tmp_path))
 
