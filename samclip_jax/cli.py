@@ -4,6 +4,7 @@ lines, files written whole with the umask's permissions."""
 import contextlib
 import importlib.util
 import io
+import math
 import os
 import re
 import sys
@@ -54,6 +55,19 @@ def atomic_write(path: str, suffix: str = "", prefix: str = ".tmp-"):
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def finite_or_none(obj):
+  """obj with every non-finite float (a metric with nothing to measure) made None, so that
+  json.dumps writes valid JSON (null, not NaN)."""
+  if isinstance(obj, dict):
+    return {k: finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_or_none(v) for v in obj]
+  is_float = isinstance(obj, float) or getattr(getattr(obj, "dtype", None), "kind", "") == "f"
+  if is_float and getattr(obj, "ndim", 0) == 0 and not math.isfinite(float(obj)):
+    return None
+  return obj
 
 
 # ----------------------------------------------------------------------------- progress

@@ -689,15 +689,17 @@ RUNNERS = {"classification": run_classification, "retrieval": run_retrieval,
 
 
 # ----------------------------------------------------------------------------- report
-def markdown(result: dict) -> str:
+def markdown(result: dict, name: str) -> str:
+  """The report of `result` as markdown; `name`: the report's file stem (report_name)."""
   skipped = result.get("skipped") or []
-  note = f", {cli.plural(len(skipped), 'unreadable input')} skipped (listed in {result['task']}.json)" if skipped else ""
+  note = f", {cli.plural(len(skipped), 'unreadable input')} skipped (listed in {name}.json)" if skipped else ""
   lines = [f"### {result['task']}: {result['model_type']} `{result['model']}` ({result['num_images']} images{note})",
            "", "| metric | value |", "|---|---|"]
   for k, v in result["metrics"].items():
     if isinstance(v, dict):
       continue
-    lines.append(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines.append(f"| {k} | {v:.2f} |" if isinstance(v, float) else
+                 f"| {k} | n/a (nothing to measure) |" if v is None else f"| {k} | {v} |")
   return "\n".join(lines) + "\n"
 
 
@@ -749,11 +751,11 @@ def evaluate(config, workdir: str) -> dict:
       os.rmdir(workdir)
     raise
   result = {"task": config.task, "model": model.path, "model_type": model.kind, "num_images": n,
-            "metrics": metrics_, "skipped": skipped, "seconds": round(time.time() - t0, 2),
+            "metrics": cli.finite_or_none(metrics_), "skipped": skipped, "seconds": round(time.time() - t0, 2),
             "devices": mesh.devices.size, "processes": jax.process_count(), "config": config.to_dict()}
-  md = markdown(result)
+  name = report_name(config)
+  md = markdown(result, name)
   if jax.process_index() == 0:    # every process returns the result; process 0 writes it
-    name = report_name(config)
     _write_atomic(os.path.join(workdir, f"{name}.json"), json.dumps(result, indent=2, default=str))
     _write_atomic(os.path.join(workdir, f"{name}.md"), md)
     print(md, flush=True)

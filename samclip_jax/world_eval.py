@@ -309,8 +309,8 @@ def main(argv=None) -> int:
 
 def _json(metrics: dict) -> str:
   """Valid JSON: a metric with nothing to measure (NaN) is null."""
-  return json.dumps({k: None if isinstance(v, float) and not np.isfinite(v) else v
-                     for k, v in metrics.items()}, indent=2)
+  from samclip_jax import cli
+  return json.dumps(cli.finite_or_none(metrics), indent=2)
 
 
 if __name__ == "__main__":

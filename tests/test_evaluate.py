@@ -422,6 +422,27 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
     assert {p["image_id"] for p in json.load(f)} == set(ids[1:])
 
 
+def test_nothing_to_measure_is_null_in_valid_json(env, tmp_path):
+  """Every pixel ignored (255): mIoU is null, not a bare NaN that strict JSON parsers refuse;
+  a clip+sam report points at its own file for its skipped inputs."""
+  (tmp_path / "img").mkdir()
+  (tmp_path / "lab").mkdir()
+  Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+  Image.new("L", (8, 8), 255).save(tmp_path / "lab" / "a.png")
+  cfg = _config("semantic_segmentation", env, **{"data.sample_dir": "", "data.image_dir": str(tmp_path / "img"),
+                                                 "data.label_dir": str(tmp_path / "lab"),
+                                                 "data.class_names": ("background", "cat")})
+  res = evaluate.evaluate(cfg, str(tmp_path / "out"))
+  def refuse(constant):
+    raise ValueError(f"invalid JSON constant {constant}")
+  with open(tmp_path / "out" / "semantic_segmentation.json") as f:
+    written = json.loads(f.read(), parse_constant=refuse)
+  assert written["metrics"]["mIoU"] is None and res["metrics"]["mIoU"] is None
+  assert "| mIoU | n/a (nothing to measure) |" in (tmp_path / "out" / "semantic_segmentation.md").read_text()
+  md = evaluate.markdown(dict(res, skipped=[{"file": "x", "reason": "y"}]), "semantic_segmentation_clip_sam")
+  assert "skipped (listed in semantic_segmentation_clip_sam.json)" in md
+
+
 def test_classes_file_names_every_label_value(env, tmp_path):
   """Line k of classes_file names label value k - 1: a byte-order mark and trailing newlines
   are not names, and a blank line inside is refused (dropping it would shift every later name)."""

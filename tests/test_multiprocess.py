@@ -328,7 +328,7 @@ def test_two_processes_evaluate_as_one_does(tmp_path_factory):
     assert got["skipped"] == want["skipped"] and len(got["skipped"]) == (1 if task == "retrieval" else 0), task
     assert got["metrics"] == want["metrics"] or _close(got["metrics"], want["metrics"]), (task, got["metrics"], want["metrics"])
     with open(os.path.join(out, task, f"{task}.md")) as f:
-      assert f.read() == evaluate.markdown(dict(got)), task
+      assert f.read() == evaluate.markdown(dict(got), task), task
   with open(os.path.join(out, "instance_segmentation", "instance_segmentation_predictions.json")) as f:
     got = json.load(f)
   with open(os.path.join(one, "instance_segmentation", "instance_segmentation_predictions.json")) as f:
