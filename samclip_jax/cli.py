@@ -57,6 +57,13 @@ def atomic_write(path: str, suffix: str = "", prefix: str = ".tmp-"):
     raise
 
 
+def differences(a, b, prefix: str = "") -> list[str]:
+  """Dotted keys where two nested records (dicts) differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+  return [] if a == b else [prefix.rstrip(".") or "value"]
+
+
 def finite_or_none(obj):
   """obj with every non-finite float (a metric with nothing to measure) made None, so that
   json.dumps writes valid JSON (null, not NaN)."""

@@ -96,7 +96,7 @@ class Study:
       if old != record:
         raise ValueError(
             f"{os.path.join(self.workdir, 'runs', name)} was made by another configuration "
-            f"(differs in: {', '.join(_differences(old, record))}); "
+            f"(differs in: {', '.join(cli.differences(old, record))}); "
             "use a new --workdir, or delete that run (and the runs built on it) to redo it")
       return
     if os.path.isdir(os.path.join(self.workdir, "runs", name)):
@@ -246,13 +246,6 @@ def _ablation(name) -> dict:
   if name not in ABLATIONS:
     raise ValueError(f"unknown study ablation {name!r}; expected one of {sorted(ABLATIONS)}")
   return ABLATIONS[name]
-
-
-def _differences(a, b, prefix=""):
-  """Dotted keys where two nested records differ."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-  return [] if a == b else [prefix.rstrip(".") or "value"]
 
 
 def _mix(a, b, alpha):

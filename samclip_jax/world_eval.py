@@ -22,14 +22,13 @@ from scipy import ndimage
 
 from samclip_jax import metrics
 from samclip_jax.data import other_world, sample
-from samclip_jax.data.world import WorldSource
+from samclip_jax.data.world import MIN_SIDE, WorldSource
 
 BACKGROUND = "background"
 HIT_IOU = 0.5   # a mask "hits" a true instance (or a text query its target) at this IoU
 
 
 RENDERERS = ("world", "other")
-MIN_SIDE = 64   # smaller scenes often hold no shape at all
 
 
 def scenes(num: int = 64, side: int = 128, split: str = "test", seed: int = 0, max_side: int | None = None,

@@ -141,6 +141,19 @@ def test_teacher_configs_refuse_bad_args():
   c.hard_negatives = -1
   with pytest.raises(ValueError, match="hard_negatives"):
     train.create_task(c, jax.devices()[:1])
+  # Caption weights failed inside a data worker after step 0's evaluation (or, 5 of them, were cut to 4).
+  for weights in ((0.0, 0.0, 0.0, 0.0), (-1.0, 1.0, 1.0, 1.0), (1.0, 1.0), (1.0,) * 5, (0.0, 1.0, 1.0, 1.0)):
+    c = teachers.get_config("clip,tiny")
+    c.caption_weights = weights
+    with pytest.raises(ValueError, match="caption_weights must be 4 finite numbers >= 0"):
+      train.create_task(c, jax.devices()[:1])
+  # World specs: a bad number names the spec; sides below 64 hold no shapes (a run learned nothing, exit 0).
+  for spec, message in (("world:train:abc", "bad world spec 'world:train:abc'"),
+                        ("world:train:10:8", "sides at least 64"), ("world:train:", "bad world spec")):
+    c = teachers.get_config("sam,tiny")
+    c.data.sam_train = spec
+    with pytest.raises(ValueError, match=f"config.data.sam_train: .*{message}"):
+      train.create_task(c, jax.devices()[:1])
 
 
 def test_clip_pretraining_on_records_without_captions_is_named(tmp_path):
@@ -241,7 +254,7 @@ def test_sam_pretraining_lowers_the_heldout_loss(tmp_path):
   assert pretraining_source(task, "world:train:9", 5).endswith(   # the export says where it started
       "5 steps, starting from a model pretrained on the embedded world (world:train:100000:64), seed 0, 30 steps")
   c.model.depth = 3
-  with pytest.raises(ValueError, match="holds a model of config"):
+  with pytest.raises(ValueError, match=r"holds a model of another config than this run builds \(SamConfig fields \S*depth differ\)"):
     train.create_task(c, jax.devices()[:1])
   clip_c = teachers.get_config("clip,tiny")
   clip_c.unlock()

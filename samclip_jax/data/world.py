@@ -11,6 +11,7 @@ import grain
 from samclip_jax.data import records, sample
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
+MIN_SIDE = 64   # smaller scenes often hold no shape at all (at 8-16 px none does)
 
 
 class WorldSource(grain.sources.RandomAccessDataSource):
@@ -20,8 +21,9 @@ class WorldSource(grain.sources.RandomAccessDataSource):
                max_side: int = 128):
     if split not in SPLITS:
       raise ValueError(f"world split must be one of {sorted(SPLITS)}, got {split!r}")
-    if num_records <= 0 or not 0 < min_side <= max_side:
-      raise ValueError(f"bad world source: num_records={num_records}, sides {min_side}..{max_side}")
+    if num_records <= 0 or not MIN_SIDE <= min_side <= max_side:
+      raise ValueError(f"bad world source: num_records={num_records}, sides {min_side}..{max_side} (the "
+                       f"number must be positive, sides at least {MIN_SIDE} and min <= max)")
     self.split, self.num_records, self.seed = split, int(num_records), int(seed)
     self.min_side, self.max_side = int(min_side), int(max_side)
 
@@ -52,10 +54,16 @@ def source(spec: str, default_seed: int = 0):
   parts = spec.split(":")
   if parts[0] != "world" or len(parts) < 3:
     raise ValueError(f"not a world spec {spec!r}; expected 'world:SPLIT:N[:MIN_SIDE[:MAX_SIDE]]'")
+  if len(parts) > 5 or not all(p.isdigit() for p in parts[2:]):
+    raise ValueError(f"bad world spec {spec!r}: expected 'world:SPLIT:N[:MIN_SIDE[:MAX_SIDE]]' with "
+                     "whole numbers N and sides")
   sides = [int(p) for p in parts[3:5]]
   lo = sides[0] if sides else 128
   hi = sides[1] if len(sides) > 1 else lo
-  return WorldSource(parts[1], int(parts[2]), default_seed, lo, hi)
+  try:
+    return WorldSource(parts[1], int(parts[2]), default_seed, lo, hi)
+  except ValueError as e:
+    raise ValueError(f"world spec {spec!r}: {e}") from None
 
 
 def is_world(spec) -> bool:

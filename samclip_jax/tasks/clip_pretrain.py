@@ -309,6 +309,20 @@ def clip_config(config) -> ClipConfig:
   return ClipConfig(embed_dim=m.embed_dim, vision=vision, text=text)
 
 
+def check_caption_weights(weights, n: int) -> None:
+  """None / () (the default), or n finite weights >= 0, the first (the canonical caption, all
+  a scene without shapes has) above 0."""
+  if not weights:
+    return
+  ok = (isinstance(weights, (tuple, list)) and len(weights) == n
+        and all(isinstance(w, (int, float)) and not isinstance(w, bool) and np.isfinite(w) and w >= 0
+                for w in weights) and weights[0] > 0)
+  if not ok:
+    raise ValueError(f"caption_weights must be {n} finite numbers >= 0 (canonical, largest shape with "
+                     "colour, largest shape, all shapes), the first above 0, e.g. "
+                     f"'(0.1,0.15,0.75,0.0)'; got {weights!r}")
+
+
 def create(config, devices=None) -> ClipPretrainTask:
   loop.validate_common(config)
   common.validate_batches(config, ("clip_batch_size",))
@@ -317,6 +331,7 @@ def create(config, devices=None) -> ClipPretrainTask:
   if not (isinstance(config.get("hard_negatives", 0), int) and config.get("hard_negatives", 0) >= 0):
     raise ValueError(f"hard_negatives must be an int >= 0, got {config.get('hard_negatives')!r}")
   from samclip_jax.data import sample
+  check_caption_weights(config.get("caption_weights"), len(sample.CAPTION_WEIGHTS))
   mesh, rules = common.pretraining_mesh(config, devices, "clip_batch_size", ("clip_train", "clip_val"))
   cfg = clip_config(config)
   common.check_init_from(config, cfg, load_clip_config)

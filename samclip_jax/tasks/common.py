@@ -26,8 +26,11 @@ def check_init_from(config, built, read_config) -> None:
   if config.get("init_from"):
     stored = read_config(config.init_from)
     if stored != built:
-      raise ValueError(f"init_from={config.init_from} holds a model of config {stored}, "
-                       f"but this run builds {built}")
+      from samclip_jax import cli
+      differ = cli.differences(stored.to_dict(), built.to_dict())
+      raise ValueError(f"init_from={config.init_from} holds a model of another config than this run "
+                       f"builds ({type(built).__name__} fields {', '.join(differ)} differ); use an export "
+                       "of this model's size")
 
 
 def started_from(config) -> str:
@@ -133,9 +136,15 @@ def device_batches(task, host_batches):
 def pretraining_mesh(config, devices, batch_name: str, data_keys):
   """(mesh, rules) of a pretraining task, after checking its data paths and global batch."""
   from samclip_jax import sharding
+  from samclip_jax.data import world
   for key in data_keys:
     if not config.data[key]:
       raise ValueError(f"config.data.{key} is empty (a world spec 'world:train:N' or a split manifest)")
+    if world.is_world(config.data[key]):
+      try:
+        world.source(config.data[key])
+      except ValueError as e:
+        raise ValueError(f"config.data.{key}: {e}") from None
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   rules = sharding.normalize_rules(config.logical_axis_rules)
   sharding.check_batch_divisible(batch_name, config[batch_name], mesh, rules, config.grad_accum_steps)

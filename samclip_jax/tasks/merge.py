@@ -65,7 +65,10 @@ def validate_config(config) -> None:
   for key in ("clip_train", "clip_val", "sam_train", "sam_val"):
     path = config.data[key]
     if world.is_world(path):
-      world.source(path)  # a malformed spec raises here, naming itself
+      try:
+        world.source(path)
+      except ValueError as e:
+        raise ValueError(f"config.data.{key}: {e}") from None
     elif path and not (os.path.exists(path) or any(ch in path for ch in "*?[")):
       raise FileNotFoundError(f"config.data.{key}={path!r} does not exist")
 
