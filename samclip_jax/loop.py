@@ -282,28 +282,30 @@ def _settings(config) -> dict:
   return dict(flat(json.loads(json.dumps(config.to_dict(), default=str)), ""))
 
 
-def record_run_config(workdir: str, config, resumed: bool, say) -> None:
-  """Writes WORKDIR/run_config.json; on a resume, first says which settings changed since the
-  run's last start (a resume takes the new ones: a longer schedule, another learning rate)."""
+def run_config_changes(workdir: str, config, say) -> list[str]:
+  """'KEY OLD -> NEW' for each setting that differs from WORKDIR/run_config.json (the run's
+  last start); [] without one."""
   path = os.path.join(workdir, RUN_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return []
   now = _settings(config)
-  if resumed and os.path.isfile(path):
-    try:
-      with open(path) as f:
-        before = json.load(f)
-      if not isinstance(before, dict):
-        raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-      say(f"note: {path} is unreadable ({e}); it is rewritten")
-      before = now
-    changed = [f"{k} {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
-               for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-    if changed:
-      say(f"resuming with {len(changed)} setting(s) changed since the run's last start: "
-          + "; ".join(changed))
+  try:
+    with open(path) as f:
+      before = json.load(f)
+    if not isinstance(before, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    say(f"note: {path} is unreadable ({e}); it is rewritten")
+    return []
+  return [f"{k} {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+          for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+
+
+def record_run_config(workdir: str, config) -> None:
+  """Writes WORKDIR/run_config.json: the whole config of this start (process 0)."""
   if jax.process_index() == 0:
-    with cli.atomic_write(path) as tmp, open(tmp, "w") as f:
-      json.dump(now, f, indent=2, sort_keys=True)
+    with cli.atomic_write(os.path.join(workdir, RUN_CONFIG_FILE)) as tmp, open(tmp, "w") as f:
+      json.dump(_settings(config), f, indent=2, sort_keys=True)
 
 
 def check_workdir(workdir: str) -> None:
@@ -356,16 +358,25 @@ def _run_locked(task, workdir, writer, stop_at_step):
     paths = task.data_paths(workdir)
     make_iterators = lambda: {k: iter(v) for k, v in task.make_loaders(paths).items()}
     aux = task.init_aux()
-    latest, state, iterators = run_checkpoints.restore_latest(
-        mngr, task.abstract_state(), make_iterators, say=writer.print)
+    changes = run_config_changes(workdir, config, writer.print) if saved else []
+    try:
+      latest, state, iterators = run_checkpoints.restore_latest(
+          mngr, task.abstract_state(), make_iterators, say=writer.print)
+    except ValueError as e:  # the checkpoints refused: a changed setting is the likely cause
+      if changes:
+        raise ValueError(f"{e} Changed since the run's last start: {'; '.join(changes)}.") from None
+      raise
     if state is not None:
       writer.print(f"resumed from step {latest} ({os.path.join(workdir, 'checkpoints', str(latest))})")
+      if changes:  # a resume takes the new settings: a longer schedule, another learning rate
+        writer.print(f"resuming with {len(changes)} setting(s) changed since the run's last start: "
+                     + "; ".join(changes))
       if latest > total:
         writer.print(f"note: step {latest} is past total_steps {total}: nothing to train; the state of "
                      f"step {latest} is {'exported' if config.export else 'final'} as it is")
     else:
       state = task.init_state(aux)
-    record_run_config(workdir, config, resumed=latest is not None, say=writer.print)
+    record_run_config(workdir, config)
     return _train(task, workdir, writer, mngr, paths, aux, state, iterators, stop_at_step)
   except KeyboardInterrupt:
     run_checkpoints.finish(mngr)  # a save in flight completes: it may be the step to resume from

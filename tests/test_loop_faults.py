@@ -4,6 +4,7 @@ workdir, a workdir moved elsewhere, a finished run rerun, bad configs. One strai
 for bit."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -210,7 +211,10 @@ def test_a_changed_data_order_is_named_not_blamed_on_the_checkpoints(env, ref, c
     c.clip_batch_size //= 2
   else:  # the CLIP split of the sample's val images instead of its train images
     c.data.clip_train = os.path.join(env["sample"], "clip_val.json")
-  with pytest.raises(ValueError, match="record another data order than this run's: a batch size"):
+  changed = ("clip_batch_size 8 -> 4" if change == "batch_size" else
+             f"data.clip_train '' -> {c.data.clip_train!r}")   # the setting is named too
+  with pytest.raises(ValueError, match="record another data order than this run's: a batch size(.|\n)*"
+                     f"Changed since the run's last start: {re.escape(changed)}"):
     run(c, workdir)
   assert _steps(workdir) == list(range(1, TOTAL + 1))
   assert not os.path.exists(os.path.join(workdir, "unusable_checkpoints"))
