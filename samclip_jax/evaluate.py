@@ -225,7 +225,11 @@ def load(config) -> Loaded:
     path = model_dir or f"{config.model} (step {where['workdir_step']})"
     return Loaded(kind, path, samclip=sc)
   if model_dir is None:
-    raise ValueError(f"{config.model}: a {kind!r} model must be a model directory")
+    export = os.path.join(config.model, "export")
+    hint = (f" (this training workdir's is {export})" if os.path.isdir(export) else
+            " (a teacher's training workdir holds one in export/ once the run has finished)")
+    raise ValueError(f"{config.model}: a {kind!r} model is evaluated from its model directory, not from "
+                     f"a training workdir's checkpoints{hint}")
   if kind == "open_clip":
     from samclip_jax.clip_model import ClipModel
     return Loaded(kind, model_dir, clip=ClipModel.from_checkpoint(model_dir))

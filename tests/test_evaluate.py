@@ -443,6 +443,18 @@ def test_nothing_to_measure_is_null_in_valid_json(env, tmp_path):
   assert "skipped (listed in semantic_segmentation_clip_sam.json)" in md
 
 
+def test_a_teacher_workdir_ahead_of_its_export_points_at_the_export(env, tmp_path):
+  """A SAM teacher's workdir whose checkpoints are newer than its export: evaluated from a model
+  directory only, and the error says where this workdir's is."""
+  workdir = tmp_path / "sam_run"
+  shutil.copytree(env["models"]["sam"], workdir / "export")
+  (workdir / "checkpoints" / "5").mkdir(parents=True)
+  cfg = _config("instance_segmentation", env, model="sam", max_images=1)
+  cfg.model = str(workdir)
+  with pytest.raises(ValueError, match=re.escape(f"(this training workdir's is {workdir / 'export'})")):
+    evaluate.evaluate(cfg, str(tmp_path / "out"))
+
+
 def test_classes_file_names_every_label_value(env, tmp_path):
   """Line k of classes_file names label value k - 1: a byte-order mark and trailing newlines
   are not names, and a blank line inside is refused (dropping it would shift every later name)."""
