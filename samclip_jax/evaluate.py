@@ -423,8 +423,6 @@ def _detection_problem(d, categories, image_sizes) -> str | None:
     return "needs image_id, category_id, bbox and score"
   if not isinstance(d["image_id"], int) or isinstance(d["image_id"], bool):
     return "has a non-integer image_id"
-  if d["image_id"] not in image_sizes:
-    return "has an image_id the annotations do not hold"
   if d["category_id"] not in categories:
     return "has a category_id the annotations do not define"
   box = d["bbox"]
@@ -432,17 +430,21 @@ def _detection_problem(d, categories, image_sizes) -> str | None:
     return "has a bbox that is not 4 finite numbers [x, y, width, height]"
   if box[2] <= 0 or box[3] <= 0:
     return "has a bbox of zero or negative size"
+  if not number(d["score"]):
+    return "has a score that is not a finite number"
+  if d["image_id"] not in image_sizes:
+    return None   # another image's (a file for the full set, annotations of a subset): counted, unused
   w, h = image_sizes[d["image_id"]]
   if box[0] >= w or box[1] >= h or box[0] + box[2] <= 0 or box[1] + box[3] <= 0:
     return f"has a bbox entirely outside its {w}x{h} image"
-  if not number(d["score"]):
-    return "has a score that is not a finite number"
   return None
 
 
-def _box_prompts(coco, config) -> dict[int, list[tuple[list[float], int, float | None]]]:
-  """image id -> [(XYWH box, category id, score or None for ground truth)]."""
+def _box_prompts(coco, config) -> tuple[dict[int, list[tuple[list[float], int, float | None]]], int]:
+  """(image id -> [(XYWH box, category id, score or None for ground truth)], the number of
+  detections of images the annotations do not hold, left out)."""
   out: dict[int, list] = {i: [] for i in coco.getImgIds()}
+  elsewhere = 0
   if config.data.detections:
     with open(config.data.detections) as f:
       dets = json.load(f)
@@ -454,14 +456,16 @@ def _box_prompts(coco, config) -> dict[int, list[tuple[list[float], int, float |
       problem = _detection_problem(d, categories, sizes)
       if problem:  # one bad detection would change the AP silently: the file is refused
         raise ValueError(f"{config.data.detections}: detection {i} {problem}: {d!r}"[:400])
-      if d["score"] >= config.data.min_score and d["image_id"] in out:
+      if d["image_id"] not in out:
+        elsewhere += 1
+      elif d["score"] >= config.data.min_score:
         out[d["image_id"]].append((d["bbox"], d["category_id"], float(d["score"])))
     for k in out:
       out[k] = sorted(out[k], key=lambda t: -t[2])[:config.data.max_detections]
   else:
     for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
       out[ann["image_id"]].append((ann["bbox"], ann["category_id"], None))
-  return out
+  return out, elsewhere
 
 
 def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
@@ -479,7 +483,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     raise ValueError("set --config.data.image_dir and --config.data.annotations")
   with contextlib.redirect_stdout(io.StringIO()):
     coco = COCO(ann_file)
-  prompts = _box_prompts(coco, config)
+  prompts, elsewhere = _box_prompts(coco, config)
   image_ids = _limit(sorted(coco.getImgIds()), config)
   work = [i for i in image_ids if prompts[i]]   # images without boxes give no predictions
   sam_cfg, params = _sam_parts(model)
@@ -558,6 +562,8 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   out = metrics.coco_mask_ap(coco, preds, image_ids=image_ids)
   out["num_prompts"] = len(preds)
   out["boxes"] = "detections" if config.data.detections else "ground truth"
+  if config.data.detections:   # said, not silently dropped: a file of another image set scores 0
+    out["num_detections_of_other_images"] = elsewhere
   out["skipped"] = skipped
   return out, len(image_ids)
 

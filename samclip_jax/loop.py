@@ -35,7 +35,7 @@ from samclip_jax import cli, optim, run_checkpoints, sharding
 from samclip_jax.workdir_lock import LOCK_FILE, WorkdirLock
 
 NAN_POLICIES = ("stop", "skip")
-RUN_CONFIG_FILE = "run_config.json"  # WORKDIR/: the whole config of the run's latest start
+RUN_CONFIG_FILE = "run_config.json"  # WORKDIR/: the config of the run's latest start (launch fields aside)
 
 
 @flax.struct.dataclass
@@ -274,12 +274,20 @@ def validate_common(config) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+# How a multi-host job is launched, not what it trains: they differ between processes and
+# between launches (num_processes stays: it changes the data order).
+LAUNCH_FIELDS = ("distributed", "coordinator_address", "process_id", "distributed_timeout_s",
+                 "heartbeat_timeout_s")
+
+
 def _settings(config) -> dict:
-  """{dotted name: value} of a config, as JSON gives it back (tuples become lists)."""
+  """{dotted name: value} of a config's training settings, as JSON gives them back (tuples become
+  lists)."""
   def flat(d, prefix):
     for k, v in d.items():
       yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
-  return dict(flat(json.loads(json.dumps(config.to_dict(), default=str)), ""))
+  settings = dict(flat(json.loads(json.dumps(config.to_dict(), default=str)), ""))
+  return {k: v for k, v in settings.items() if k not in LAUNCH_FIELDS}
 
 
 def run_config_changes(workdir: str, config, say) -> list[str]:
@@ -302,7 +310,7 @@ def run_config_changes(workdir: str, config, say) -> list[str]:
 
 
 def record_run_config(workdir: str, config) -> None:
-  """Writes WORKDIR/run_config.json: the whole config of this start (process 0)."""
+  """Writes WORKDIR/run_config.json: the settings of this start (process 0)."""
   if jax.process_index() == 0:
     with cli.atomic_write(os.path.join(workdir, RUN_CONFIG_FILE)) as tmp, open(tmp, "w") as f:
       json.dump(_settings(config), f, indent=2, sort_keys=True)

@@ -407,6 +407,11 @@ def test_int32_and_float_images_are_read_in_the_range_they_hold():
   for im in (eight.convert("I"), eight.convert("F"), Image.fromarray(grey.astype(np.float32) / 255, "F"),
              Image.fromarray(grey.astype(np.int32) * 257, "I")):
     np.testing.assert_array_equal(api.as_rgb_uint8(im), want, err_msg=im.mode)
+  # Float rounding and resampling stray a little past the range: still that range, clipped.
+  unit = grey.astype(np.float32) / 255
+  for strayed in (unit * np.float32(1.02), unit - np.float32(0.01)):
+    got = api.as_rgb_uint8(Image.fromarray(strayed, "F"))[..., 0].astype(int)
+    np.testing.assert_array_equal(got, np.clip(np.rint(strayed * 255.0), 0, 255))
   for bad in (Image.fromarray(np.full((4, 4), 70000, np.int32), "I"),
               Image.fromarray(np.full((4, 4), -3.0, np.float32), "F")):
     with pytest.raises(ValueError, match=f"a mode-{bad.mode} image with values .*: not a picture's range"):

@@ -163,6 +163,7 @@ def test_instance_segmentation_teacher_with_detections(env, tmp_path):
   res = evaluate.evaluate(cfg, str(tmp_path / "out"))
   assert res["model_type"] == "sam" and res["metrics"]["boxes"] == "detections"
   assert res["metrics"]["num_prompts"] == sum(d["score"] > 0.5 for d in dets)
+  assert res["metrics"]["num_detections_of_other_images"] == 0
   with open(tmp_path / "out" / "instance_segmentation_predictions.json") as f:
     assert {p["score"] for p in json.load(f)} == {0.9}   # detector scores rank the masks
   # A bad detection is named (it would change the AP silently), before any mask is predicted.
@@ -173,9 +174,7 @@ def test_instance_segmentation_teacher_with_detections(env, tmp_path):
                           ({"bbox": [1, 2, 0, 4]}, "zero or negative size"),
                           ({"category_id": 77}, "category_id the annotations do not define"),
                           ({"image_id": "3"}, "non-integer image_id"),
-                          # both dropped without a word (AP 0 on a file of another image set)
-                          ({"image_id": 10 ** 6}, "an image_id the annotations do not hold"),
-                          ({"bbox": [5000, 5000, 10, 10]}, "bbox entirely outside its")):
+                          ({"bbox": [5000, 5000, 10, 10]}, "bbox entirely outside its")):  # was dropped silently
     with open(tmp_path / "bad.json", "w") as f:
       json.dump([good, dict(good, **change)], f)
     bad = _config("instance_segmentation", env, model="sam", max_images=4,
@@ -183,6 +182,16 @@ def test_instance_segmentation_teacher_with_detections(env, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
       evaluate.evaluate(bad, str(tmp_path / "bad_out"))
     assert not (tmp_path / "bad_out").exists()
+  # Detections of images the annotations lack (a file for the full set, annotations of a subset):
+  # left out and counted in the report, not dropped without a word.
+  with open(tmp_path / "more.json", "w") as f:
+    json.dump(dets + [dict(good, image_id=10 ** 6), dict(good, image_id=10 ** 6 + 1)], f)
+  more = _config("instance_segmentation", env, model="sam", max_images=4,
+                 **{"data.detections": str(tmp_path / "more.json"), "data.min_score": 0.5})
+  got = evaluate.evaluate(more, str(tmp_path / "more_out"))["metrics"]
+  assert got["num_detections_of_other_images"] == 2
+  assert {k: v for k, v in got.items() if k != "num_detections_of_other_images"} == {
+      k: v for k, v in res["metrics"].items() if k != "num_detections_of_other_images"}
   with open(tmp_path / "bad.json", "w") as f:
     json.dump([{k: v for k, v in good.items() if k != "score"}], f)
   with pytest.raises(ValueError, match="detection 0 needs image_id, category_id, bbox and score"):

@@ -258,6 +258,10 @@ def test_a_resume_with_changed_settings_names_them(env, ref, capsys):
   assert out["step"] == TOTAL
   with open(os.path.join(workdir, "run_config.json")) as f:
     assert json.load(f)["learning_rate"] == old_lr / 2
+  # How a multi-host job is launched is no setting: another coordinator or process id is not a change.
+  from samclip_jax import loop
+  launch = tiny(env, learning_rate=old_lr / 2, coordinator_address="node7:1234", process_id=1)
+  assert loop.run_config_changes(workdir, launch, print) == []
   # The unchanged command resumes without a word about settings.
   shutil.rmtree(os.path.join(workdir, "export"))
   shutil.rmtree(os.path.join(workdir, "checkpoints", str(TOTAL)))

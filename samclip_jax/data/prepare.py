@@ -115,7 +115,12 @@ def checked_image(data: bytes) -> tuple[bytes, int, int]:
     with Image.open(io.BytesIO(data)) as im:
       reencode = im.format not in ("JPEG", "PNG") or transforms.is_wide(im.mode)
       im.load()
-      rgb = transforms.to_rgb(im)
+      try:
+        rgb = transforms.to_rgb(im)
+      except ValueError as e:   # read fine, but its values are no picture's
+        raise Skip(f"unsupported image: {e}") from None
+  except Skip:
+    raise
   except Image.UnidentifiedImageError:
     raise Skip("corrupt image: not a recognised image format") from None
   except Image.DecompressionBombError as e:  # not corrupt: larger than PIL reads by default

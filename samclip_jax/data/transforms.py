@@ -44,13 +44,16 @@ WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
 RANGED_MODES = {"I": (255, 65535), "F": (1.0, 255, 65535)}
 
 
+OVERSHOOT = 0.05   # of the range: float rounding and resampling (bicubic rings) stray past it
+
+
 def _white(im: Image.Image, x: np.ndarray) -> float:
   if im.mode in WIDE_MODES:
     return WIDE_MODES[im.mode]
   finite = x[np.isfinite(x)]
   lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-  fits = [w for w in RANGED_MODES[im.mode] if hi <= w]
-  if lo < 0 or not fits:
+  fits = [w for w in RANGED_MODES[im.mode] if hi <= (1 + OVERSHOOT) * w]
+  if not fits or lo < -OVERSHOOT * fits[0]:
     raise ValueError(f"a mode-{im.mode} image with values {lo:g}..{hi:g}: not a picture's range "
                      f"({' / '.join(f'0..{w:g}' for w in RANGED_MODES[im.mode])}); convert it to 8-bit first")
   return fits[0]
