@@ -18,6 +18,7 @@ A task provides:
   export(state, directory)              collective; the run's product
   describe() -> str, log_keys, images_per_step
 """
+import copy
 import json
 import os
 import time
@@ -307,6 +308,32 @@ def run_config_changes(workdir: str, config, say) -> list[str]:
     return []
   return [f"{k} {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
           for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+
+
+def resume_config(config, workdir: str, say=print):
+  """config for a run in `workdir`: on a resume, init_from is the run's first start's. It made
+  the step-0 state the checkpoints carry on, so the export names it whatever this command says,
+  and a resume never reads it: a parent deleted since does not stop the run."""
+  path = os.path.join(os.path.abspath(workdir), RUN_CONFIG_FILE)
+  if config.get("init_from") is None or not run_checkpoints.saved_steps(workdir) or not os.path.isfile(path):
+    return config
+  try:
+    with open(path) as f:
+      recorded = json.load(f).get("init_from", "")
+  except (OSError, ValueError, AttributeError):
+    return config    # run_config_changes says it is unreadable
+  given = config.init_from
+  if recorded != given:
+    say(f"note: a resume keeps the run's first init_from ({recorded or 'none'}); "
+        f"--config.init_from={given or '(none)'} is not used")
+  if recorded and not os.path.isdir(recorded):
+    say(f"note: init_from {recorded} is gone; the checkpoints do not need it, but the export "
+        "cannot name what the run started from")
+    recorded = ""
+  if recorded != given:
+    config = copy.deepcopy(config)
+    config.init_from = recorded
+  return config
 
 
 def record_run_config(workdir: str, config) -> None:

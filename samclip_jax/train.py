@@ -5,6 +5,8 @@ Tasks (samclip_jax/tasks/): "merge" (SAM-CLIP's stages, configs/merge.py), "sam_
 """
 import importlib
 
+import jax
+
 from samclip_jax import loop, sharding
 
 TASKS = {"merge": "samclip_jax.tasks.merge", "sam_pretrain": "samclip_jax.tasks.sam_pretrain",
@@ -27,4 +29,5 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   would; rerunning resumes. devices: the devices the mesh spans (default: all of them).
   """
   sharding.initialize_from_config(config)
+  config = loop.resume_config(config, workdir, say=print if jax.process_index() == 0 else lambda _: None)
   return loop.run(create_task(config, devices), workdir, stop_at_step=stop_at_step)

@@ -269,6 +269,26 @@ def test_a_resume_with_changed_settings_names_them(env, ref, capsys):
   assert "setting(s) changed" not in capsys.readouterr().out
 
 
+def test_a_resume_keeps_its_init_from_and_does_not_need_it(env, ref, capsys):
+  """A run started from a parent export: a resume without --config.init_from, or after the
+  parent was deleted, goes on (it failed: the parent was read again) and keeps the parent as
+  the run's init_from while it exists."""
+  parent = str(env["root"] / "parent_export")
+  shutil.copytree(os.path.join(ref["workdir"], "export"), parent)
+  workdir = str(env["root"] / "child")
+  run(tiny(env, init_from=parent), workdir, stop_at_step=2)
+  capsys.readouterr()
+  run(tiny(env), workdir, stop_at_step=3)   # the command without init_from
+  said = capsys.readouterr().out
+  assert f"a resume keeps the run's first init_from ({parent}); --config.init_from=(none) is not used" in said
+  assert "setting(s) changed" not in said
+  with open(os.path.join(workdir, "run_config.json")) as f:
+    assert json.load(f)["init_from"] == parent
+  shutil.rmtree(parent)
+  out = run(tiny(env, init_from=parent), workdir)
+  assert out["step"] == TOTAL and f"init_from {parent} is gone" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- corrupt checkpoints
 def _flip_bytes(path, n=400):
   with open(path, "r+b") as f:
