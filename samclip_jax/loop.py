@@ -390,6 +390,9 @@ def _run_locked(task, workdir, writer, stop_at_step):
   try:
     task.prepare_workdir(workdir)
     writer.print(task.describe())
+    if total > 1 and int(config.warmup_steps) >= total:   # optim.schedule clamps it
+      writer.print(f"note: warmup_steps {config.warmup_steps} >= total_steps {total}: the LR warms up "
+                   f"over {total - 1} steps and never decays")
     paths = task.data_paths(workdir)
     make_iterators = lambda: {k: iter(v) for k, v in task.make_loaders(paths).items()}
     aux = task.init_aux()

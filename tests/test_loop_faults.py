@@ -276,16 +276,17 @@ def test_a_resume_keeps_its_init_from_and_does_not_need_it(env, ref, capsys):
   parent = str(env["root"] / "parent_export")
   shutil.copytree(os.path.join(ref["workdir"], "export"), parent)
   workdir = str(env["root"] / "child")
-  run(tiny(env, init_from=parent), workdir, stop_at_step=2)
-  capsys.readouterr()
-  run(tiny(env), workdir, stop_at_step=3)   # the command without init_from
+  run(tiny(env, init_from=parent, warmup_steps=TOTAL), workdir, stop_at_step=2)
+  # (a warmup as long as the run is clamped by the schedule: said, not silent)
+  assert f"note: warmup_steps {TOTAL} >= total_steps {TOTAL}: the LR warms up over {TOTAL - 1} steps" in capsys.readouterr().out
+  run(tiny(env, warmup_steps=TOTAL), workdir, stop_at_step=3)   # the command without init_from
   said = capsys.readouterr().out
   assert f"a resume keeps the run's first init_from ({parent}); --config.init_from=(none) is not used" in said
   assert "setting(s) changed" not in said
   with open(os.path.join(workdir, "run_config.json")) as f:
     assert json.load(f)["init_from"] == parent
   shutil.rmtree(parent)
-  out = run(tiny(env, init_from=parent), workdir)
+  out = run(tiny(env, init_from=parent, warmup_steps=TOTAL), workdir)
   assert out["step"] == TOTAL and f"init_from {parent} is gone" in capsys.readouterr().out
 
 
