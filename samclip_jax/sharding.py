@@ -260,6 +260,7 @@ def maybe_initialize_distributed(mode="auto", *, coordinator_address: str = "",
   anything touches jax devices; idempotent (main.py and train both call it). Returns whether
   the job is (now) multi-process initialized.
   """
+  check_distributed_settings(mode, coordinator_address, num_processes, process_id)
   if jax.distributed.is_initialized():
     return True
   if mode is False or mode == "never":
@@ -267,6 +268,10 @@ def maybe_initialize_distributed(mode="auto", *, coordinator_address: str = "",
   wanted = (mode is True or mode == "always" or coordinator_address
             or (mode == "auto" and multiprocess_env_detected()))
   if not wanted:
+    if num_processes > 0 or process_id >= 0:   # they would be ignored: a one-process run
+      raise ValueError(f"num_processes={num_processes} / process_id={process_id} are set, but nothing "
+                       "starts a multi-process job: give coordinator_address=HOST:PORT (or run under a "
+                       "cluster manager with distributed='auto' / 'always')")
     return False
   # Multi-process CPU computations need a cross-process collectives backend (older jax: none).
   if jax.config.jax_cpu_collectives_implementation in (None, "none"):
@@ -283,6 +288,25 @@ def maybe_initialize_distributed(mode="auto", *, coordinator_address: str = "",
   jax.distributed.initialize(**explicit, initialization_timeout=int(timeout_s),
                              heartbeat_timeout_seconds=int(heartbeat_timeout_s))
   return True
+
+
+DISTRIBUTED_MODES = ("auto", "always", "never")
+
+
+def check_distributed_settings(mode, coordinator_address: str, num_processes: int, process_id: int) -> None:
+  """Launch settings that jax would hang on, abort on (a segfault for a port that is no
+  number) or ignore are refused here, by name."""
+  if mode not in DISTRIBUTED_MODES and not isinstance(mode, bool):
+    raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+  if coordinator_address:
+    host, _, port = coordinator_address.rpartition(":")
+    bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host or bare_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"coordinator_address must be HOST:PORT with a port in 1..65535, got "
+                       f"{coordinator_address!r}")
+  if num_processes > 0 and not 0 <= process_id < num_processes and process_id != -1:
+    raise ValueError(f"process_id must be in 0..{num_processes - 1} (num_processes={num_processes}), "
+                     f"got {process_id}")
 
 
 def initialize_from_config(config) -> bool:

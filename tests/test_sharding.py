@@ -101,6 +101,24 @@ def test_multiprocess_detection(monkeypatch):
   assert sharding.maybe_initialize_distributed("never") is False
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    # jax segfaulted on a port that is no number and hung on a host with a stray ':'
+    (dict(coordinator_address="127.0.0.1:notaport", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(coordinator_address="127.0.0.1:12345:9", num_processes=2, process_id=0), "HOST:PORT"),
+    (dict(coordinator_address="nocolon", num_processes=2, process_id=0), "HOST:PORT"),   # an IndexError
+    (dict(coordinator_address="h:99999"), "port in 1..65535"),
+    (dict(coordinator_address="h:1234", num_processes=2, process_id=5), "process_id must be in 0..1"),
+    (dict(mode="sometimes"), "distributed must be one of"),                        # read as "auto"
+    (dict(num_processes=2, process_id=1), "nothing starts a multi-process job"),   # a one-process run
+])
+def test_bad_launch_settings_are_refused_before_joining(monkeypatch, kwargs, message):
+  for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+            "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(k, raising=False)
+  with pytest.raises(ValueError, match=message):
+    sharding.maybe_initialize_distributed(**kwargs)
+
+
 # ----------------------------------------------------------------------------- the train step
 def _tiny_merge_config(scan_blocks=False, **mesh):
   from configs import merge
