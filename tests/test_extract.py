@@ -181,7 +181,13 @@ def test_a_merge_run_refuses_embeddings_of_another_teacher(extracted):
   c = merge.get_config("tiny")
   c.data.teacher_embeddings = out
   c.model.tiny_clip_embed_dim = man["dim"]
+  size = c.clip_teacher_image_size = man["teacher"]["teacher_image_size"]
   merge_task.check_teacher_embeddings(c, common.clip_config_from(c))   # the extraction's teacher
+  c.clip_teacher_image_size = size + 32   # another input size: other targets (mean cosine 0.77 at 224 vs 96)
+  with pytest.raises(ValueError, match=f"their teacher saw the views at {man['teacher']['teacher_image_size'] or 'their own size'}, "
+                                       f"this run's sees them at {size + 32}"):
+    merge_task.check_teacher_embeddings(c, common.clip_config_from(c))
+  c.clip_teacher_image_size = size
   c.model.tiny_clip_embed_dim = 16
   with pytest.raises(ValueError, match=f"they are {man['dim']}-dim, this teacher embeds into 16"):
     merge_task.check_teacher_embeddings(c, common.clip_config_from(c))

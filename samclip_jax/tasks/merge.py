@@ -414,6 +414,10 @@ def check_teacher_embeddings(config, clip_cfg) -> None:
   if bool(config.clip_checkpoint) != bool(teacher.get("checkpoint")):
     problems.append(f"their teacher is {teacher.get('checkpoint') or 'a random stand-in'}, this run's "
                     f"{config.clip_checkpoint or 'a random stand-in'}")
+  size = teacher.get("teacher_image_size")   # 0: the view's own size, in both configs
+  if size is not None and int(size) != int(config.clip_teacher_image_size):
+    problems.append(f"their teacher saw the views at {int(size) or 'their own size'}, this run's sees them at "
+                    f"{int(config.clip_teacher_image_size) or 'their own size'} (clip_teacher_image_size)")
   if problems:
     raise ValueError(f"teacher embeddings in {directory} were not made by this run's CLIP teacher: "
                      f"{'; '.join(problems)}; extract them with it (samclip_jax.extract, the same teacher settings)")
