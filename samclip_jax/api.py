@@ -421,6 +421,9 @@ class SamClip:
     if mode == "clip":
       return np.argmax(self.semantic_logits(image, class_names, templates, resolution), axis=0).astype(np.int32)
     if mode == "clip+sam":
+      if resolution is not None:   # it was dropped without a word
+        raise ValueError("resolution is for mode='clip'; 'clip+sam' runs at SAM's input size "
+                         f"({self.config.sam.image_size})")
       return self.segment_clip_sam(image, class_names, templates, threshold, points_per_class,
                                    prompt_grid, seed)[0]
     raise ValueError(f"mode must be 'clip' or 'clip+sam', got {mode!r}")

@@ -304,6 +304,8 @@ def test_clip_sam_and_text_arguments(model):
   img = _image()
   a = model.segment_semantic(img, (n for n in NAMES), mode="clip+sam", templates="photo")
   np.testing.assert_array_equal(a, model.segment_semantic(img, list(NAMES), mode="clip+sam", templates="photo"))
+  with pytest.raises(ValueError, match="resolution is for mode='clip'"):
+    model.segment_semantic(img, NAMES, mode="clip+sam", templates="photo", resolution=64)
   for kwargs, message in (({"points_per_class": -1}, "points_per_class must be an integer >= 0"),
                           ({"threshold": 1.5}, "threshold must be in \\[0, 1\\]")):
     with pytest.raises(ValueError, match=message):

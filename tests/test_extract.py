@@ -213,6 +213,10 @@ def test_corrupt_shards_are_reported_and_redone(extracted, tmp_path):
   assert not teacher_store.read_manifest(copy)["complete"]  # loaders refuse it now
   with pytest.raises(ValueError, match=re.escape(files[1])):
     teacher_store.TeacherStore(copy).lookup(8)
+  # A training loader reads the store: the zeroed shard behind an intact header was read as
+  # embeddings without a word; its checksum names it now.
+  with pytest.raises(ValueError, match=re.escape(f"{files[2]}: checksum mismatch")):
+    teacher_store.TeacherStore(copy).lookup(2 * man["shard_size"])
   # A rerun redoes exactly the bad shards.
   untouched = os.path.getmtime(teacher_store.shard_dir(copy, 0))
   assert extract.run(_config(paths["clip_train"], copy), str(tmp_path))["complete"]

@@ -145,6 +145,11 @@ class TeacherStore:
       d = shard_dir(self.directory, i)
       if not os.path.isdir(d):
         raise FileNotFoundError(f"teacher embeddings missing shard {d}: run extraction to completion")
+      # Checked once per shard and process (its checksums, keys, shapes, finite values): a
+      # damaged shard would otherwise be trained on without a word.
+      problems = shard_problems(self.directory, self.manifest, i)
+      if problems:
+        raise ValueError(f"teacher embeddings: {problems[0]}; rerun the extraction (it redoes bad shards)")
       self._shards[i] = tuple(_load(os.path.join(d, name), mmap_mode="r") for name in ARRAYS)
     return self._shards[i]
 
