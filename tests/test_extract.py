@@ -182,7 +182,14 @@ def test_a_merge_run_refuses_embeddings_of_another_teacher(extracted):
   c.data.teacher_embeddings = out
   c.model.tiny_clip_embed_dim = man["dim"]
   size = c.clip_teacher_image_size = man["teacher"]["teacher_image_size"]
+  c.clip_resolutions = tuple(man["resolutions"])
   merge_task.check_teacher_embeddings(c, common.clip_config_from(c))   # the extraction's teacher
+  # Views at a resolution the run does not train at: named before anything is written (the
+  # loader said it after the workdir was filled).
+  c.clip_resolutions = (max(man["resolutions"]) + 16,)
+  with pytest.raises(ValueError, match=f"have no views at resolutions \\[{max(man['resolutions']) + 16}\\]"):
+    merge_task.check_teacher_embeddings(c, common.clip_config_from(c))
+  c.clip_resolutions = tuple(man["resolutions"])
   c.clip_teacher_image_size = size + 32   # another input size: other targets (mean cosine 0.77 at 224 vs 96)
   with pytest.raises(ValueError, match=f"their teacher saw the views at {man['teacher']['teacher_image_size'] or 'their own size'}, "
                                        f"this run's sees them at {size + 32}"):

@@ -414,6 +414,13 @@ def check_teacher_embeddings(config, clip_cfg) -> None:
   if bool(config.clip_checkpoint) != bool(teacher.get("checkpoint")):
     problems.append(f"their teacher is {teacher.get('checkpoint') or 'a random stand-in'}, this run's "
                     f"{config.clip_checkpoint or 'a random stand-in'}")
+  # What the loader checks again, said before anything is written.
+  if not m.get("complete"):
+    raise ValueError(f"teacher extraction in {directory} is not complete: rerun it to finish")
+  missing = sorted(set(int(r) for r in config.clip_resolutions) - set(m["resolutions"]))
+  if missing:
+    raise ValueError(f"teacher embeddings in {directory} have no views at resolutions {missing} "
+                     f"(clip_resolutions); they hold {m['resolutions']}")
   size = teacher.get("teacher_image_size")   # 0: the view's own size, in both configs
   if size is not None and int(size) != int(config.clip_teacher_image_size):
     problems.append(f"their teacher saw the views at {int(size) or 'their own size'}, this run's sees them at "
