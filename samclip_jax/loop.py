@@ -291,21 +291,30 @@ def _settings(config) -> dict:
   return {k: v for k, v in settings.items() if k not in LAUNCH_FIELDS}
 
 
+def _recorded_settings(workdir: str, say=None) -> dict | None:
+  """WORKDIR/run_config.json (the settings of the run's last start); None without a readable one."""
+  path = os.path.join(os.path.abspath(workdir), RUN_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+    if not isinstance(recorded, dict):
+      raise ValueError("not a JSON object")
+    return recorded
+  except (OSError, ValueError) as e:
+    if say:
+      say(f"note: {path} is unreadable ({e}); it is rewritten")
+    return None
+
+
 def run_config_changes(workdir: str, config, say) -> list[str]:
   """'KEY OLD -> NEW' for each setting that differs from WORKDIR/run_config.json (the run's
   last start); [] without one."""
-  path = os.path.join(workdir, RUN_CONFIG_FILE)
-  if not os.path.isfile(path):
+  before = _recorded_settings(workdir, say)
+  if before is None:
     return []
   now = _settings(config)
-  try:
-    with open(path) as f:
-      before = json.load(f)
-    if not isinstance(before, dict):
-      raise ValueError("not a JSON object")
-  except (OSError, ValueError) as e:
-    say(f"note: {path} is unreadable ({e}); it is rewritten")
-    return []
   return [f"{k} {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
           for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 
@@ -314,15 +323,12 @@ def resume_config(config, workdir: str, say=print):
   """config for a run in `workdir`: on a resume, init_from is the run's first start's. It made
   the step-0 state the checkpoints carry on, so the export names it whatever this command says,
   and a resume never reads it: a parent deleted since does not stop the run."""
-  path = os.path.join(os.path.abspath(workdir), RUN_CONFIG_FILE)
-  if config.get("init_from") is None or not run_checkpoints.saved_steps(workdir) or not os.path.isfile(path):
+  if config.get("init_from") is None or not run_checkpoints.saved_steps(workdir):
     return config
-  try:
-    with open(path) as f:
-      recorded = json.load(f).get("init_from", "")
-  except (OSError, ValueError, AttributeError):
-    return config    # run_config_changes says it is unreadable
-  given = config.init_from
+  recorded = _recorded_settings(workdir)   # unreadable: run_config_changes says so
+  if recorded is None:
+    return config
+  recorded, given = recorded.get("init_from", ""), config.init_from
   if recorded != given:
     say(f"note: a resume keeps the run's first init_from ({recorded or 'none'}); "
         f"--config.init_from={given or '(none)'} is not used")
