@@ -189,9 +189,11 @@ ENTRY_CONFIG_FIELDS = {
 }
 
 
-def check_config_kind(spec: str, entry: str) -> None:
-  """A config written for another entry point is a UsageError naming the one it is for."""
-  _, config = _load_config(spec)
+def check_config_kind(spec: str, entry: str, config=None) -> None:
+  """A config written for another entry point is a UsageError naming the one it is for
+  (`config`: the one `spec` gives, when already loaded)."""
+  if config is None:
+    _, config = _load_config(spec)
   has = lambda fields: all(f in config.keys() for f in fields)  # noqa: E731
   if has(ENTRY_CONFIG_FIELDS[entry]):
     return
@@ -297,9 +299,9 @@ def check_config(argv, entry: str | None = None) -> None:
   spec = _config_arg(argv)
   if not spec:
     return
-  if entry:
-    check_config_kind(spec, entry)
   _, config = _load_config(spec)
+  if entry:
+    check_config_kind(spec, entry, config)
   for a in argv:
     if not a.startswith("--config."):
       continue
