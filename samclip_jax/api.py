@@ -57,13 +57,16 @@ class CheckpointNotFound(FileNotFoundError):
   """A path that is neither a merged model directory nor a training workdir with one."""
 
 
-def load_image(path: str) -> np.ndarray:
-  """Reads an image file as uint8 RGB [H,W,3]; a clear error for missing / unreadable files."""
+def load_image(path: str, annotated_hw=None) -> np.ndarray:
+  """Reads an image file as uint8 RGB [H,W,3], upright as viewers show it (its EXIF orientation
+  applied, unless only the stored pixels have the `annotated_hw` of annotations made on them:
+  transforms.oriented); a clear error for missing / unreadable files."""
   if os.path.isdir(path):
     raise IsADirectoryError(f"{path} is a directory, not an image file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"image not found: {path}")
-  return transforms.read_image_file(path, "an image", lambda im: np.asarray(transforms.to_rgb(im)))
+  return transforms.read_image_file(
+      path, "an image", lambda im: np.asarray(transforms.to_rgb(transforms.oriented(im, annotated_hw))))
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -628,9 +631,14 @@ class SamClip:
     return SamPredictor(self.config.sam, sam_params_from_samclip(self.params))
 
   def mask_generator(self, **kwargs):
-    """SamAutomaticMaskGenerator over `predictor()`; kwargs as segment_anything's."""
-    from samclip_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-    return SamAutomaticMaskGenerator(self.predictor(), **kwargs)
+    """SamAutomaticMaskGenerator over `predictor()`; kwargs as segment_anything's, defaults
+    that suit this model (suited_settings for images at least its input size, as predict's)."""
+    from samclip_jax.automatic_mask_generator import SamAutomaticMaskGenerator, suited_settings
+    size = self.config.sam.image_size
+    settings = suited_settings(size, size, size)
+    if "point_grids" in kwargs:  # a grid given replaces the default points_per_side
+      settings["points_per_side"] = None
+    return SamAutomaticMaskGenerator(self.predictor(), **{**settings, **kwargs})
 
 
 def resize_bilinear(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:

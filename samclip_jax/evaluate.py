@@ -184,8 +184,12 @@ def _readable(kept: int, skipped: list[dict]) -> None:
                      f"{skipped[0]['file']}: {skipped[0]['reason']})")
 
 
-def _limit(items: list, config) -> list:
-  return items[:config.max_images] if config.max_images else items
+def spread(items: list, n: int) -> list:
+  """n of the items, evenly spaced and in order (all of them when n is 0 or not smaller): the
+  first n of a sorted image folder would hold its first classes only."""
+  if not n or n >= len(items):
+    return items
+  return [items[i * len(items) // n] for i in range(n)]
 
 
 def list_images(directory: str, recursive: bool = False) -> list[str]:
@@ -341,7 +345,7 @@ def run_classification(config, workdir, model: Loaded, mesh) -> tuple[dict, int]
   from samclip_jax.templates import get_templates
   _need(model, ("samclip", "open_clip"), "classification")
   items, names = classification_items(config, workdir)
-  items = _limit(items, config)
+  items = spread(items, config.max_images)
   text, scale = text_side(model)
   classifier = np.asarray(text.zero_shot_classifier(names, get_templates(config.templates)))
   emb, ok, skipped = embed_images(model, mesh, config, [p for p, _ in items], "classification")
@@ -381,7 +385,7 @@ def retrieval_items(config, workdir) -> tuple[list[str], list[str], list[int]]:
   if not by_image:
     raise ValueError(f"{captions_file} holds no entries")
   paths, captions, t2i = [], [], []
-  for i, (name, caps) in enumerate(_limit(list(by_image.items()), config)):
+  for i, (name, caps) in enumerate(spread(list(by_image.items()), config.max_images)):
     paths.append(os.path.join(image_dir, name))
     captions += caps
     t2i += [i] * len(caps)
@@ -484,7 +488,7 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   with contextlib.redirect_stdout(io.StringIO()):
     coco = COCO(ann_file)
   prompts, elsewhere = _box_prompts(coco, config)
-  image_ids = _limit(sorted(coco.getImgIds()), config)
+  image_ids = spread(sorted(coco.getImgIds()), config.max_images)
   work = [i for i in image_ids if prompts[i]]   # images without boxes give no predictions
   sam_cfg, params = _sam_parts(model)
   size = sam_cfg.image_size
@@ -504,8 +508,13 @@ def run_instance_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
   file_of = lambda image_id: os.path.join(image_dir, coco.loadImgs(image_id)[0]["file_name"])
 
   def load_fn(image_id):
-    img = api.load_image(file_of(image_id))
+    info = coco.loadImgs(image_id)[0]
+    annotated = (info.get("height"), info.get("width"))
+    img = api.load_image(file_of(image_id), annotated)
     h, w = img.shape[:2]
+    if None not in annotated and (h, w) != annotated:   # its masks would be of another frame
+      raise transforms.UnreadableInput(f"{file_of(image_id)} is {h}x{w}, its annotations say "
+                                       f"{annotated[0]}x{annotated[1]}")
     nh, nw = get_preprocess_shape(h, w, size)
     out = np.zeros((size, size, 3), np.uint8)
     out[:nh, :nw] = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
@@ -614,7 +623,7 @@ def _load_label(path: str) -> np.ndarray:
 def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dict, int]:
   _need(model, ("samclip",), "semantic_segmentation")
   items, names = semantic_items(config, workdir)
-  items = _limit(items, config)
+  items = spread(items, config.max_images)
   sc = model.samclip
   cm = metrics.ConfusionMatrix(len(names), config.data.ignore_index)   # this process's images
   progress = _progress("semantic_segmentation", len(items))
@@ -631,7 +640,8 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
       return scale * jnp.einsum("bhwd,cd->bchw", patch, classifier, precision="highest")
 
     def load_fn(item):
-      img, gt = api.load_image(item[0]), _load_label(item[1])
+      gt = _load_label(item[1])
+      img = api.load_image(item[0], gt.shape)
       _check_label(gt, img.shape[:2], item[1], len(names), config.data.ignore_index)
       return api.resize_square(img, config.resolution), gt, img.shape[:2]
 
@@ -654,7 +664,8 @@ def run_semantic_segmentation(config, workdir, model: Loaded, mesh) -> tuple[dic
     # have fixed shapes, so they compile once), on this process's devices; process p takes
     # images p, p + P, ... of the P processes.
     def load_fn(item):
-      img, gt = api.load_image(item[0]), _load_label(item[1])
+      gt = _load_label(item[1])
+      img = api.load_image(item[0], gt.shape)
       _check_label(gt, img.shape[:2], item[1], len(names), config.data.ignore_index)
       return img, gt
     mine = items[jax.process_index()::jax.process_count()]

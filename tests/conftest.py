@@ -1,11 +1,24 @@
-"""Test setup: 8 simulated CPU devices (for sharding tests), float32 everywhere; torchvision's nms;
-a quick end for xdist workers."""
+"""Test setup: 8 simulated CPU devices (for sharding tests), float32 everywhere; one compilation
+cache for the whole run; torchvision's nms; a quick end for xdist workers."""
 import gc
 import os
+import shutil
+import tempfile
+
+from cpu_devices import xla_flags
 
 # Must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two thirds of the suite's CPU is XLA compiling train steps, and many tests (and the `main`
+# processes they start) compile the same ones: one persistent cache serves them all. The
+# controller makes it before xdist starts its workers, which inherit it with the environment,
+# as every subprocess does. A cache the user set is used as it is and never removed.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="samclip-test-jax-cache-")
+  os.environ["SAMCLIP_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -19,6 +32,12 @@ def pytest_collectstart():
   """Before the first test module imports torchvision (an xdist controller collects nothing, so
   it never pays for importing torch)."""
   ensure_nms()
+
+
+def pytest_unconfigure():
+  """The process that made the cache removes it (xdist workers share the controller's)."""
+  if _OWN_CACHE and os.environ.get("SAMCLIP_TEST_CACHE_OWNER") == str(os.getpid()):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)   # after fixture teardown, before xdist reports the worker finished

@@ -141,6 +141,19 @@ def test_predictor_and_mask_generator(model):
   assert len(named) == min(3, len(records)) and all(n in NAMES and 0 < q <= 1 for n, q in named)
 
 
+def test_mask_generator_defaults_suit_the_model(model):
+  """A small model's generator takes predict --everything's defaults (a point every 8 px of its
+  input, filters 0.8 / 0.8), not SAM's for 1024 px (32x32, 0.88 / 0.95: with them a 128-px
+  model found under half the world's shapes); arguments still override them."""
+  size = model.config.sam.image_size
+  g = model.mask_generator()
+  assert len(g.point_grids[0]) == (size // 8) ** 2 and (g.pred_iou_thresh, g.stability_score_thresh) == (0.8, 0.8)
+  g = model.mask_generator(points_per_side=4, stability_score_thresh=0.5)
+  assert len(g.point_grids[0]) == 16 and (g.pred_iou_thresh, g.stability_score_thresh) == (0.8, 0.5)
+  g = model.mask_generator(point_grids=[np.array([[0.5, 0.5]])])
+  assert len(g.point_grids[0]) == 1
+
+
 def test_loading_errors(paths, tmp_path):
   with pytest.raises(api.CheckpointNotFound, match="not found"):
     api.SamClip.from_checkpoint(str(tmp_path / "nope"))

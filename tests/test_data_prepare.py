@@ -585,3 +585,52 @@ def test_killed_training_loader_leaves_no_grain_workers(tmp_path):
   proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(__file__)))
   _kill_and_expect_workers_gone(proc, 1, ready=marker.exists)  # killed mid-run, as a job is
+
+
+def _sideways(h, w, orientation=6):
+  """A PNG stored h x w (a red top-left corner) tagged to be shown turned: 6 = turn 90 degrees
+  clockwise, as a phone stores a portrait photo."""
+  stored = np.full((h, w, 3), 90, np.uint8)
+  stored[:4, :4] = (255, 0, 0)
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  Image.fromarray(stored).save(buf, format="PNG", exif=exif.tobytes())
+  return buf.getvalue()
+
+
+def test_images_are_read_upright_unless_annotations_were_made_on_the_stored_pixels(tmp_path):
+  """A photo a camera stored sideways is read as viewers show it (points and boxes a person
+  reads off a viewer then fall where meant); COCO annotations of the stored size keep it."""
+  from samclip_jax import api
+  from samclip_jax.data import transforms
+  path = tmp_path / "photo.png"
+  path.write_bytes(_sideways(40, 100))
+  shown = api.load_image(str(path))
+  assert shown.shape == (100, 40, 3) and tuple(shown[0, -1]) == (255, 0, 0)  # top-left -> top-right
+  with Image.open(path) as im:
+    np.testing.assert_array_equal(transforms.as_rgb_uint8(im), shown)   # a PIL image given to the API
+  assert api.load_image(str(path), annotated_hw=(40, 100)).shape == (40, 100, 3)
+  assert api.load_image(str(path), annotated_hw=(100, 40)).shape == (100, 40, 3)
+
+  # prepare: stored upright (every reader decodes the same pixels), or as stored when the
+  # annotations say the stored size.
+  imgs = tmp_path / "images"
+  _write(str(imgs / "1.png"), _sideways(40, 100))
+  _write(str(imgs / "2.png"), _sideways(40, 100))
+  coco = {"images": [{"id": 1, "file_name": "1.png", "height": 100, "width": 40},
+                     {"id": 2, "file_name": "2.png", "height": 40, "width": 100}],
+          "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10],
+                           "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]},
+                          {"id": 11, "image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10],
+                           "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]}],
+          "categories": [{"id": 1, "name": "a"}]}
+  _write(str(tmp_path / "ann.json"), json.dumps(coco))
+  out = str(tmp_path / "out")
+  m = prepare.prepare("coco", str(imgs), out, annotations=str(tmp_path / "ann.json"), val_fraction=0.0, log=_quiet)
+  assert m["num_skipped_inputs"] == 0
+  recs = {x["key"]: x for x in _all_records(out)}
+  for key, hw, corner in (("1", (100, 40), (0, -1)), ("2", (40, 100), (0, 0))):
+    img = np.asarray(Image.open(io.BytesIO(recs[key]["image"])).convert("RGB"))   # as loaders read it
+    assert img.shape[:2] == hw == (recs[key]["height"], recs[key]["width"]), key
+    assert tuple(img[corner]) == (255, 0, 0), key

@@ -59,8 +59,29 @@ def test_classification_matches_api(env, tmp_path):
   items, names = evaluate.classification_items(cfg, str(tmp_path))
   model = api.SamClip.from_checkpoint(env["models"]["samclip"])
   hits = [model.classify(api.load_image(p), names, "photo", resolution=64)[0][0] == names[y]
-          for p, y in items[:12]]
+          for p, y in evaluate.spread(items, 12)]
   assert res["metrics"]["top1"] == pytest.approx(100.0 * np.mean(hits))
+
+
+def test_max_images_spreads_over_every_class(env, tmp_path):
+  """max_images of an image folder takes images of every class (its first N, sorted by class,
+  would be the first classes only: a silently wrong estimate of the whole set's accuracy)."""
+  src = env["sample"]["classification_images"]
+  files = sorted(os.listdir(src))
+  for k, cls in enumerate(["ant", "bee", "cat"]):
+    os.makedirs(tmp_path / "images" / cls)
+    for f in files[4 * k:4 * k + 4]:
+      shutil.copy(os.path.join(src, f), tmp_path / "images" / cls / f)
+    if cls == "ant":   # all but its first image unreadable: the first 3 of the folder would meet them
+      for f in files[1:4]:
+        (tmp_path / "images" / cls / f).write_bytes(b"not an image")
+  cfg = _config("classification", env, max_images=3,
+                **{"data.sample_dir": "", "data.image_dir": str(tmp_path / "images")})
+  items, names = evaluate.classification_items(cfg, str(tmp_path))
+  assert len(items) == 12 and [names[y] for _, y in evaluate.spread(items, 3)] == ["ant", "bee", "cat"]
+  assert evaluate.spread(items, 0) == items == evaluate.spread(items, 20)
+  res = evaluate.evaluate(cfg, str(tmp_path / "out"))
+  assert res["num_images"] == 3 and res["skipped"] == []
 
 
 def test_classification_teacher_matches_clip_model(env, tmp_path):
@@ -72,8 +93,9 @@ def test_classification_teacher_matches_clip_model(env, tmp_path):
   items, names = evaluate.classification_items(cfg, str(tmp_path))
   clip = ClipModel.from_checkpoint(env["models"]["clip"])
   classifier = clip.zero_shot_classifier(names, get_templates("photo"))
-  logits, _ = clip.classify_pixels(clip.preprocess([api.load_image(p) for p, _ in items[:12]]), classifier)
-  expected = metrics.topk_accuracy(np.asarray(logits), np.array([y for _, y in items[:12]]))
+  items = evaluate.spread(items, 12)
+  logits, _ = clip.classify_pixels(clip.preprocess([api.load_image(p) for p, _ in items]), classifier)
+  expected = metrics.topk_accuracy(np.asarray(logits), np.array([y for _, y in items]))
   assert res["metrics"]["top1"] == pytest.approx(expected["top1"])
   assert len(names) == 5 and "top5" not in res["metrics"]  # the sample's 5 classes: top-5 cannot miss
 
@@ -153,7 +175,7 @@ def test_instance_segmentation_matches_predictor(env, tmp_path):
 def test_instance_segmentation_teacher_with_detections(env, tmp_path):
   from pycocotools.coco import COCO
   coco = COCO(env["sample"]["coco_instances"])
-  ids = sorted(coco.getImgIds())[:4]
+  ids = evaluate.spread(sorted(coco.getImgIds()), 4)
   dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
            "score": 0.9 if a["id"] % 2 else 0.2} for a in coco.loadAnns(coco.getAnnIds(imgIds=ids))]
   with open(tmp_path / "dets.json", "w") as f:
@@ -206,7 +228,7 @@ def test_semantic_segmentation_matches_api(env, tmp_path, mode, n):
   assert names[0] == "background" and len(names) == 6
   model = api.SamClip.from_checkpoint(env["models"]["samclip"])
   cm = metrics.ConfusionMatrix(len(names))
-  for image_path, label_path in items[:n]:
+  for image_path, label_path in evaluate.spread(items, n):
     kw = {"resolution": 64} if mode == "clip" else {}   # clip+sam runs at SAM's input size
     pred = model.segment_semantic(api.load_image(image_path), names, mode=mode, templates="photo", **kw)
     cm.update(pred, evaluate._load_label(label_path))
@@ -416,20 +438,27 @@ def test_unreadable_segmentation_inputs_are_skipped_and_counted(env, tmp_path):
   assert "label values [9] beyond the 6 class names (ignore_index 255)" in res["spoilt"]["skipped"][2]["reason"]
   assert res["spoilt"]["metrics"] == res["clean"]["metrics"]
 
+  # Instance segmentation: a corrupt image, and one of another size than its annotations say
+  # (its masks would be of another frame than theirs).
   coco = COCO(env["sample"]["coco_instances"])
-  ids = sorted(coco.getImgIds())[:3]
+  ids = evaluate.spread(sorted(coco.getImgIds()), 4)
   coco_dir = tmp_path / "coco"
   os.makedirs(coco_dir)
   for i in ids:
     shutil.copy(os.path.join(images, coco.loadImgs(i)[0]["file_name"]), coco_dir)
-  bad = coco.loadImgs(ids[0])[0]["file_name"]
+  bad, resized = (coco.loadImgs(i)[0]["file_name"] for i in (ids[0], ids[3]))
   _spoil(coco_dir, [bad, bad])
-  cfg = _config("instance_segmentation", env, max_images=3, **{"data.sample_dir": "", "data.image_dir": str(coco_dir),
+  with Image.open(coco_dir / resized) as im:
+    im.resize((im.width // 2, im.height // 2)).save(coco_dir / resized)
+  cfg = _config("instance_segmentation", env, max_images=4, **{"data.sample_dir": "", "data.image_dir": str(coco_dir),
                                                               "data.annotations": env["sample"]["coco_instances"]})
   out = evaluate.evaluate(cfg, str(tmp_path / "inst"))
-  assert out["num_images"] == 2 and [os.path.basename(s["file"]) for s in out["skipped"]] == [bad]
+  assert out["num_images"] == 2 and [os.path.basename(s["file"]) for s in out["skipped"]] == sorted([bad, resized])
+  info = coco.loadImgs(ids[3])[0]
+  assert f"is {info['height'] // 2}x{info['width'] // 2}, its annotations say {info['height']}x{info['width']}" in [
+      s["reason"] for s in out["skipped"] if s["file"].endswith(resized)][0]
   with open(tmp_path / "inst" / "instance_segmentation_predictions.json") as f:
-    assert {p["image_id"] for p in json.load(f)} == set(ids[1:])
+    assert {p["image_id"] for p in json.load(f)} == set(ids[1:3])
 
 
 def test_nothing_to_measure_is_null_in_valid_json(env, tmp_path):

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from cpu_devices import xla_flags
+
 from samclip_jax import extract
 from samclip_jax.data import pipeline, records, sample, teacher_store, transforms
 
@@ -35,7 +37,7 @@ def extracted(tmp_path_factory):
   cmd = [sys.executable, "-m", "samclip_jax.extract", f"--config={CONFIG}:local",
          f"--workdir={root}", f"--config.data={paths['clip_train']}",
          f"--config.output_dir={out}", "--config.shard_size=8"]
-  env = dict(os.environ, **{extract.KILL_ENV: "1"}, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **{extract.KILL_ENV: "1"}, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   killed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   man = teacher_store.read_manifest(out)

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import eval_models
+from cpu_devices import xla_flags
 from configs import merge
 from samclip_jax import api, optim, run_checkpoints, train
 from samclip_jax.tasks import merge as merge_task
@@ -28,18 +29,10 @@ TOTAL = 5
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  """A shared embedded sample and a persistent compilation cache: every run below compiles
-  the same step once."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  root = tmp_path_factory.mktemp("faults")
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  cc.set_cache_dir(str(root / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  cc.reset_cache()
-  yield {"root": root, "sample": eval_models.ensure_sample(tmp_path_factory.getbasetemp())["root"]}
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  cc.reset_cache()
+  """A shared embedded sample (with the suite's one compilation cache, every run below compiles
+  the same step once)."""
+  return {"root": tmp_path_factory.mktemp("faults"),
+          "sample": eval_models.ensure_sample(tmp_path_factory.getbasetemp())["root"]}
 
 
 def tiny(env, **overrides):
@@ -405,7 +398,7 @@ def test_second_run_on_a_workdir_is_refused(env, tmp_path):
                            f"--workdir={workdir}", f"--config.data.sample_dir={env['sample']}"],
                           cwd=REPO, capture_output=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                   XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+                                   XLA_FLAGS=xla_flags(1)),
                           text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"error: {workdir} is in use by another run (pid {proc.pid} " in done.stderr

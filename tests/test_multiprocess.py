@@ -20,12 +20,11 @@ import jax
 import numpy as np
 
 import eval_models
+from cpu_devices import xla_flags
 from samclip_jax import api
 from samclip_jax.data import pipeline, sample, teacher_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Cheaper CPU codegen: each process compiles its own steps and the machine has two cores.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 SEED = 9  # CLIP resolutions of steps 1..4: 64, 64, 64, 96 (checked below)
 RESOLUTIONS = (64, 96)
 TOTAL = 4
@@ -56,14 +55,12 @@ def _dist_fields(port, nproc, i) -> dict:
                distributed_timeout_s=120, heartbeat_timeout_s=30) if nproc > 1 else {})
 
 
-def _start(commands, log_prefix, devices, cache=None):
+def _start(commands, log_prefix, devices, fast=False):
   """Starts one process per command line (all at once: commands[i] is process i's), each with
-  `devices` CPU devices. Returns (procs, logs)."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-             JAX_PLATFORMS="cpu")
-  if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  `devices` CPU devices (and cheaper code generation: `fast`, where every run compared is such
+  a job). Returns (procs, logs)."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices, fast),
+             JAX_PLATFORMS="cpu")  # with the suite's compilation cache (conftest)
   procs, logs = [], []
   for i, cmd in enumerate(commands):
     logs.append(f"{log_prefix}.p{i}.log")
@@ -73,12 +70,12 @@ def _start(commands, log_prefix, devices, cache=None):
   return procs, logs
 
 
-def _launch(workdir, sample_dir, nproc, devices, cache=None):
+def _launch(workdir, sample_dir, nproc, devices):
   """Starts a training job of `nproc` processes with `devices` CPU devices each."""
   port = _free_port()
   commands = [_command(workdir, sample_dir, [f"--config.{k}={v}" for k, v in _dist_fields(port, nproc, i).items()])
               for i in range(nproc)]
-  return _start(commands, f"{workdir}.{nproc}x{devices}", devices, cache)
+  return _start(commands, f"{workdir}.{nproc}x{devices}", devices, fast=True)
 
 
 def _kill(procs):
@@ -109,15 +106,15 @@ def _finish(procs, logs) -> list[str]:
   return [open(path).read() for path in logs]
 
 
-def _run(workdir, sample_dir, nproc, devices, cache=None) -> str:
+def _run(workdir, sample_dir, nproc, devices) -> str:
   """Runs a job to its end (bounded); returns process 0's output."""
-  return _finish(*_launch(workdir, sample_dir, nproc, devices, cache))[0]
+  return _finish(*_launch(workdir, sample_dir, nproc, devices))[0]
 
 
-def _run_killed(workdir, sample_dir, nproc, devices, at_step, cache=None) -> int:
+def _run_killed(workdir, sample_dir, nproc, devices, at_step) -> int:
   """Starts a job and SIGKILLs all of it once checkpoint `at_step` is finalized; returns the
   newest finalized step."""
-  procs, logs = _launch(workdir, sample_dir, nproc, devices, cache)
+  procs, logs = _launch(workdir, sample_dir, nproc, devices)
   ckpt = os.path.join(workdir, "checkpoints", str(at_step))
   deadline = time.time() + LAUNCH_TIMEOUT_S
   try:
@@ -163,9 +160,9 @@ def test_two_processes_killed_and_relaunched_train_like_one(tmp_path, tmp_path_f
   assert "1 process(es)" in one
   for r in RESOLUTIONS:
     assert f"image sizes {{'clip': {r}}}" in one
-  cache = str(tmp_path / "jax_cache")  # the relaunch reuses what the killed job compiled
-  assert _run_killed(two_dir, sample_dir, 2, 4, at_step=2, cache=cache) < TOTAL
-  two = _run(two_dir, sample_dir, 2, 4, cache=cache)
+  # The relaunch reuses what the killed job compiled (the suite's compilation cache).
+  assert _run_killed(two_dir, sample_dir, 2, 4, at_step=2) < TOTAL
+  two = _run(two_dir, sample_dir, 2, 4)
   assert "2 process(es)" in two and "resumed from step 2" in two
 
   ref = {s: _flat(api.restore_workdir_params(one_dir, s)) for s in (2, TOTAL)}
@@ -197,7 +194,7 @@ def test_a_process_that_dies_stops_the_job_and_is_named(tmp_path):
   """Process 1 vanishes mid-run: process 0, waiting in a collective, ends by itself soon after
   the configured 5 s heartbeat timeout (well before jax's 100 s default, which the 90 s bound
   below would not reach), with a message naming process 1."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   port, procs = _free_port(), []
   logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
   for i in range(2):

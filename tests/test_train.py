@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import eval_models
+from cpu_devices import xla_flags
 from configs import merge
 from samclip_jax import loop, optim, train
 from samclip_jax.tasks import merge as merge_task
@@ -22,20 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  """A shared embedded sample and a persistent compilation cache (in- and out-of-process):
-  the loop, the resumed loop and the `main` subprocesses compile the same step once."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
+  """A shared embedded sample (the suite's one compilation cache, conftest, lets the loop, the
+  resumed loop and the `main` subprocesses compile the same step once)."""
   root = tmp_path_factory.mktemp("merge")
-  cache = str(root / "jax_cache")
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  cc.set_cache_dir(cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  cc.reset_cache()  # earlier tests in this process may have initialised it without a dir
   sample = eval_models.ensure_sample(tmp_path_factory.getbasetemp())["root"]
-  yield {"root": root, "sample": sample, "cache": cache}
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  cc.reset_cache()
+  return {"root": root, "sample": sample}
 
 
 def tiny(env, arg="tiny", **overrides):
@@ -136,8 +128,7 @@ def test_merge_end_to_end_resume_and_sigkill(env):
   cmd = [sys.executable, "-m", "samclip_jax.main", "--config=configs/merge.py:tiny",
          f"--workdir={workdir}", f"--config.data.sample_dir={env['sample']}",
          "--config.checkpoint_every_steps=2", "--config.eval_every_steps=0"]
-  penv = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=env["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  penv = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   # Its output goes to a file: an unread pipe fills up and stalls a chatty run (JAX_LOG_COMPILES).
   log = env["root"] / "killed.log"
   with open(log, "wb") as out:

@@ -21,7 +21,7 @@ def base(task: str, arg: str | None) -> ml_collections.ConfigDict:
   c.model = LOCAL_MODEL if arg == "local" else ""
   c.text_model = ""       # open_clip dir for a samclip model lacking its text tower ("" = its own)
   c.batch_size = 32       # global images per step; rounded up to a multiple of the devices
-  c.max_images = 0        # evaluate the first N images only (0 = all)
+  c.max_images = 0        # evaluate N images spread evenly over the set (every class of a folder; 0 = all)
   c.num_workers = 4       # host threads decoding and resizing images
   c.data = ml_collections.ConfigDict()
   # The embedded sample (samclip_jax.data.sample), built on first use; a relative path is

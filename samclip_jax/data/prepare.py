@@ -108,15 +108,17 @@ def _split_ext(name):
 
 
 # ----------------------------------------------------------------------------- validation
-def checked_image(data: bytes) -> tuple[bytes, int, int]:
-  """Fully decodes the image (catches corrupt/truncated files); non JPEG/PNG or wide
-  (16-bit, float) samples -> 8-bit RGB PNG, so every reader decodes the same pixels."""
+def checked_image(data: bytes, annotated_hw=None) -> tuple[bytes, int, int]:
+  """Fully decodes the image (catches corrupt/truncated files); non JPEG/PNG, wide (16-bit,
+  float) samples or an EXIF orientation to apply (transforms.oriented, with the annotations'
+  (h, w)) -> 8-bit RGB PNG, so every reader decodes the same, upright pixels."""
   try:
     with Image.open(io.BytesIO(data)) as im:
-      reencode = im.format not in ("JPEG", "PNG") or transforms.is_wide(im.mode)
       im.load()
+      upright = transforms.oriented(im, annotated_hw)
+      reencode = im.format not in ("JPEG", "PNG") or transforms.is_wide(im.mode) or upright is not im
       try:
-        rgb = transforms.to_rgb(im)
+        rgb = transforms.to_rgb(upright)
       except ValueError as e:   # read fine, but its values are no picture's
         raise Skip(f"unsupported image: {e}") from None
   except Skip:
@@ -324,7 +326,7 @@ def _coco_image_problem(im, keys) -> str | None:
 def build_coco(item):
   if not os.path.isfile(item["image"][0]):
     raise Skip(f"missing image {item['file_name']}")
-  img, h, w = checked_image(read_blob(item["image"]))
+  img, h, w = checked_image(read_blob(item["image"]), (item.get("height"), item.get("width")))
   if item.get("height") not in (None, h) or item.get("width") not in (None, w):
     raise Skip(f"image is {h}x{w}, annotations say {item.get('height')}x{item.get('width')}")
   masks, classes, skipped = _masks_from_annotations(item["anns"], h, w, item["key"], item["category_ids"])
@@ -389,8 +391,10 @@ def build_sa1b(item):
       raise TypeError("annotations is not a list")
   except (ValueError, KeyError, TypeError) as e:
     raise Skip(f"malformed annotation JSON: {type(e).__name__}: {e}") from None
-  img, h, w = checked_image(read_blob(ref))
   info = meta.get("image") or {}
+  if not isinstance(info, dict):
+    raise Skip("malformed annotation JSON: image is not an object")
+  img, h, w = checked_image(read_blob(ref), (info.get("height"), info.get("width")))
   if info.get("height") not in (None, h) or info.get("width") not in (None, w):
     raise Skip(f"image is {h}x{w}, annotation JSON says {info.get('height')}x{info.get('width')}")
   masks, classes, skipped = _masks_from_annotations(anns, h, w, item["key"])

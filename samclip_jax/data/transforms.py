@@ -9,7 +9,7 @@ import struct
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Documented choice: RandomResizedCrop scale (0.4, 1.0) instead of the classification
 # default (0.08, 1.0): distillation targets come from the same view, but tiny crops of
@@ -73,11 +73,26 @@ def to_rgb(im: Image.Image) -> Image.Image:
   return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112  # the tag a camera sets when it stores a portrait photo sideways
+
+
+def oriented(im: Image.Image, annotated_hw=None) -> Image.Image:
+  """The picture as viewers show it: its EXIF orientation applied (as cv2.imread in
+  segment_anything's scripts and detectron2's read_image). Unless annotations made on the
+  stored pixels say so: where only the stored size matches `annotated_hw` (h, w), it is kept."""
+  if im.getexif().get(EXIF_ORIENTATION, 1) not in range(2, 9):
+    return im
+  turned = ImageOps.exif_transpose(im)
+  if annotated_hw is not None and tuple(annotated_hw) == im.size[::-1] != turned.size[::-1]:
+    return im
+  return turned
+
+
 def as_rgb_uint8(image) -> np.ndarray:
-  """One raw image, PIL (any mode, wide ones scaled by to_rgb) or array (HxW, HxWx1/3/4
-  uint8) -> uint8 [H,W,3]; anything else is refused by name."""
+  """One raw image, PIL (any mode, wide ones scaled by to_rgb; upright, `oriented`) or array
+  (HxW, HxWx1/3/4 uint8) -> uint8 [H,W,3]; anything else is refused by name."""
   if isinstance(image, Image.Image):
-    return np.asarray(to_rgb(image))
+    return np.asarray(to_rgb(oriented(image)))
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f"images must be uint8 RGB, got dtype {image.dtype}")
